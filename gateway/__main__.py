@@ -1,0 +1,118 @@
+"""Command line: `python -m gateway serve|mock-upstream` (a contract: tools start us like this)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+import structlog
+
+from gateway import __version__
+from gateway.config import Config, add_serve_arguments, config_from_args
+from gateway.observability import configure_logging
+
+log = structlog.get_logger("gateway")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway",
+        description="WebSocket bridge gateway for streamed LLM answers (protocol v1 at /v1/ws).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser(
+        "serve",
+        help="run the gateway",
+        description="Run the gateway. Every flag can also be set with its GATEWAY_<NAME> env var. "
+        "With no upstream URL and no API key, the built-in mock upstream answers (offline demo).",
+    )
+    add_serve_arguments(serve, os.environ)
+    mock = sub.add_parser(
+        "mock-upstream",
+        help="run the built-in mock upstream alone",
+        description="Serve the mock LLM upstream: POST /perplexity, /openai, /events "
+        "(and /chat/completions, /v1/chat/completions); knobs via [[mock ...]] in the prompt.",
+    )
+    mock.add_argument("--host", default="127.0.0.1", help="interface (default: %(default)s)")
+    mock.add_argument("--port", type=int, default=8081, help="TCP port (default: %(default)s)")
+    mock.add_argument(
+        "--delay-ms",
+        type=float,
+        default=35.0,
+        help="default pause between words, ms (default: %(default)s)",
+    )
+    return parser
+
+
+def _redact(url: str) -> str:
+    """A URL safe to log: no userinfo, no query string."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+async def serve(config: Config) -> None:
+    """Run the gateway (and the mock upstream when none is configured) until SIGINT/SIGTERM."""
+    from gateway.mock_upstream import MockUpstream
+    from gateway.server import Gateway
+
+    mock: MockUpstream | None = None
+    url = config.upstream_url
+    if url is None:
+        mock = MockUpstream(default_delay_ms=config.mock_delay_ms)
+        base = await mock.start("127.0.0.1", 0)
+        url = f"{base}/{config.dialect}"
+        log.warning(
+            "upstream.simulated",
+            message=f"no {config.api_key_env} and no --upstream-url: answers are SIMULATED "
+            "by the built-in mock upstream",
+            mock_url=url,
+        )
+    gateway = Gateway(config, url)
+    await gateway.start()
+    log.info(
+        "gateway.listening",
+        url=f"ws://{config.host}:{gateway.port}/v1/ws",
+        upstream=_redact(url),
+        dialect=config.dialect,
+        api_key="set" if config.api_key else "not set",
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("gateway.stopping")
+    finally:
+        await gateway.stop()
+        if mock is not None:
+            await mock.stop()
+        log.info("gateway.stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        config = config_from_args(args)
+        configure_logging(config.log_format, config.log_level)
+        asyncio.run(serve(config))
+        return 0
+    from gateway.mock_upstream import serve_forever
+
+    configure_logging("console" if sys.stderr.isatty() else "json", "info")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve_forever(args.host, args.port, args.delay_ms))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

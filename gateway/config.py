@@ -1,0 +1,195 @@
+"""One frozen `Config` built from command-line flags and `GATEWAY_<NAME>` environment variables.
+
+This is the only module that reads the environment. A flag wins over its env var, which wins over
+the default. The upstream API key is read here from the variable named by `--api-key-env` and kept
+out of `repr()` so that it can never reach a log line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+PERPLEXITY_URL: Final = "https://api.perplexity.ai/chat/completions"
+DIALECTS: Final = ("events", "openai", "perplexity")
+LOG_FORMATS: Final = ("json", "console")
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything the server needs to know, decided once at start-up."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    #: None means "serve the built-in mock upstream" (no key and no URL configured).
+    upstream_url: str | None = None
+    dialect: str = "perplexity"
+    api_key_env: str = "PERPLEXITY_API_KEY"
+    api_key: str | None = field(default=None, repr=False)
+    default_model: str = "sonar"
+    upstream_read_timeout: float = 60.0
+    upstream_connect_timeout: float = 10.0
+    max_streams: int = 16
+    max_message_bytes: int = 65536
+    #: Process-wide cap on concurrent streams; also sizes the upstream connection pool.
+    max_active_streams: int = 10000
+    #: Per-socket bytes waiting to be sent before upstream reads of that socket's streams pause.
+    send_buffer_bytes: int = 1 << 20
+    log_format: str = "json"
+    log_level: str = "info"
+    #: Pace of the built-in mock upstream (used only when upstream_url is None).
+    mock_delay_ms: float = 35.0
+
+    @property
+    def uses_mock(self) -> bool:
+        """True when no upstream is configured and the built-in mock answers instead."""
+        return self.upstream_url is None
+
+
+def infer_dialect(url: str) -> str:
+    """Guess the dialect from an upstream URL; `--dialect` overrides the guess."""
+    parts = urlsplit(url)
+    path = parts.path.rstrip("/")
+    if parts.hostname == "api.perplexity.ai" or path.endswith("/perplexity"):
+        return "perplexity"
+    if path.endswith("/events"):
+        return "events"
+    return "openai"
+
+
+def _env(environ: Mapping[str, str], name: str) -> str | None:
+    value = environ.get("GATEWAY_" + name.upper().replace("-", "_"))
+    return value if value not in (None, "") else None
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {text}")
+    return value
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+    """Declare every `serve` flag; each default comes from its `GATEWAY_<NAME>` env var."""
+
+    def flag(name: str, help_text: str, default: Any, kind: Any = str, **kw: Any) -> None:
+        env_value = _env(environ, name)
+        env_name = "GATEWAY_" + name.upper().replace("-", "_")
+        parser.add_argument(
+            "--" + name,
+            type=kind,
+            default=env_value if env_value is not None else default,
+            help=f"{help_text} [env {env_name}; default: %(default)s]",
+            **kw,
+        )
+
+    d = Config()
+    flag("host", "interface to listen on", d.host)
+    flag("port", "TCP port to listen on (0 picks a free one)", d.port, _port)
+    flag(
+        "upstream-url",
+        "upstream chat-completions URL; default: the Perplexity API when the API key env var is "
+        "set, else the built-in mock upstream",
+        None,
+    )
+    flag(
+        "dialect",
+        "upstream stream format; default: inferred from the URL (perplexity for api.perplexity.ai)",
+        None,
+        choices=DIALECTS,
+    )
+    flag("api-key-env", "env var holding the upstream API key (sent as Bearer)", d.api_key_env)
+    flag("default-model", "model used when a start names none", d.default_model)
+    flag(
+        "upstream-read-timeout",
+        "longest silence allowed between upstream bytes, seconds",
+        d.upstream_read_timeout,
+        _positive(float),
+    )
+    flag(
+        "upstream-connect-timeout",
+        "upstream connect timeout, seconds",
+        d.upstream_connect_timeout,
+        _positive(float),
+    )
+    flag("max-streams", "concurrent streams per socket", d.max_streams, _positive(int))
+    flag(
+        "max-message-bytes",
+        "largest client frame accepted, bytes",
+        d.max_message_bytes,
+        _positive(int),
+    )
+    flag(
+        "max-active-streams",
+        "concurrent streams per process; sizes the upstream connection pool",
+        d.max_active_streams,
+        _positive(int),
+    )
+    flag(
+        "send-buffer-bytes",
+        "bytes queued for one socket before its upstream reads pause (backpressure)",
+        d.send_buffer_bytes,
+        _positive(int),
+    )
+    flag(
+        "log-format",
+        "log output; default: console on a TTY, else json",
+        None,
+        choices=LOG_FORMATS,
+    )
+    flag("log-level", "minimum log level", d.log_level, choices=LOG_LEVELS)
+    flag(
+        "mock-delay-ms",
+        "pace of the built-in mock upstream between words, ms",
+        d.mock_delay_ms,
+        float,
+    )
+
+
+def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Config:
+    """Resolve parsed `serve` arguments (and the key env var) into a `Config`."""
+    env = os.environ if environ is None else environ
+    api_key = env.get(args.api_key_env) or None
+    upstream_url = args.upstream_url
+    if upstream_url is None and api_key is not None:
+        upstream_url = PERPLEXITY_URL
+    if upstream_url is None:
+        dialect = args.dialect or "perplexity"  # the mock speaks every dialect; show the real one
+    else:
+        dialect = args.dialect or infer_dialect(upstream_url)
+    log_format = args.log_format or ("console" if sys.stderr.isatty() else "json")
+    return Config(
+        host=args.host,
+        port=args.port,
+        upstream_url=upstream_url,
+        dialect=dialect,
+        api_key_env=args.api_key_env,
+        api_key=api_key,
+        default_model=args.default_model,
+        upstream_read_timeout=args.upstream_read_timeout,
+        upstream_connect_timeout=args.upstream_connect_timeout,
+        max_streams=args.max_streams,
+        max_message_bytes=args.max_message_bytes,
+        max_active_streams=args.max_active_streams,
+        send_buffer_bytes=args.send_buffer_bytes,
+        log_format=log_format,
+        log_level=args.log_level,
+        mock_delay_ms=args.mock_delay_ms,
+    )

@@ -1,0 +1,334 @@
+"""Wire protocol v1: the client frames we accept and the server frames we send.
+
+PURE module: no I/O, no asyncio. `docs/protocol.md` is the human reference; every rule below cites
+the section of it that it implements. Parsing raises `ProtocolViolation`, which the session turns
+into an `error` frame (the socket stays open); encoding returns UTF-8 JSON bytes ready to be sent
+as a text frame.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Final
+
+import orjson
+
+PROTOCOL_VERSION: Final = 1
+
+#: Stream ids: 1 to 64 characters of [A-Za-z0-9._:-] (protocol.md, "Stream ids"). The character
+#: set needs no JSON escaping, which lets the hot path splice ids into frames verbatim.
+ID_PATTERN: Final = re.compile(r"[A-Za-z0-9._:\-]{1,64}")
+
+#: Roles a client may put in `messages` (the upstream APIs accept exactly these for chat).
+ROLES: Final = frozenset({"system", "user", "assistant"})
+
+#: Upstream request options a client may set (protocol.md, "start"). Everything else is refused
+#: with `bad_message` so a typo is loud and no internal or billing-relevant field can be smuggled
+#: upstream (`stream`, `stream_mode`, underscore fields, `model` outside its own field, ...).
+ALLOWED_OPTIONS: Final = frozenset(
+    {
+        # generation
+        "temperature",
+        "max_tokens",
+        "top_p",
+        "top_k",
+        "presence_penalty",
+        "frequency_penalty",
+        "stop",
+        "seed",
+        "response_format",
+        "reasoning_effort",
+        "language_preference",
+        # Perplexity search controls
+        "search_domain_filter",
+        "search_recency_filter",
+        "search_after_date_filter",
+        "search_before_date_filter",
+        "last_updated_after_filter",
+        "last_updated_before_filter",
+        "search_mode",
+        "search_language_filter",
+        "return_images",
+        "image_domain_filter",
+        "image_format_filter",
+        "return_related_questions",
+        "web_search_options",
+        "disable_search",
+        "enable_search_classifier",
+    }
+)
+
+#: Bounds on nested JSON in client frames: deep nesting is refused before it reaches any code
+#: that might recurse on it (orjson itself caps at 1024; we are stricter).
+MAX_JSON_DEPTH: Final = 32
+
+
+class ErrorCode(StrEnum):
+    """Every `code` an `error` frame can carry (protocol.md, "Errors")."""
+
+    # connection-level (id is null, the socket stays open)
+    BAD_JSON = "bad_json"
+    BAD_MESSAGE = "bad_message"
+    UNKNOWN_TYPE = "unknown_type"
+    MESSAGE_TOO_LARGE = "message_too_large"
+    # stream-level
+    DUPLICATE_ID = "duplicate_id"
+    UNKNOWN_ID = "unknown_id"
+    TOO_MANY_STREAMS = "too_many_streams"
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    UPSTREAM_ERROR = "upstream_error"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    UPSTREAM_PROTOCOL_ERROR = "upstream_protocol_error"
+    STREAM_INTERRUPTED = "stream_interrupted"
+    SHUTTING_DOWN = "shutting_down"
+    INTERNAL = "internal"
+
+
+#: Whether a client may retry the same request as is (protocol.md, "Errors"). Upstream errors
+#: decide per case (e.g. 429 yes, 400 no) and pass their own value.
+RETRYABLE: Final[dict[ErrorCode, bool]] = {
+    ErrorCode.BAD_JSON: False,
+    ErrorCode.BAD_MESSAGE: False,
+    ErrorCode.UNKNOWN_TYPE: False,
+    ErrorCode.MESSAGE_TOO_LARGE: False,
+    ErrorCode.DUPLICATE_ID: False,
+    ErrorCode.UNKNOWN_ID: False,
+    ErrorCode.TOO_MANY_STREAMS: True,
+    ErrorCode.UPSTREAM_UNAVAILABLE: True,
+    ErrorCode.UPSTREAM_ERROR: False,
+    ErrorCode.UPSTREAM_TIMEOUT: True,
+    ErrorCode.UPSTREAM_PROTOCOL_ERROR: False,
+    ErrorCode.STREAM_INTERRUPTED: True,
+    ErrorCode.SHUTTING_DOWN: True,
+    ErrorCode.INTERNAL: True,
+}
+
+
+class ProtocolViolation(Exception):
+    """A client frame broke protocol v1; becomes an `error` frame, never a crash."""
+
+    def __init__(self, code: ErrorCode, message: str, stream_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.stream_id = stream_id
+
+
+# --------------------------------------------------------------------------- client frames
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """`start`: open a stream. `messages` is normalised (a `prompt` becomes one user message)."""
+
+    id: str
+    messages: tuple[dict[str, Any], ...]
+    model: str | None
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """`cancel`: stop a stream and its upstream request at once."""
+
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """`ping`: an application-level liveness probe, answered by `pong`."""
+
+
+ClientMessage = Start | Cancel | Ping
+
+
+def _depth_ok(value: Any, limit: int) -> bool:
+    """True when `value` nests no deeper than `limit` containers (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            if depth > limit:
+                return False
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            if depth > limit:
+                return False
+            stack.extend((v, depth + 1) for v in item)
+    return True
+
+
+def _stream_id(obj: dict[str, Any]) -> str:
+    sid = obj.get("id")
+    if not isinstance(sid, str) or ID_PATTERN.fullmatch(sid) is None:
+        raise ProtocolViolation(
+            ErrorCode.BAD_MESSAGE,
+            "'id' must be a string of 1 to 64 characters from [A-Za-z0-9._:-]",
+        )
+    return sid
+
+
+def _messages(obj: dict[str, Any], sid: str) -> tuple[dict[str, Any], ...]:
+    prompt = obj.get("prompt")
+    raw = obj.get("messages")
+    if prompt is not None and raw is not None:
+        raise ProtocolViolation(
+            ErrorCode.BAD_MESSAGE, "give either 'prompt' or 'messages', not both", sid
+        )
+    if prompt is not None:
+        if not isinstance(prompt, str) or not prompt:
+            raise ProtocolViolation(
+                ErrorCode.BAD_MESSAGE, "'prompt' must be a non-empty string", sid
+            )
+        return ({"role": "user", "content": prompt},)
+    if raw is None:
+        raise ProtocolViolation(ErrorCode.BAD_MESSAGE, "'start' needs 'prompt' or 'messages'", sid)
+    if not isinstance(raw, list) or not raw:
+        raise ProtocolViolation(ErrorCode.BAD_MESSAGE, "'messages' must be a non-empty list", sid)
+    out: list[dict[str, Any]] = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise ProtocolViolation(ErrorCode.BAD_MESSAGE, f"messages[{i}] must be an object", sid)
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise ProtocolViolation(
+                ErrorCode.BAD_MESSAGE,
+                f"messages[{i}].role must be one of {', '.join(sorted(ROLES))}",
+                sid,
+            )
+        # Content is a string, or a list of typed parts (multimodal) passed through as given.
+        if not (isinstance(content, str) or (isinstance(content, list) and content)):
+            raise ProtocolViolation(
+                ErrorCode.BAD_MESSAGE,
+                f"messages[{i}].content must be a string or a non-empty list of parts",
+                sid,
+            )
+        if isinstance(content, list) and not all(
+            isinstance(p, dict) and isinstance(p.get("type"), str) for p in content
+        ):
+            raise ProtocolViolation(
+                ErrorCode.BAD_MESSAGE,
+                f"messages[{i}].content parts must be objects with a string 'type'",
+                sid,
+            )
+        out.append({"role": role, "content": content})
+    return tuple(out)
+
+
+def _options(obj: dict[str, Any], sid: str) -> dict[str, Any]:
+    options = obj.get("options")
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise ProtocolViolation(ErrorCode.BAD_MESSAGE, "'options' must be an object", sid)
+    unknown = sorted(k for k in options if k not in ALLOWED_OPTIONS)
+    if unknown:
+        raise ProtocolViolation(
+            ErrorCode.BAD_MESSAGE,
+            f"option not allowed: {unknown[0][:64]!r} (see protocol.md for the allowed options)",
+            sid,
+        )
+    return dict(options)
+
+
+def parse_client_frame(data: str | bytes, max_bytes: int) -> ClientMessage:
+    """Validate one client frame and return the message it carries.
+
+    Raises `ProtocolViolation` for every documented error (protocol.md, "Errors"). Unknown fields
+    are ignored so that clients may be newer than the server.
+    """
+    if isinstance(data, bytes):
+        raise ProtocolViolation(ErrorCode.BAD_MESSAGE, "binary frames are not accepted; send text")
+    # A str of n characters encodes to n..4n UTF-8 bytes: encode only when it could matter.
+    if len(data) > max_bytes or (len(data) * 4 > max_bytes and len(data.encode()) > max_bytes):
+        raise ProtocolViolation(
+            ErrorCode.MESSAGE_TOO_LARGE, f"frame exceeds max_message_bytes ({max_bytes})"
+        )
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise ProtocolViolation(ErrorCode.BAD_JSON, "frame is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise ProtocolViolation(ErrorCode.BAD_MESSAGE, "frame must be a JSON object")
+    if not _depth_ok(obj, MAX_JSON_DEPTH):
+        raise ProtocolViolation(
+            ErrorCode.BAD_MESSAGE, f"frame nests deeper than {MAX_JSON_DEPTH} levels"
+        )
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolViolation(ErrorCode.BAD_MESSAGE, "frame needs a string 'type'")
+    if kind == "start":
+        sid = _stream_id(obj)
+        model = obj.get("model")
+        if model is not None and (not isinstance(model, str) or not 0 < len(model) <= 128):
+            raise ProtocolViolation(
+                ErrorCode.BAD_MESSAGE, "'model' must be a string of 1 to 128 characters", sid
+            )
+        return Start(sid, _messages(obj, sid), model, _options(obj, sid))
+    if kind == "cancel":
+        return Cancel(_stream_id(obj))
+    if kind == "ping":
+        return Ping()
+    raise ProtocolViolation(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind[:32]!r}")
+
+
+# --------------------------------------------------------------------------- server frames
+
+_dumps = orjson.dumps
+
+PONG: Final = b'{"type":"pong"}'
+
+
+def encode_welcome(session: str, limits: dict[str, int]) -> bytes:
+    """`welcome`, the first frame on every socket."""
+    return _dumps(
+        {"type": "welcome", "protocol": PROTOCOL_VERSION, "session": session, "limits": limits}
+    )
+
+
+def encode_started(stream_id: str) -> bytes:
+    """`started`: the start was accepted (sent before the upstream answers)."""
+    return b'{"type":"started","id":"' + stream_id.encode() + b'"}'
+
+
+def chunk_prefix(stream_id: str) -> bytes:
+    """The constant head of a stream's text_chunk frames, built once per stream (hot path)."""
+    return b'{"type":"text_chunk","id":"' + stream_id.encode() + b'","seq":'
+
+
+def encode_chunk(prefix: bytes, seq: int, text: str) -> bytes:
+    """`text_chunk` from a stream's `chunk_prefix`: one join, one JSON string encode."""
+    return b"".join((prefix, str(seq).encode(), b',"text":', _dumps(text), b"}"))
+
+
+def encode_done(stream_id: str, seq: int, text: str, meta: dict[str, Any]) -> bytes:
+    """`done`: the full answer plus whatever metadata the upstream sent (last value wins)."""
+    msg: dict[str, Any] = {"type": "done", "id": stream_id, "seq": seq, "text": text}
+    msg.update(meta)
+    return _dumps(msg)
+
+
+def encode_cancelled(stream_id: str, seq: int) -> bytes:
+    """`cancelled`: the stream was stopped on request; `seq` is the last text_chunk sent."""
+    return _dumps({"type": "cancelled", "id": stream_id, "seq": seq})
+
+
+def encode_error(
+    code: ErrorCode,
+    message: str,
+    stream_id: str | None = None,
+    retryable: bool | None = None,
+    **extra: Any,
+) -> bytes:
+    """`error`, connection-level (`id` null) or a stream's terminal message."""
+    msg: dict[str, Any] = {
+        "type": "error",
+        "id": stream_id,
+        "code": code.value,
+        "message": message,
+        "retryable": RETRYABLE[code] if retryable is None else retryable,
+    }
+    msg.update(extra)
+    return _dumps(msg)

@@ -1,0 +1,264 @@
+"""Incremental decoder for ``text/event-stream`` bodies (upstream LLM answers).
+
+Implements the WHATWG HTML Living Standard, section 9.2.6 "Interpreting an event stream"
+(https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation),
+fed with arbitrary byte chunks as they come off the network. The module is pure: no I/O and no
+event loop, so the same decoder serves aiohttp, tests and outside conformance suites.
+
+This is the gateway's per-chunk hot path, so the work is done in bulk by C-level ``bytes`` and
+``str`` methods: a feed is split once at its last line terminator, the complete part is
+CR/LF-normalised and decoded in one call, and the common single-``data:``-line event is
+recognised per event block instead of per line. Bytes of an unterminated line wait in a
+``bytearray`` that is only ever appended to, so no growing buffer is re-copied.
+"""
+
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = ["SSEDecoder", "SSEEvent", "SSEEventTooLarge"]
+
+_BOM: Final = b"\xef\xbb\xbf"
+_CR: Final = 0x0D
+_LF: Final = 0x0A
+
+
+@dataclass(frozen=True, slots=True)
+class SSEEvent:
+    """One dispatched event, as the spec's "dispatch the event" step would fire it."""
+
+    event: str
+    """Event type; ``"message"`` when the event type buffer was empty."""
+    data: str
+    """Data buffer with one trailing LF removed, kept verbatim for byte-faithful relaying."""
+    id: str | None
+    """Last-event-ID string at dispatch; ``None`` if no ``id`` field was ever accepted."""
+
+
+class SSEEventTooLarge(ValueError):
+    """An event (its data plus the line being read) outgrew ``max_event_bytes``."""
+
+
+class SSEDecoder:
+    """Feed raw body bytes in, get completed events out; results never depend on chunking.
+
+    ``max_event_bytes`` bounds what one event can make the decoder hold: the raw bytes of the
+    line being read plus the current event's data buffer (the raw bytes of each ``data`` value
+    plus one LF each). Exceeding it raises :class:`SSEEventTooLarge` from :meth:`feed`, and the
+    decoder then stays failed. Events completed earlier in that same failing ``feed()`` call are
+    not returned. Like the spec, there is no end-of-stream hook: at EOF a partial line and an
+    undispatched block are simply discarded.
+    """
+
+    __slots__ = (
+        "_at_start",
+        "_data",
+        "_data_bytes",
+        "_event_type",
+        "_failed",
+        "_id_buffer",
+        "_max",
+        "_pending",
+        "_skip_lf",
+        "last_event_id",
+        "retry",
+    )
+
+    def __init__(self, max_event_bytes: int = 4 * 1024 * 1024) -> None:
+        if max_event_bytes < 1:
+            raise ValueError("max_event_bytes must be positive")
+        self.retry: int | None = None
+        """Reconnection time (ms) from the last valid ``retry`` field, else ``None``."""
+        self.last_event_id: str | None = None
+        """The event source's last-event-ID string (set at dispatch); ``None`` = never set."""
+        self._max = max_event_bytes
+        self._pending = bytearray()  # unterminated line tail; never contains CR or LF
+        self._skip_lf = False  # the last byte seen was a CR that ended a line
+        self._at_start = True  # a leading BOM may still arrive
+        self._data: list[str] = []  # data buffer, as the values of its data lines
+        self._data_bytes = 0  # raw size of the data buffer, for the cap
+        self._event_type = ""
+        self._id_buffer: str | None = None  # the spec's "last event ID buffer"
+        self._failed = False
+
+    def feed(self, data: bytes) -> list[SSEEvent]:
+        """Consume the next bytes of the stream and return the events they complete, in order."""
+        if self._failed:
+            raise SSEEventTooLarge("decoder already failed: an event exceeded max_event_bytes")
+        if self._skip_lf and data:
+            # Spec: a CRLF pair is one line ending; its CR already ended the line.
+            self._skip_lf = False
+            if data[0] == _LF:
+                data = data[1:]
+        if self._at_start and data:
+            # Spec: "One leading U+FEFF BYTE ORDER MARK character must be ignored if any are
+            # present." Decided on bytes, so the BOM may arrive split across feeds.
+            head = bytes(self._pending) + data
+            if len(head) < len(_BOM) and _BOM.startswith(head):
+                self._pending[:] = head
+                return []
+            self._at_start = False
+            self._pending.clear()
+            data = head[len(_BOM) :] if head.startswith(_BOM) else head
+        size = len(data)
+        if not size:
+            return []
+
+        # Spec: lines end with CRLF, a lone LF or a lone CR. Find the last terminator; after it
+        # is an unterminated line tail that must wait for more bytes.
+        last = data.rfind(b"\n")
+        if last != size - 1:
+            cr = data.rfind(b"\r", last + 1)
+            if cr >= 0:
+                last = cr
+        pending = self._pending
+        if last < 0:
+            pending += data
+            if len(pending) + self._data_bytes > self._max:
+                self._fail()
+            return []
+        if data[last] == _CR and last == size - 1:
+            self._skip_lf = True  # an LF opening the next feed belongs to this CR
+        if pending:
+            pending += data[: last + 1]
+            block: bytes | bytearray = pending
+            self._pending = bytearray(data[last + 1 :])
+        elif last == size - 1:
+            block = data
+        else:
+            block = data[: last + 1]
+            pending += data[last + 1 :]
+
+        # Normalise every line ending to LF. CR and LF never occur inside a UTF-8 sequence, so
+        # this is safe on bytes, and it cannot split a CRLF: a CR that ends a feed is handled by
+        # _skip_lf, and the pending tail holds no CR.
+        if b"\r" in block:
+            block = block.replace(b"\r\n", b"\n")
+            if b"\r" in block:
+                block = block.replace(b"\r", b"\n")
+
+        out: list[SSEEvent] = []
+        if self._data_bytes + len(block) > self._max:
+            # Near the cap: check every line precisely (each line can only add its own bytes).
+            self._lines_checked(block, out)
+        else:
+            cut = block.rfind(b"\n\n")
+            if cut < 0:
+                self._lines_checked(block, out)
+            else:
+                # Everything up to the last blank line is dispatched in this feed: bulk path.
+                cut += 2
+                whole = cut == len(block)
+                self._blocks(block if whole else block[:cut], out)
+                if not whole:
+                    self._lines_checked(block[cut:], out)
+        if len(self._pending) + self._data_bytes > self._max:
+            self._fail()
+        return out
+
+    def _blocks(self, body: bytes | bytearray, out: list[SSEEvent]) -> None:
+        """Process complete lines ending in a blank line, all of which dispatch in this feed.
+
+        Splitting on blank lines yields one event block per element; a block that is a single
+        ``data: `` line (the usual LLM token event) becomes an event without per-line work.
+        """
+        # Spec: the stream is decoded as UTF-8 with replacement. Decoding whole lines at once
+        # equals decoding the stream, since a truncated sequence is ended by the CR/LF after it.
+        parts = body.decode("utf-8", "replace").split("\n\n")
+        # The last element is "" or "\n": the latter is a blank line straight after a dispatch,
+        # which would dispatch an empty buffer again, a no-op.
+        parts.pop()
+        id_buffer = self._id_buffer
+        clean = not (self._data or self._event_type)  # no block left open by an earlier feed
+        append = out.append
+        for part in parts:
+            if clean and part.startswith("data: ") and "\n" not in part:
+                # Fast path: one "data: value" line, then the blank line that dispatches it.
+                append(SSEEvent("message", part[6:], id_buffer))
+            else:
+                for line in part.split("\n"):
+                    if line:
+                        self._field(line)
+                    else:
+                        self._dispatch(out)
+                self._dispatch(out)
+                id_buffer = self._id_buffer
+                clean = True
+        # Spec, dispatch step 1: the last event ID string takes the buffer's value.
+        self.last_event_id = id_buffer
+
+    def _lines_checked(self, block: bytes | bytearray, out: list[SSEEvent]) -> None:
+        """Process LF-terminated lines one at a time, enforcing the cap before each line."""
+        limit = self._max
+        lines = block.split(b"\n")
+        lines.pop()  # block ends with LF: the last element is empty
+        for raw in lines:
+            if self._data_bytes + len(raw) > limit:
+                self._fail()
+            if not raw:
+                self._dispatch(out)
+            elif self._field(raw.decode("utf-8", "replace")):
+                # Raw bytes of the value plus the LF the spec appends; "data" is ASCII, so the
+                # prefix "data:" or "data: " has the same length in bytes as in characters.
+                prefix = 6 if raw.startswith(b"data: ") else min(5, len(raw))
+                self._data_bytes += len(raw) - prefix + 1
+
+    def _field(self, line: str) -> bool:
+        """Apply one non-empty line per the spec's field rules; return True if data was added."""
+        # Spec: "If the line starts with a U+003A COLON character (:)": ignore the line.
+        if line[0] == ":":
+            return False
+        # Spec: field name up to the first colon; value after it, minus one leading U+0020.
+        # A line without a colon is a field name with the empty string as value.
+        colon = line.find(":")
+        if colon < 0:
+            name, value = line, ""
+        else:
+            name = line[:colon]
+            value = line[colon + 2 :] if line.startswith(" ", colon + 1) else line[colon + 1 :]
+        if name == "data":
+            # Spec: append the value, then a single LF, to the data buffer.
+            self._data.append(value)
+            return True
+        if name == "event":
+            # Spec: set the event type buffer to the field value.
+            self._event_type = value
+        elif name == "id":
+            # Spec: "If the field value does not contain U+0000 NULL, then set the last event
+            # ID buffer to the field value. Otherwise, ignore the field."
+            if "\0" not in value:
+                self._id_buffer = value
+        elif name == "retry" and value.isascii() and value.isdigit():
+            # Spec: "If the field value consists of only ASCII digits, then interpret the field
+            # value as an integer in base ten" and set the reconnection time. The empty value
+            # is ignored (see the retry_empty_value vector).
+            try:
+                self.retry = int(value.lstrip("0") or "0")
+            except ValueError:  # beyond int()'s digit limit; no usable reconnection time
+                pass
+        # Spec: any other field name is ignored.
+        return False
+
+    def _dispatch(self, out: list[SSEEvent]) -> None:
+        """Spec "dispatch the event", run on each blank line."""
+        # Step 1: the last event ID string takes the buffer's value (even with no data).
+        self.last_event_id = self._id_buffer
+        event_type = self._event_type
+        self._event_type = ""
+        data = self._data
+        if not data:
+            # Step 2: an empty data buffer resets the buffers and fires nothing.
+            return
+        self._data = []
+        self._data_bytes = 0
+        # Step 3: joining the values drops the single trailing LF the buffer would end with.
+        text = data[0] if len(data) == 1 else "\n".join(data)
+        out.append(SSEEvent(event_type or "message", text, self._id_buffer))
+
+    def _fail(self) -> None:
+        """Enter the permanent failed state, drop the buffers, and raise SSEEventTooLarge."""
+        self._failed = True
+        self._pending = bytearray()
+        self._data = []
+        raise SSEEventTooLarge(
+            f"SSE event exceeds max_event_bytes={self._max} (data so far plus the current line)"
+        )

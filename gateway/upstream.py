@@ -1,0 +1,259 @@
+"""The upstream side: one aiohttp POST per stream, its SSE relayed into the session.
+
+The only module that imports aiohttp. Foreign exceptions are mapped to protocol error codes here
+and nowhere else (`relay` never raises but `CancelledError`). Cancelling a relay closes its
+upstream connection instead of returning it to the pool half-read, so the upstream stops
+generating (and billing) at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from email.utils import parsedate_to_datetime
+from typing import Final
+
+import aiohttp
+import orjson
+import structlog
+
+from gateway import __version__
+from gateway.config import Config
+from gateway.dialects import (
+    UpstreamFailure,
+    parse_error_body,
+    status_retryable,
+    translator_for,
+)
+from gateway.protocol import ErrorCode
+from gateway.session import Session, Stream
+from gateway.sse import SSEDecoder, SSEEventTooLarge
+
+log = structlog.get_logger("gateway.upstream")
+
+#: Bytes of a non-2xx body we read to describe the error (the rest is never read).
+ERROR_BODY_LIMIT: Final = 16 * 1024
+#: Largest single SSE event accepted from the upstream (Perplexity's last chunk with search
+#: results is tens of KB; a runaway event must not grow memory without bound).
+MAX_EVENT_BYTES: Final = 4 * 1024 * 1024
+
+
+class FlowControl:
+    """Backpressure between a socket's writer and its streams' upstream readers.
+
+    A reader calls `wait()` after each upstream read; it returns at once unless the socket has
+    more than `limit` bytes waiting, in which case the reader stops reading (and aiohttp stops
+    reading the upstream socket) until the writer has drained the outbox.
+    """
+
+    __slots__ = ("_space", "limit", "outbox_bytes", "stalled", "stalls")
+
+    def __init__(self, limit: int, outbox_bytes: Callable[[], int]) -> None:
+        self.limit = limit
+        self.outbox_bytes = outbox_bytes
+        self._space = asyncio.Event()
+        self._space.set()
+        #: How many times a reader had to wait (a slow-client signal for logs and metrics).
+        self.stalls = 0
+        #: Set once any reader has had to wait.
+        self.stalled = asyncio.Event()
+
+    def congested(self) -> bool:
+        return self.outbox_bytes() > self.limit
+
+    async def wait(self) -> None:
+        while self.outbox_bytes() > self.limit:
+            self.stalls += 1
+            self.stalled.set()
+            self._space.clear()
+            await self._space.wait()
+
+    def drained(self) -> None:
+        """The writer emptied the outbox: paused readers may go on."""
+        self._space.set()
+
+
+class Upstream:
+    """The process-wide upstream client: one `ClientSession`, sized for `max_active_streams`."""
+
+    def __init__(self, config: Config, url: str) -> None:
+        self.config = config
+        self.url = url
+        self.dialect = config.dialect
+        self._session: aiohttp.ClientSession | None = None
+        self._headers = {
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream",
+            "User-Agent": f"llm-ws-gateway/{__version__}",
+        }
+        if config.api_key:
+            self._headers["Authorization"] = f"Bearer {config.api_key}"
+        #: Upstream responses currently open (a leak check for tests and a gauge for metrics).
+        self.open_responses = 0
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self.config.max_active_streams,
+            limit_per_host=0,
+            enable_cleanup_closed=False,
+        )
+        # No total timeout: answers stream for minutes. sock_read is the longest allowed
+        # silence between upstream bytes (STYLE.md, "Facts about our libraries that bite").
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=self.config.upstream_connect_timeout,
+            sock_connect=self.config.upstream_connect_timeout,
+            sock_read=self.config.upstream_read_timeout,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=timeout,
+            headers=self._headers,
+            auto_decompress=True,
+            raise_for_status=False,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def relay(
+        self, stream: Stream, session: Session, wait_for_space: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Run `stream`'s upstream request to its end, reporting into `session`.
+
+        Every outcome becomes `session.done` or `session.fail`; only cancellation propagates.
+        """
+        started = time.monotonic()
+        try:
+            await self._relay(stream, session, wait_for_space)
+        except UpstreamFailure as failure:
+            extra: dict[str, int] = {}
+            if failure.status is not None:
+                extra["status"] = failure.status
+            if failure.retry_after_ms is not None:
+                extra["retry_after_ms"] = failure.retry_after_ms
+            session.fail(stream, failure.code, failure.message, failure.retryable, **extra)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A bug of ours, not an upstream fault: log it with its traceback, tell the client
+            # `internal`, keep serving everyone else.
+            log.exception("stream.bug")
+            session.fail(stream, ErrorCode.INTERNAL, "internal gateway error")
+        finally:
+            log.info(
+                "stream.end",
+                dialect=self.dialect,
+                outcome=stream.outcome,
+                chunks_in=stream.chunks_in,
+                bytes_in=stream.bytes_in,
+                duration_ms=round((time.monotonic() - started) * 1000, 1),
+            )
+
+    async def _relay(
+        self, stream: Stream, session: Session, wait_for_space: Callable[[], Awaitable[None]]
+    ) -> None:
+        assert self._session is not None, "Upstream.start() was not awaited"
+        request = stream.request
+        translator = translator_for(self.dialect)
+        body = translator.build_body(
+            request.model or self.config.default_model, request.messages, request.options
+        )
+        try:
+            resp = await self._session.post(self.url, data=orjson.dumps(body))
+        except TimeoutError:
+            raise UpstreamFailure(
+                ErrorCode.UPSTREAM_TIMEOUT, "upstream did not answer in time"
+            ) from None
+        except aiohttp.ClientError:
+            raise UpstreamFailure(
+                ErrorCode.UPSTREAM_UNAVAILABLE, "cannot reach the upstream"
+            ) from None
+        self.open_responses += 1
+        finished_cleanly = False
+        try:
+            if not 200 <= resp.status < 300:
+                raise await _status_failure(resp)
+            content_type = resp.headers.get("Content-Type", "")
+            if "text/event-stream" not in content_type:
+                raise UpstreamFailure(
+                    ErrorCode.UPSTREAM_PROTOCOL_ERROR,
+                    f"upstream answered {content_type or 'no content type'}, not an event stream",
+                )
+            decoder = SSEDecoder(MAX_EVENT_BYTES)
+            feed_events = decoder.feed
+            translate = translator.feed
+            emit = session.text
+            try:
+                async for data in resp.content.iter_any():
+                    stream.bytes_in += len(data)
+                    for event in feed_events(data):
+                        text = translate(event)
+                        if text is not None:
+                            emit(stream, text)
+                        if translator.finished:
+                            break
+                    if translator.finished or not stream.active:
+                        break
+                    await wait_for_space()
+                else:
+                    translator.end_of_stream()
+            except TimeoutError:
+                raise UpstreamFailure(
+                    ErrorCode.UPSTREAM_TIMEOUT,
+                    f"no data from the upstream for {self.config.upstream_read_timeout:g} s",
+                ) from None
+            except SSEEventTooLarge:
+                raise UpstreamFailure(
+                    ErrorCode.UPSTREAM_PROTOCOL_ERROR,
+                    f"upstream sent an event over {MAX_EVENT_BYTES} bytes",
+                ) from None
+            except aiohttp.ClientError:
+                raise UpstreamFailure(
+                    ErrorCode.STREAM_INTERRUPTED,
+                    "the upstream connection broke off; the chunks already sent stand",
+                ) from None
+            session.done(stream, translator.meta, translator.final_text)
+            finished_cleanly = True
+        finally:
+            self.open_responses -= 1
+            if finished_cleanly:
+                # Returned to the pool only when the body was read to its end; aiohttp closes
+                # a connection whose payload is unfinished.
+                resp.release()
+            else:
+                resp.close()
+
+
+async def _status_failure(resp: aiohttp.ClientResponse) -> UpstreamFailure:
+    """Describe a non-2xx answer from a bounded read of its body (JSON, HTML or text)."""
+    status = resp.status
+    try:
+        body = await resp.content.read(ERROR_BODY_LIMIT)
+    except (aiohttp.ClientError, TimeoutError):
+        body = b""
+    retry_after_ms = _retry_after_ms(resp.headers.get("Retry-After"))
+    return UpstreamFailure(
+        ErrorCode.UPSTREAM_ERROR,
+        parse_error_body(status, resp.headers.get("Content-Type", ""), body),
+        retryable=status_retryable(status),
+        status=status,
+        retry_after_ms=retry_after_ms,
+    )
+
+
+def _retry_after_ms(value: str | None) -> int | None:
+    """Retry-After in milliseconds, from delta-seconds or an HTTP date (RFC 9110, 10.2.3)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return int(value) * 1000
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0, int((when.timestamp() - time.time()) * 1000))

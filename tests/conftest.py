@@ -1,0 +1,156 @@
+"""Shared fixtures: a real mock upstream, a real gateway and real WebSocket clients on loopback.
+
+Everything runs in the test's event loop so that tests can also inspect both servers' state
+(open upstream responses, active streams, live tasks) to prove that nothing leaked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from gateway.config import Config
+from gateway.mock_upstream import MockUpstream
+from gateway.server import Gateway
+
+TIMEOUT = 10.0
+TERMINAL = ("done", "cancelled")
+
+
+def is_terminal(frame: dict[str, Any]) -> bool:
+    """A frame that ends a stream: done, cancelled, or an error carrying `seq`."""
+    return frame["type"] in TERMINAL or (frame["type"] == "error" and "seq" in frame)
+
+
+class Client:
+    """A thin protocol-v1 test client over a real websockets connection."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.welcome: dict[str, Any] = {}
+        #: Frames received per stream id (None for connection-level frames).
+        self.by_id: dict[str | None, list[dict[str, Any]]] = {}
+        #: Every frame received, in wire order.
+        self.log: list[dict[str, Any]] = []
+
+    async def send(self, obj: Any) -> None:
+        await self.ws.send(orjson.dumps(obj).decode())
+
+    async def start(self, sid: str, prompt: str, **fields: Any) -> None:
+        await self.send({"type": "start", "id": sid, "prompt": prompt, **fields})
+
+    async def cancel(self, sid: str) -> None:
+        await self.send({"type": "cancel", "id": sid})
+
+    async def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.ws.recv(), timeout)
+        frame: dict[str, Any] = orjson.loads(raw)
+        self.by_id.setdefault(frame.get("id"), []).append(frame)
+        self.log.append(frame)
+        return frame
+
+    async def recv_until(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = TIMEOUT
+    ) -> dict[str, Any]:
+        async with asyncio.timeout(timeout):
+            while True:
+                frame = await self.recv()
+                if predicate(frame):
+                    return frame
+
+    async def finish(self, *ids: str, timeout: float = TIMEOUT) -> dict[str, list[dict[str, Any]]]:
+        """Read until every id got its terminal frame; return each id's frames."""
+        waiting = {i for i in ids if not any(is_terminal(f) for f in self.by_id.get(i, []))}
+        async with asyncio.timeout(timeout):
+            while waiting:
+                frame = await self.recv()
+                if frame.get("id") in waiting and is_terminal(frame):
+                    waiting.discard(frame["id"])
+        return {i: self.by_id[i] for i in ids}
+
+
+def check_stream(frames: list[dict[str, Any]]) -> str:
+    """Assert a stream's frames obey protocol v1; return its concatenated text."""
+    assert frames[0]["type"] == "started", frames
+    assert sum(is_terminal(f) for f in frames) == 1, frames
+    assert is_terminal(frames[-1]), frames
+    chunks = [f for f in frames if f["type"] == "text_chunk"]
+    assert [c["seq"] for c in chunks] == list(range(1, len(chunks) + 1))
+    assert frames[-1].get("seq", len(chunks)) == len(chunks)
+    text = "".join(c["text"] for c in chunks)
+    if frames[-1]["type"] == "done":
+        assert frames[-1]["text"] == text
+    return text
+
+
+@dataclasses.dataclass
+class Stack:
+    """A running mock upstream + gateway, and a way to open clients against them."""
+
+    mock: MockUpstream
+    gateway: Gateway
+    clients: list[Client]
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.gateway.port}/v1/ws"
+
+    async def client(self, **kwargs: Any) -> Client:
+        ws = await connect(self.url, **kwargs)
+        client = Client(ws)
+        client.welcome = await client.recv()
+        assert client.welcome["type"] == "welcome"
+        self.clients.append(client)
+        return client
+
+    async def assert_no_leaks(self) -> None:
+        """Every upstream request ended at the mock, and the gateway holds no stream state."""
+        await self.mock.wait_idle(TIMEOUT)
+        await asyncio.wait_for(self.gateway.idle.wait(), TIMEOUT)
+        assert self.mock.open_requests == 0
+        assert self.gateway.active_streams == 0
+        assert self.gateway.upstream.open_responses == 0
+
+
+StackFactory = Callable[..., Awaitable[Stack]]
+
+
+@pytest.fixture
+async def make_stack() -> AsyncIterator[StackFactory]:
+    """Start a mock upstream and a gateway in front of it; stop both and check for leaks."""
+    stacks: list[Stack] = []
+    baseline = asyncio.all_tasks()
+
+    async def factory(
+        dialect: str = "perplexity", url: str | None = None, **overrides: Any
+    ) -> Stack:
+        mock = MockUpstream(default_delay_ms=0)
+        base = await mock.start()
+        config = Config(port=0, dialect=dialect, **overrides)
+        gateway = Gateway(config, url or f"{base}/{dialect}")
+        await gateway.start()
+        stack = Stack(mock, gateway, [])
+        stacks.append(stack)
+        return stack
+
+    yield factory
+    for stack in stacks:
+        for client in stack.clients:
+            await client.ws.close()
+        await stack.gateway.stop()
+        await stack.mock.stop()
+    # Nothing the servers started may outlive them (tasks are owned and awaited).
+    leftover = {t for t in asyncio.all_tasks() - baseline if not t.done()}
+    leftover.discard(asyncio.current_task())  # type: ignore[arg-type]
+    assert not leftover, leftover
+
+
+@pytest.fixture
+async def stack(make_stack: StackFactory) -> Stack:
+    return await make_stack()

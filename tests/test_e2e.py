@@ -1,0 +1,471 @@
+"""Protocol v1 end to end: real gateway, real aiohttp mock upstream, real WebSocket clients.
+
+Each test proves a rule of docs/protocol.md over loopback sockets; the `make_stack` fixture
+checks after every test that no task outlived the servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import orjson
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from gateway.mock_upstream import choose_answer, parse_directive, text_chunks
+from gateway.protocol import ErrorCode
+from tests.conftest import Stack, StackFactory, check_stream, is_terminal
+
+
+def expected_text(prompt: str) -> str:
+    """What the mock upstream streams for `prompt` (deterministic)."""
+    question, knobs = parse_directive(prompt)
+    return "".join(text_chunks(choose_answer(question).text, knobs.chunks))
+
+
+async def test_welcome_announces_protocol_session_and_limits(make_stack: StackFactory) -> None:
+    """The first frame is welcome with the protocol version, a session id and the limits."""
+    stack = await make_stack(max_streams=5, max_message_bytes=4096)
+    client = await stack.client()
+    assert client.welcome["protocol"] == 1
+    assert isinstance(client.welcome["session"], str)
+    assert len(client.welcome["session"]) >= 16
+    assert client.welcome["limits"] == {"max_streams": 5, "max_message_bytes": 4096}
+    other = await stack.client()
+    assert other.welcome["session"] != client.welcome["session"]
+
+
+@pytest.mark.parametrize("dialect", ["perplexity", "openai", "events"])
+async def test_one_stream_per_dialect(make_stack: StackFactory, dialect: str) -> None:
+    """Each dialect relays every word in order and ends with one done carrying the metadata."""
+    stack = await make_stack(dialect=dialect)
+    client = await stack.client()
+    prompt = "Why is the sky blue? [[mock chunks=12 tag=one]]"
+    await client.start("s1", prompt)
+    frames = (await client.finish("s1"))["s1"]
+    assert check_stream(frames) == expected_text(prompt)
+    done = frames[-1]
+    assert done["type"] == "done"
+    if dialect != "openai":  # OpenAI has no citations
+        assert done["citations"] == choose_answer("Why is the sky blue?").citations
+    assert done["usage"]["completion_tokens"] > 0
+    if dialect != "events":
+        assert done["finish_reason"] == "stop"
+    if dialect == "perplexity":
+        assert done["search_results"][0]["url"].startswith("https://")
+    record = stack.mock.record("one")
+    assert record.outcome == "completed"
+    assert record.body["stream"] is True
+    assert record.body["messages"] == [{"role": "user", "content": prompt}]
+    await stack.assert_no_leaks()
+
+
+async def test_messages_model_and_options_reach_the_upstream(stack: Stack) -> None:
+    """The upstream body carries the client's messages, model and allowed options unchanged."""
+    client = await stack.client()
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Tell me about tides [[mock chunks=2 tag=body]]"},
+    ]
+    await client.send(
+        {
+            "type": "start",
+            "id": "m",
+            "messages": messages,
+            "model": "sonar-pro",
+            "options": {"temperature": 0.3, "search_domain_filter": ["nasa.gov"]},
+        }
+    )
+    await client.finish("m")
+    body = stack.mock.record("body").body
+    assert body == {
+        "model": "sonar-pro",
+        "messages": messages,
+        "stream": True,
+        "temperature": 0.3,
+        "search_domain_filter": ["nasa.gov"],
+    }
+
+
+async def test_default_model_and_api_key_stay_server_side(make_stack: StackFactory) -> None:
+    """The upstream gets the default model and the Bearer key; no client frame contains it."""
+    secret = "pplx-test-SECRET-key-123"
+    stack = await make_stack(api_key=secret, default_model="sonar-reasoning-pro")
+    client = await stack.client()
+    await client.start("k", "hello [[mock chunks=3 tag=key]]")
+    await client.finish("k")
+    record = stack.mock.record("key")
+    assert record.authorization == f"Bearer {secret}"
+    assert record.body["model"] == "sonar-reasoning-pro"
+    everything = orjson.dumps(
+        [client.welcome, client.by_id], option=orjson.OPT_NON_STR_KEYS
+    ).decode()
+    assert secret not in everything
+
+
+async def test_ten_interleaved_streams_never_cross(stack: Stack) -> None:
+    """Ten concurrent streams on one socket interleave, and each gets exactly its own answer."""
+    client = await stack.client()
+    topics = [
+        "sky blue",
+        "tides moon",
+        "coffee sleep",
+        "bread rise",
+        "leaves autumn",
+        "stars twinkle",
+        "ocean salty",
+        "cats purr",
+        "rainbow colors",
+        "thunder lightning",
+    ]
+    prompts = {
+        f"s{i}": f"Why {topic}? [[mock chunks={20 + i} delay_ms=2]]"
+        for i, topic in enumerate(topics)
+    }
+    for sid, prompt in prompts.items():
+        await client.start(sid, prompt)
+    result = await client.finish(*prompts)
+    for sid, prompt in prompts.items():
+        assert check_stream(result[sid]) == expected_text(prompt)
+    # The streams really ran side by side: chunks of different streams alternate on the wire.
+    first_done = next(i for i, f in enumerate(client.log) if f["type"] == "done")
+    before = {f["id"] for f in client.log[:first_done] if f["type"] == "text_chunk"}
+    assert len(before) == len(prompts)
+    await stack.assert_no_leaks()
+
+
+async def test_cancel_closes_the_upstream_and_spares_other_streams(stack: Stack) -> None:
+    """Cancel answers `cancelled`, the upstream sees its connection close, nothing follows, and
+    the other streams on the socket finish untouched."""
+    client = await stack.client()
+    await client.start("victim", "sky [[mock chunks=500 delay_ms=20 tag=victim]]")
+    await client.start("other", "tides [[mock chunks=30 delay_ms=5 tag=other]]")
+    await client.recv_until(lambda f: f["type"] == "text_chunk" and f["id"] == "victim")
+    await client.cancel("victim")
+    result = await client.finish("victim", "other")
+    victim = result["victim"]
+    assert victim[-1]["type"] == "cancelled"
+    check_stream(victim)
+    record = stack.mock.record("victim")
+    await asyncio.wait_for(record.ended.wait(), 5)
+    assert record.outcome == "client_closed"
+    assert record.chunks_sent < 500
+    assert check_stream(result["other"]) == expected_text("tides [[mock chunks=30]]")
+    assert stack.mock.record("other").outcome == "completed"
+    # Nothing of the cancelled stream follows its terminal frame.
+    await client.send({"type": "ping"})
+    await client.recv_until(lambda f: f["type"] == "pong")
+    assert client.by_id["victim"] == victim
+    await stack.assert_no_leaks()
+
+
+async def test_cancel_before_the_upstream_answers(stack: Stack) -> None:
+    """A cancel while the upstream has not even sent its headers still ends cleanly."""
+    client = await stack.client()
+    await client.start("slow", "sky [[mock header_delay_ms=5000 tag=slow]]")
+    await stack.mock.wait_request("slow")
+    await client.cancel("slow")
+    frames = (await client.finish("slow"))["slow"]
+    assert [f["type"] for f in frames] == ["started", "cancelled"]
+    assert frames[-1]["seq"] == 0
+    await stack.assert_no_leaks()
+
+
+async def test_cancel_racing_the_end_gives_one_terminal(stack: Stack) -> None:
+    """Cancels sent right as streams finish never produce a second terminal frame."""
+    client = await stack.client()
+    for round_ in range(30):
+        sid = f"r{round_}"
+        await client.start(sid, "sky [[mock chunks=1]]")
+        await client.recv_until(lambda f, sid=sid: f["id"] == sid and f["type"] == "text_chunk")
+        await client.cancel(sid)
+    await client.finish(*(f"r{i}" for i in range(30)))
+    await client.send({"type": "ping"})
+    await client.recv_until(lambda f: f["type"] == "pong")
+    for i in range(30):
+        frames = client.by_id[f"r{i}"]
+        assert sum(is_terminal(f) for f in frames) == 1, frames
+        assert not [f for f in frames if f.get("code") == "unknown_id"], frames
+    await stack.assert_no_leaks()
+
+
+async def test_closing_the_socket_cancels_every_upstream(stack: Stack) -> None:
+    """A socket that goes away closes all its upstream connections and leaves no task."""
+    client = await stack.client()
+    for i in range(6):
+        await client.start(f"s{i}", f"sky [[mock fault=stall after=2 tag=d{i}]]")
+    for i in range(6):
+        await stack.mock.wait_request(f"d{i}")
+    await client.recv_until(lambda f: f["type"] == "text_chunk")
+    await client.ws.close()
+    await stack.assert_no_leaks()
+    assert {stack.mock.record(f"d{i}").outcome for i in range(6)} == {"client_closed"}
+
+
+async def test_abrupt_tcp_close_cancels_every_upstream(stack: Stack) -> None:
+    """A client that vanishes without a close frame is treated like a closed socket."""
+    client = await stack.client()
+    for i in range(4):
+        await client.start(f"s{i}", f"sky [[mock fault=stall after=1 tag=a{i}]]")
+    for i in range(4):
+        await stack.mock.wait_request(f"a{i}")
+    transport = client.ws.transport
+    transport.abort()
+    await stack.assert_no_leaks()
+    assert {stack.mock.record(f"a{i}").outcome for i in range(4)} == {"client_closed"}
+
+
+async def test_ping_pong(stack: Stack) -> None:
+    """An application ping is answered by pong."""
+    client = await stack.client()
+    await client.send({"type": "ping"})
+    assert await client.recv() == {"type": "pong"}
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ("{nope", "bad_json"),
+        ('["start"]', "bad_message"),
+        ('{"type":"start","prompt":"x"}', "bad_message"),
+        ('{"type":"start","id":"bad id","prompt":"x"}', "bad_message"),
+        ('{"type":"bogus"}', "unknown_type"),
+    ],
+)
+async def test_connection_level_errors_keep_the_socket_open(
+    stack: Stack, frame: str, code: str
+) -> None:
+    """Bad frames get an error with id null, and the socket keeps working."""
+    client = await stack.client()
+    await client.ws.send(frame)
+    err = await client.recv()
+    assert (err["type"], err["id"], err["code"], err["retryable"]) == ("error", None, code, False)
+    await client.start("ok", "sky [[mock chunks=2]]")
+    check_stream((await client.finish("ok"))["ok"])
+
+
+async def test_binary_frame_is_bad_message(stack: Stack) -> None:
+    """Binary frames are refused with bad_message; the socket stays open."""
+    client = await stack.client()
+    await client.ws.send(b'{"type":"ping"}')
+    err = await client.recv()
+    assert (err["code"], err["id"]) == ("bad_message", None)
+    await client.send({"type": "ping"})
+    assert (await client.recv())["type"] == "pong"
+
+
+async def test_message_too_large_and_hard_limit(make_stack: StackFactory) -> None:
+    """Frames over max_message_bytes get message_too_large; far larger ones close with 1009."""
+    stack = await make_stack(max_message_bytes=1024)
+    client = await stack.client()
+    await client.start("big", "x" * 2000)
+    err = await client.recv()
+    assert (err["code"], err["id"]) == ("message_too_large", None)
+    await client.send({"type": "ping"})
+    assert (await client.recv())["type"] == "pong"
+    await client.start("huge", "x" * (2 << 20))
+    with pytest.raises(ConnectionClosed):
+        await client.recv()
+    assert client.ws.close_code == 1009
+
+
+async def test_bad_start_fields_name_the_stream(stack: Stack) -> None:
+    """A start with a valid id and a disallowed option is refused with that id and no seq."""
+    client = await stack.client()
+    await client.start("s1", "x", options={"stream": False})
+    err = await client.recv()
+    assert (err["code"], err["id"]) == ("bad_message", "s1")
+    assert "seq" not in err
+    assert "stream" in err["message"]
+
+
+async def test_duplicate_unknown_and_too_many(make_stack: StackFactory) -> None:
+    """duplicate_id, unknown_id and too_many_streams carry the id they are about."""
+    stack = await make_stack(max_streams=2)
+    client = await stack.client()
+    await client.start("a", "sky [[mock fault=stall]]")
+    await client.start("b", "sky [[mock fault=stall]]")
+    await client.start("a", "again")
+    dup = await client.recv_until(lambda f: f["type"] == "error")
+    assert (dup["code"], dup["id"], dup["retryable"]) == ("duplicate_id", "a", False)
+    await client.start("c", "one too many")
+    many = await client.recv_until(lambda f: f["type"] == "error")
+    assert (many["code"], many["id"], many["retryable"]) == ("too_many_streams", "c", True)
+    await client.cancel("zzz")
+    unknown = await client.recv_until(lambda f: f["type"] == "error")
+    assert (unknown["code"], unknown["id"]) == ("unknown_id", "zzz")
+    # The refusals did not end the active streams.
+    await client.cancel("a")
+    await client.cancel("b")
+    result = await client.finish("a", "b")
+    assert result["a"][-1]["type"] == "cancelled"
+    assert result["b"][-1]["type"] == "cancelled"
+    await stack.assert_no_leaks()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+async def test_upstream_unavailable(make_stack: StackFactory) -> None:
+    """A refused upstream connection ends the stream with retryable upstream_unavailable."""
+    stack = await make_stack(url=f"http://127.0.0.1:{free_port()}/perplexity")
+    client = await stack.client()
+    await client.start("s", "hello")
+    frames = (await client.finish("s"))["s"]
+    err = frames[-1]
+    assert (err["code"], err["retryable"], err["seq"]) == ("upstream_unavailable", True, 0)
+
+
+@pytest.mark.parametrize(
+    ("knobs", "status", "retryable", "message"),
+    [
+        ("status=503", 503, True, "upstream answered HTTP 503: "),
+        ("status=429 retry_after=7", 429, True, "upstream answered HTTP 429: "),
+        ("status=400", 400, False, "upstream answered HTTP 400: "),
+        ("status=401 body=html", 401, False, "upstream answered HTTP 401"),
+    ],
+)
+async def test_upstream_http_errors(
+    stack: Stack, knobs: str, status: int, retryable: bool, message: str
+) -> None:
+    """Non-2xx answers become upstream_error with the status, retryable for 429/5xx only."""
+    client = await stack.client()
+    await client.start("s", f"sky [[mock {knobs}]]")
+    err = (await client.finish("s"))["s"][-1]
+    assert (err["code"], err["status"], err["retryable"]) == ("upstream_error", status, retryable)
+    assert err["message"].startswith(message)
+    assert "<" not in err["message"]  # no HTML relayed
+    if status == 429:
+        assert err["retry_after_ms"] == 7000
+    await stack.assert_no_leaks()
+
+
+@pytest.mark.parametrize(
+    ("knobs", "code", "min_chunks"),
+    [
+        ("chunks=10 fault=reset after=4", ErrorCode.STREAM_INTERRUPTED, 1),
+        ("chunks=10 fault=malformed after=3", ErrorCode.UPSTREAM_PROTOCOL_ERROR, 1),
+        ("chunks=10 fault=giant after=2 size=5000000", ErrorCode.UPSTREAM_PROTOCOL_ERROR, 1),
+    ],
+)
+async def test_upstream_faults_mid_stream(
+    stack: Stack, knobs: str, code: ErrorCode, min_chunks: int
+) -> None:
+    """Faults after partial output end the stream with the right code; sent chunks stand."""
+    client = await stack.client()
+    await client.start("s", f"sky [[mock {knobs}]]")
+    frames = (await client.finish("s"))["s"]
+    text = check_stream(frames)
+    err = frames[-1]
+    assert err["code"] == code.value
+    assert err["seq"] >= min_chunks
+    assert expected_text("sky [[mock chunks=10]]").startswith(text)
+    await stack.assert_no_leaks()
+
+
+@pytest.mark.parametrize("dialect", ["openai", "events"])
+async def test_clean_eof_without_end_marker_is_interrupted(
+    make_stack: StackFactory, dialect: str
+) -> None:
+    """OpenAI and events streams that stop without their end marker are stream_interrupted."""
+    stack = await make_stack(dialect=dialect)
+    client = await stack.client()
+    await client.start("s", "sky [[mock chunks=8 fault=eof after=3]]")
+    frames = (await client.finish("s"))["s"]
+    assert (
+        check_stream(frames) == expected_text("sky [[mock chunks=8]]")[: len(check_stream(frames))]
+    )
+    assert frames[-1]["code"] == "stream_interrupted"
+    assert frames[-1]["retryable"] is True
+
+
+async def test_perplexity_clean_eof_is_done(stack: Stack) -> None:
+    """Perplexity's clean EOF without finish_reason is a complete answer."""
+    client = await stack.client()
+    await client.start("s", "sky [[mock chunks=8 fault=eof after=5]]")
+    frames = (await client.finish("s"))["s"]
+    assert frames[-1]["type"] == "done"
+    assert "finish_reason" not in frames[-1]
+    assert frames[-1]["seq"] >= 1
+
+
+async def test_upstream_read_timeout(make_stack: StackFactory) -> None:
+    """An upstream that goes silent longer than the read timeout ends with upstream_timeout."""
+    stack = await make_stack(upstream_read_timeout=0.3)
+    client = await stack.client()
+    await client.start("s", "sky [[mock chunks=10 fault=stall after=2 tag=t]]")
+    frames = (await client.finish("s"))["s"]
+    assert (frames[-1]["code"], frames[-1]["retryable"]) == ("upstream_timeout", True)
+    check_stream(frames)
+    await stack.assert_no_leaks()
+    assert stack.mock.record("t").outcome == "client_closed"
+
+
+@pytest.mark.parametrize("knobs", ["bytewise=1", "crlf=0", "comments=1", "done=1"])
+async def test_perplexity_framing_variants(stack: Stack, knobs: str) -> None:
+    """Byte-by-byte delivery, LF framing, keep-alive comments and [DONE] all relay exactly."""
+    client = await stack.client()
+    prompt = f"coffee [[mock chunks=9 {knobs}]]"
+    await client.start("s", prompt)
+    frames = (await client.finish("s"))["s"]
+    assert frames[-1]["type"] == "done"
+    assert check_stream(frames) == expected_text(prompt)
+
+
+async def test_internal_bug_is_reported_not_crashed(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected exception in the relay becomes `internal`; the socket keeps working."""
+    from gateway import dialects
+
+    def boom(self: Any, event: Any) -> str:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(dialects.PerplexityTranslator, "feed", boom)
+    client = await stack.client()
+    await client.start("s", "sky [[mock chunks=3]]")
+    err = (await client.finish("s"))["s"][-1]
+    assert (err["code"], err["retryable"]) == ("internal", True)
+    monkeypatch.undo()
+    await client.start("t", "sky [[mock chunks=3]]")
+    assert (await client.finish("t"))["t"][-1]["type"] == "done"
+    await stack.assert_no_leaks()
+
+
+async def test_slow_reader_pauses_the_upstream_then_gets_everything(
+    make_stack: StackFactory,
+) -> None:
+    """A client that stops reading makes the gateway stop reading the upstream (bounded buffer);
+    when it reads again, every word arrives, coalesced into fewer frames."""
+    # OpenAI-shaped events stay small (Perplexity's repeat the whole text so far).
+    stack = await make_stack(dialect="openai", send_buffer_bytes=16 * 1024)
+    # Tiny kernel buffers on both ends, as on a slow phone link, so that the backlog cannot hide
+    # in the kernel (accepted sockets inherit SO_SNDBUF from the listening socket).
+    for listener in stack.gateway.sockets:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", stack.gateway.port))
+    client = await stack.client(max_queue=4, sock=sock)
+    chunks = 100_000
+    prompt = f"ocean salty [[mock chunks={chunks} tag=slow]]"
+    await client.start("s", prompt)
+    await stack.mock.wait_request("slow")
+    record = stack.mock.record("slow")
+    connection = next(iter(stack.gateway.connections))
+    # The reader of this stream parks in flow control once the socket's outbox is full.
+    await asyncio.wait_for(connection.flow.stalled.wait(), 10)
+    assert record.chunks_sent < chunks
+    assert not record.ended.is_set()
+    # Bounded: the limit plus at most one upstream read.
+    assert connection.outbox.buffered <= 16 * 1024 + 256 * 1024
+    frames = (await client.finish("s", timeout=60))["s"]
+    assert check_stream(frames) == expected_text(prompt)
+    assert len(frames) - 2 < chunks  # coalesced: fewer frames than upstream chunks
+    await stack.assert_no_leaks()

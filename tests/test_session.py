@@ -1,0 +1,288 @@
+"""The per-socket state machine and its outbox, driven without sockets or clocks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.protocol import ErrorCode
+from gateway.session import CancelUpstream, Limits, OpenUpstream, Outbox, Session, State, Stream
+
+
+def make(max_streams: int = 16, capacity: bool = True) -> Session:
+    return Session("sess", Limits(max_streams, 65536), capacity=lambda: capacity)
+
+
+def frames(session: Session) -> list[dict[str, Any]]:
+    return [orjson.loads(f) for f in session.outbox.drain()]
+
+
+def start(session: Session, sid: str, prompt: str = "hi") -> Stream:
+    commands = session.receive(
+        orjson.dumps({"type": "start", "id": sid, "prompt": prompt}).decode()
+    )
+    assert len(commands) == 1
+    command = commands[0]
+    assert isinstance(command, OpenUpstream)
+    return command.stream
+
+
+def test_welcome_then_started_then_chunks_then_done() -> None:
+    """A stream's frames come in protocol order with seq counting sent chunks from 1."""
+    s = make()
+    s.welcome()
+    stream = start(s, "s1")
+    assert [f["type"] for f in frames(s)] == ["welcome", "started"]
+    s.text(stream, "Hel")
+    assert frames(s) == [{"type": "text_chunk", "id": "s1", "seq": 1, "text": "Hel"}]
+    s.text(stream, "lo")
+    s.done(stream, {"citations": ["https://a"], "finish_reason": "stop"})
+    assert frames(s) == [
+        {"type": "text_chunk", "id": "s1", "seq": 2, "text": "lo"},
+        {
+            "type": "done",
+            "id": "s1",
+            "seq": 2,
+            "text": "Hello",
+            "citations": ["https://a"],
+            "finish_reason": "stop",
+        },
+    ]
+    assert stream.state is State.DONE
+    assert s.streams == {}
+
+
+def test_deltas_waiting_together_are_coalesced_into_one_frame() -> None:
+    """Deltas that arrive before the writer drains become one frame, seq stays contiguous."""
+    s = make()
+    a, b = start(s, "a"), start(s, "b")
+    frames(s)
+    for word in ("one ", "two ", "three"):
+        s.text(a, word)
+        s.text(b, word.upper())
+    out = frames(s)
+    assert out == [
+        {"type": "text_chunk", "id": "a", "seq": 1, "text": "one two three"},
+        {"type": "text_chunk", "id": "b", "seq": 1, "text": "ONE TWO THREE"},
+    ]
+    s.text(a, "!")
+    assert frames(s) == [{"type": "text_chunk", "id": "a", "seq": 2, "text": "!"}]
+
+
+def test_outbox_counts_buffered_bytes_and_notifies_once_per_batch() -> None:
+    """The outbox reports waiting bytes for backpressure and wakes the writer when it fills."""
+    wakes: list[int] = []
+    s = Session("x", Limits(), Outbox(lambda: wakes.append(1)))
+    stream = start(s, "s")
+    assert len(wakes) == 1
+    s.text(stream, "abcd")
+    s.text(stream, "ef")
+    assert len(wakes) == 1  # still queued: no second wake-up
+    assert s.outbox.buffered == len(b'{"type":"started","id":"s"}') + 6
+    s.outbox.drain()
+    assert s.outbox.buffered == 0
+    s.text(stream, "g")
+    assert len(wakes) == 2
+
+
+def test_cancel_drops_unsent_text_and_is_the_last_frame() -> None:
+    """Cancel answers `cancelled` with the last seq sent; unsent text and later output vanish."""
+    s = make()
+    stream = start(s, "s1")
+    s.text(stream, "sent")
+    frames(s)
+    s.text(stream, "never sent")
+    commands = s.receive('{"type":"cancel","id":"s1"}')
+    assert commands == [CancelUpstream(stream)]
+    s.text(stream, "late")
+    s.done(stream, {})
+    s.fail(stream, ErrorCode.STREAM_INTERRUPTED, "late")
+    assert frames(s) == [{"type": "cancelled", "id": "s1", "seq": 1}]
+    assert stream.state is State.CANCELLED
+
+
+def test_cancel_racing_the_end_yields_exactly_one_terminal() -> None:
+    """A cancel arriving after the stream finished is ignored: the done stays the only terminal."""
+    s = make()
+    stream = start(s, "s1")
+    s.text(stream, "x")
+    s.done(stream, {})
+    assert s.receive('{"type":"cancel","id":"s1"}') == []
+    out = frames(s)
+    assert [f["type"] for f in out] == ["started", "text_chunk", "done"]
+
+
+def test_cancel_of_unknown_id_is_an_error_with_that_id() -> None:
+    """Cancelling an id that never ran answers unknown_id."""
+    s = make()
+    assert s.receive('{"type":"cancel","id":"nope"}') == []
+    [err] = frames(s)
+    assert err["code"] == "unknown_id"
+    assert err["id"] == "nope"
+    assert err["retryable"] is False
+
+
+def test_duplicate_and_too_many_streams() -> None:
+    """A start reusing an active id, or over max_streams, is refused with that id."""
+    s = make(max_streams=2)
+    start(s, "a")
+    start(s, "b")
+    frames(s)
+    assert s.receive('{"type":"start","id":"a","prompt":"x"}') == []
+    assert s.receive('{"type":"start","id":"c","prompt":"x"}') == []
+    dup, many = frames(s)
+    assert (dup["code"], dup["id"]) == ("duplicate_id", "a")
+    assert (many["code"], many["id"], many["retryable"]) == ("too_many_streams", "c", True)
+
+
+def test_id_can_be_reused_after_its_stream_ended() -> None:
+    """Ids are unique among active streams only."""
+    s = make()
+    first = start(s, "a")
+    s.done(first, {})
+    second = start(s, "a")
+    assert second is not first
+
+
+def test_process_capacity_refuses_start() -> None:
+    """When the process is at --max-active-streams, starts get a retryable too_many_streams."""
+    s = make(capacity=False)
+    assert s.receive('{"type":"start","id":"a","prompt":"x"}') == []
+    [err] = frames(s)
+    assert (err["code"], err["retryable"]) == ("too_many_streams", True)
+
+
+def test_not_accepting_answers_shutting_down() -> None:
+    """While draining, a start is refused with a retryable shutting_down."""
+    s = make()
+    s.accepting = False
+    s.receive('{"type":"start","id":"a","prompt":"x"}')
+    [err] = frames(s)
+    assert (err["code"], err["id"], err["retryable"]) == ("shutting_down", "a", True)
+
+
+def test_protocol_errors_become_frames_and_the_session_goes_on() -> None:
+    """Bad frames produce error frames; a following good frame still works."""
+    s = make()
+    s.receive("{oops")
+    s.receive(b"\x00\x01")
+    s.receive('{"type":"ping"}')
+    out = frames(s)
+    assert [(f["type"], f.get("code")) for f in out] == [
+        ("error", "bad_json"),
+        ("error", "bad_message"),
+        ("pong", None),
+    ]
+
+
+def test_failure_carries_code_seq_and_extras() -> None:
+    """An upstream failure ends the stream with an error frame that says how far it got."""
+    s = make()
+    stream = start(s, "s")
+    s.text(stream, "partial")
+    s.fail(stream, ErrorCode.UPSTREAM_ERROR, "upstream answered HTTP 503", True, status=503)
+    out = frames(s)
+    assert out[-1] == {
+        "type": "error",
+        "id": "s",
+        "code": "upstream_error",
+        "message": "upstream answered HTTP 503",
+        "retryable": True,
+        "seq": 1,
+        "status": 503,
+    }
+
+
+def test_done_with_upstream_full_text_sends_the_missing_tail() -> None:
+    """When the upstream's done carries more text than was streamed, the rest is sent first."""
+    s = make()
+    stream = start(s, "s")
+    s.text(stream, "Hello")
+    frames(s)
+    s.done(stream, {}, final_text="Hello world")
+    chunk, done = frames(s)
+    assert chunk["text"] == " world"
+    assert (done["seq"], done["text"]) == (2, "Hello world")
+
+
+def test_done_with_disagreeing_upstream_text_keeps_what_was_sent() -> None:
+    """done.text always equals the concatenated chunks the client received."""
+    s = make()
+    stream = start(s, "s")
+    s.text(stream, "abc")
+    s.done(stream, {}, final_text="xyz")
+    assert frames(s)[-1]["text"] == "abc"
+
+
+def test_close_ends_all_active_streams() -> None:
+    """A closed socket ends every active stream and hands them back for upstream cancellation."""
+    s = make()
+    a, b = start(s, "a"), start(s, "b")
+    s.done(b, {})
+    gone = s.close()
+    assert gone == [a]
+    assert a.state is State.CANCELLED
+    assert a.outcome == "client_gone"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["start", "cancel", "text", "done", "fail", "drain", "junk"]),
+            st.sampled_from(["a", "b", "c"]),
+            st.text(max_size=5),
+        ),
+        max_size=60,
+    )
+)
+def test_invariants_hold_for_any_interleaving(ops: list[tuple[str, str, str]]) -> None:
+    """Under any sequence of events: one terminal per stream, nothing after it, contiguous seqs,
+    and done.text equal to the concatenated chunks."""
+    s = make(max_streams=2)
+    live: dict[str, Stream] = {}
+    sent: list[dict[str, Any]] = []
+    for op, sid, text in ops:
+        if op == "start":
+            for cmd in s.receive(
+                orjson.dumps({"type": "start", "id": sid, "prompt": "p"}).decode()
+            ):
+                assert isinstance(cmd, OpenUpstream)
+                live[sid] = cmd.stream
+        elif op == "cancel":
+            s.receive(orjson.dumps({"type": "cancel", "id": sid}).decode())
+        elif op == "junk":
+            s.receive(text)
+        elif sid in live:
+            stream = live[sid]
+            if op == "text" and text:
+                s.text(stream, text)
+            elif op == "done":
+                s.done(stream, {})
+            elif op == "fail":
+                s.fail(stream, ErrorCode.STREAM_INTERRUPTED, "x")
+        if op == "drain":
+            sent.extend(frames(s))
+    sent.extend(frames(s))
+    # Group by stream "life": a started frame opens one, a terminal closes it.
+    open_lives: dict[str, dict[str, Any]] = {}
+    for f in sent:
+        sid = f.get("id")
+        if f["type"] == "started":
+            assert sid not in open_lives
+            open_lives[sid] = {"seq": 0, "text": []}
+        elif f["type"] == "text_chunk":
+            life = open_lives[sid]
+            assert f["seq"] == life["seq"] + 1
+            life["seq"] = f["seq"]
+            life["text"].append(f["text"])
+        elif f["type"] in ("done", "cancelled") or (f["type"] == "error" and "seq" in f):
+            # An error ends a started stream only when it carries `seq`; refusals of a start
+            # (duplicate_id, too_many_streams, ...) never do (protocol.md, "Errors").
+            life = open_lives.pop(sid)
+            assert f["seq"] == life["seq"]
+            if f["type"] == "done":
+                assert f["text"] == "".join(life["text"])
