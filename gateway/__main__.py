@@ -19,6 +19,9 @@ from gateway.observability import configure_logging
 
 log = structlog.get_logger("gateway")
 
+#: Exit status after a second SIGINT/SIGTERM cut the drain short.
+EXIT_FORCED = 130
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -87,11 +90,20 @@ async def serve(config: Config) -> None:
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            # A second signal: the operator does not want to wait for the drain.
+            log.warning("gateway.forced_exit", signal=sig.name)
+            os._exit(EXIT_FORCED)
+        log.info("gateway.signal", signal=sig.name)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         await stop.wait()
-        log.info("gateway.stopping")
+        await gateway.drain()
     finally:
         await gateway.stop()
         if mock is not None:

@@ -35,12 +35,21 @@ class Config:
     default_model: str = "sonar"
     upstream_read_timeout: float = 60.0
     upstream_connect_timeout: float = 10.0
+    upstream_first_byte_timeout: float = 30.0
+    upstream_retries: int = 2
+    upstream_retry_budget: float = 10.0
     max_streams: int = 16
     max_message_bytes: int = 65536
     #: Process-wide cap on concurrent streams; also sizes the upstream connection pool.
     max_active_streams: int = 10000
     #: Per-socket bytes waiting to be sent before upstream reads of that socket's streams pause.
     send_buffer_bytes: int = 1 << 20
+    slow_client_timeout: float = 30.0
+    ping_interval: float = 20.0
+    ping_timeout: float = 20.0
+    idle_timeout: float = 300.0
+    close_timeout: float = 3.0
+    drain_timeout: float = 30.0
     log_format: str = "json"
     log_level: str = "info"
     #: Pace of the built-in mock upstream (used only when upstream_url is None).
@@ -73,6 +82,17 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
         value = kind(text)
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
         return value
 
     parse.__name__ = kind.__name__
@@ -129,6 +149,24 @@ def add_serve_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, s
         d.upstream_connect_timeout,
         _positive(float),
     )
+    flag(
+        "upstream-first-byte-timeout",
+        "longest wait for the first byte of an upstream answer, seconds",
+        d.upstream_first_byte_timeout,
+        _positive(float),
+    )
+    flag(
+        "upstream-retries",
+        "retries of connect failures, 429 and 502/503/504 before any output",
+        d.upstream_retries,
+        _non_negative(int),
+    )
+    flag(
+        "upstream-retry-budget",
+        "most seconds spent waiting between retries of one stream",
+        d.upstream_retry_budget,
+        _non_negative(float),
+    )
     flag("max-streams", "concurrent streams per socket", d.max_streams, _positive(int))
     flag(
         "max-message-bytes",
@@ -147,6 +185,42 @@ def add_serve_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, s
         "bytes queued for one socket before its upstream reads pause (backpressure)",
         d.send_buffer_bytes,
         _positive(int),
+    )
+    flag(
+        "slow-client-timeout",
+        "close a socket with 4408 when its send buffer stays full this long, seconds",
+        d.slow_client_timeout,
+        _positive(float),
+    )
+    flag(
+        "ping-interval",
+        "seconds between WebSocket pings (0 disables keepalive)",
+        d.ping_interval,
+        _non_negative(float),
+    )
+    flag(
+        "ping-timeout",
+        "close a socket whose ping is unanswered this long, seconds",
+        d.ping_timeout,
+        _positive(float),
+    )
+    flag(
+        "idle-timeout",
+        "close (1000) a socket with no stream and no message this long, seconds (0: never)",
+        d.idle_timeout,
+        _non_negative(float),
+    )
+    flag(
+        "close-timeout",
+        "how long a closing handshake may take before the TCP connection is dropped, seconds",
+        d.close_timeout,
+        _positive(float),
+    )
+    flag(
+        "drain-timeout",
+        "on SIGTERM, how long in-flight streams may finish, seconds",
+        d.drain_timeout,
+        _non_negative(float),
     )
     flag(
         "log-format",
@@ -185,10 +259,19 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
         default_model=args.default_model,
         upstream_read_timeout=args.upstream_read_timeout,
         upstream_connect_timeout=args.upstream_connect_timeout,
+        upstream_first_byte_timeout=args.upstream_first_byte_timeout,
+        upstream_retries=args.upstream_retries,
+        upstream_retry_budget=args.upstream_retry_budget,
         max_streams=args.max_streams,
         max_message_bytes=args.max_message_bytes,
         max_active_streams=args.max_active_streams,
         send_buffer_bytes=args.send_buffer_bytes,
+        slow_client_timeout=args.slow_client_timeout,
+        ping_interval=args.ping_interval,
+        ping_timeout=args.ping_timeout,
+        idle_timeout=args.idle_timeout,
+        close_timeout=args.close_timeout,
+        drain_timeout=args.drain_timeout,
         log_format=log_format,
         log_level=args.log_level,
         mock_delay_ms=args.mock_delay_ms,

@@ -13,6 +13,8 @@ from typing import Final
 
 import orjson
 import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.process_collector import ProcessCollector
 
 _LEVELS: Final = {
     "debug": logging.DEBUG,
@@ -55,3 +57,56 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
     logging.basicConfig(
         level=max(numeric, logging.WARNING), stream=sys.stderr, format="%(message)s"
     )
+
+
+class Metrics:
+    """Prometheus metrics of one gateway process, in their own registry.
+
+    Per-chunk work stays off the metrics: counts are added once per stream when it ends, and
+    gauges that mirror live state are read at scrape time (callbacks), so the hot path pays
+    nothing for them.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, open_fds, ...
+        r = self.registry
+        self.open_sockets = Gauge("gateway_open_sockets", "WebSockets open now", registry=r)
+        self.active_streams = Gauge(
+            "gateway_active_streams", "Streams running now (upstream requests)", registry=r
+        )
+        self.upstream_open = Gauge(
+            "gateway_upstream_open_responses", "Upstream responses open now", registry=r
+        )
+        self.upstream_pool_idle = Gauge(
+            "gateway_upstream_pool_idle", "Idle keep-alive upstream connections", registry=r
+        )
+        self.tasks = Gauge(
+            "gateway_asyncio_tasks", "asyncio tasks alive in the process", registry=r
+        )
+        self.draining = Gauge("gateway_draining", "1 while the gateway drains", registry=r)
+        self.streams_started = Counter(
+            "gateway_streams_started", "Streams accepted", ["dialect"], registry=r
+        )
+        self.streams_ended = Counter(
+            "gateway_streams_ended", "Streams ended, by outcome", ["dialect", "outcome"], registry=r
+        )
+        self.chunks = Counter(
+            "gateway_upstream_chunks", "Upstream text deltas relayed", ["dialect"], registry=r
+        )
+        self.upstream_bytes = Counter(
+            "gateway_upstream_bytes", "Upstream body bytes read", ["dialect"], registry=r
+        )
+        self.upstream_retries = Counter(
+            "gateway_upstream_retries", "Upstream requests retried before any output", registry=r
+        )
+        self.slow_client_closes = Counter(
+            "gateway_slow_client_closes", "Sockets closed with 4408 (slow consumer)", registry=r
+        )
+        self.rejected = Counter(
+            "gateway_rejected_connections", "Upgrades refused, by reason", ["reason"], registry=r
+        )
+
+    def render(self) -> bytes:
+        """The text exposition format for `GET /metrics`."""
+        return generate_latest(self.registry)

@@ -350,6 +350,14 @@ class Session:
         if len(self._recent) > RECENT_IDS:
             self._recent.popitem(last=False)
 
+    def interrupt(self, message: str) -> list[Stream]:
+        """End every active stream with a retryable stream_interrupted (the gateway is going
+        away); returns them so their upstream requests can be cancelled."""
+        streams = list(self.streams.values())
+        for stream in streams:
+            self.fail(stream, ErrorCode.STREAM_INTERRUPTED, message, True)
+        return streams
+
     def close(self) -> list[Stream]:
         """The socket is gone: every active stream ends (no frame can reach anyone now)."""
         gone = list(self.streams.values())

@@ -9,6 +9,7 @@ generating (and billing) at once.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Awaitable, Callable
 from email.utils import parsedate_to_datetime
@@ -26,7 +27,9 @@ from gateway.dialects import (
     status_retryable,
     translator_for,
 )
+from gateway.observability import Metrics
 from gateway.protocol import ErrorCode
+from gateway.retry import RETRY_STATUSES, RetryPolicy
 from gateway.session import Session, Stream
 from gateway.sse import SSEDecoder, SSEEventTooLarge
 
@@ -77,11 +80,14 @@ class FlowControl:
 class Upstream:
     """The process-wide upstream client: one `ClientSession`, sized for `max_active_streams`."""
 
-    def __init__(self, config: Config, url: str) -> None:
+    def __init__(self, config: Config, url: str, metrics: Metrics | None = None) -> None:
         self.config = config
         self.url = url
         self.dialect = config.dialect
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.retry = RetryPolicy(config.upstream_retries, config.upstream_retry_budget)
         self._session: aiohttp.ClientSession | None = None
+        self._connector: aiohttp.TCPConnector | None = None
         self._headers = {
             "Content-Type": "application/json",
             "Accept": "text/event-stream",
@@ -93,13 +99,13 @@ class Upstream:
         self.open_responses = 0
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
+        self._connector = aiohttp.TCPConnector(
             limit=self.config.max_active_streams,
             limit_per_host=0,
-            enable_cleanup_closed=False,
         )
         # No total timeout: answers stream for minutes. sock_read is the longest allowed
-        # silence between upstream bytes (STYLE.md, "Facts about our libraries that bite").
+        # silence between upstream bytes (STYLE.md, "Facts about our libraries that bite");
+        # the first byte has its own deadline (_first_response).
         timeout = aiohttp.ClientTimeout(
             total=None,
             connect=self.config.upstream_connect_timeout,
@@ -107,10 +113,9 @@ class Upstream:
             sock_read=self.config.upstream_read_timeout,
         )
         self._session = aiohttp.ClientSession(
-            connector=connector,
+            connector=self._connector,
             timeout=timeout,
             headers=self._headers,
-            auto_decompress=True,
             raise_for_status=False,
         )
 
@@ -118,6 +123,11 @@ class Upstream:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    def pool_idle(self) -> int:
+        """Idle keep-alive connections in the pool (each holds a file descriptor)."""
+        conns = getattr(self._connector, "_conns", None)  # aiohttp keeps no public count
+        return sum(len(c) for c in conns.values()) if conns else 0
 
     async def relay(
         self, stream: Stream, session: Session, wait_for_space: Callable[[], Awaitable[None]]
@@ -144,39 +154,88 @@ class Upstream:
             log.exception("stream.bug")
             session.fail(stream, ErrorCode.INTERNAL, "internal gateway error")
         finally:
+            m, dialect = self.metrics, self.dialect
+            m.streams_ended.labels(dialect, stream.outcome).inc()
+            m.chunks.labels(dialect).inc(stream.chunks_in)
+            m.upstream_bytes.labels(dialect).inc(stream.bytes_in)
             log.info(
                 "stream.end",
-                dialect=self.dialect,
+                dialect=dialect,
                 outcome=stream.outcome,
                 chunks_in=stream.chunks_in,
                 bytes_in=stream.bytes_in,
                 duration_ms=round((time.monotonic() - started) * 1000, 1),
             )
 
+    async def _first_response(self, body: bytes) -> tuple[aiohttp.ClientResponse, bytes]:
+        """POST and read the first body bytes, retrying what is safe to retry.
+
+        Returns an open 2xx response and its first bytes (b"" for an empty body). Retries connect
+        failures and 429/502/503/504 with jittered backoff (retry.py); nothing has reached the
+        client yet, so a retried stream still starts its seqs at 1.
+        """
+        assert self._session is not None, "Upstream.start() was not awaited"
+        attempt, waited = 0, 0.0
+        while True:
+            retry_after: float | None = None
+            try:
+                async with asyncio.timeout(self.config.upstream_first_byte_timeout):
+                    resp = await self._session.post(self.url, data=body)
+                    try:
+                        if 200 <= resp.status < 300:
+                            return resp, await resp.content.readany()
+                        failure = await _status_failure(resp)
+                    except BaseException:
+                        resp.close()  # cancelled or failed before we hand it over: no leak
+                        raise
+                    resp.close()
+                if failure.status not in RETRY_STATUSES:
+                    raise failure
+                if failure.retry_after_ms is not None:
+                    retry_after = failure.retry_after_ms / 1000
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
+                failure = UpstreamFailure(
+                    ErrorCode.UPSTREAM_UNAVAILABLE, "cannot reach the upstream"
+                )
+            except aiohttp.ClientError:
+                # The connection broke before any answer (reset, bad status line): no output
+                # yet, but the request may have reached the upstream, so it is not retried.
+                raise UpstreamFailure(
+                    ErrorCode.UPSTREAM_UNAVAILABLE, "the upstream closed the connection"
+                ) from None
+            except TimeoutError:
+                raise UpstreamFailure(
+                    ErrorCode.UPSTREAM_TIMEOUT,
+                    "no answer from the upstream within "
+                    f"{self.config.upstream_first_byte_timeout:g} s",
+                ) from None
+            attempt += 1
+            delay = self.retry.delay(attempt, retry_after, waited, random.random())
+            if delay is None:
+                raise failure
+            waited += delay
+            self.metrics.upstream_retries.inc()
+            log.info(
+                "upstream.retry",
+                attempt=attempt,
+                code=failure.code.value,
+                status=failure.status,
+                delay_ms=round(delay * 1000),
+            )
+            await asyncio.sleep(delay)
+
     async def _relay(
         self, stream: Stream, session: Session, wait_for_space: Callable[[], Awaitable[None]]
     ) -> None:
-        assert self._session is not None, "Upstream.start() was not awaited"
         request = stream.request
         translator = translator_for(self.dialect)
         body = translator.build_body(
             request.model or self.config.default_model, request.messages, request.options
         )
-        try:
-            resp = await self._session.post(self.url, data=orjson.dumps(body))
-        except TimeoutError:
-            raise UpstreamFailure(
-                ErrorCode.UPSTREAM_TIMEOUT, "upstream did not answer in time"
-            ) from None
-        except aiohttp.ClientError:
-            raise UpstreamFailure(
-                ErrorCode.UPSTREAM_UNAVAILABLE, "cannot reach the upstream"
-            ) from None
+        resp, data = await self._first_response(orjson.dumps(body))
         self.open_responses += 1
         finished_cleanly = False
         try:
-            if not 200 <= resp.status < 300:
-                raise await _status_failure(resp)
             content_type = resp.headers.get("Content-Type", "")
             if "text/event-stream" not in content_type:
                 raise UpstreamFailure(
@@ -187,8 +246,10 @@ class Upstream:
             feed_events = decoder.feed
             translate = translator.feed
             emit = session.text
+            read = resp.content.readany
             try:
-                async for data in resp.content.iter_any():
+                # The hot path: one upstream read -> its events -> deltas into the outbox.
+                while data:
                     stream.bytes_in += len(data)
                     for event in feed_events(data):
                         text = translate(event)
@@ -199,8 +260,9 @@ class Upstream:
                     if translator.finished or not stream.active:
                         break
                     await wait_for_space()
+                    data = await read()
                 else:
-                    translator.end_of_stream()
+                    translator.end_of_stream()  # b"": a clean EOF
             except TimeoutError:
                 raise UpstreamFailure(
                     ErrorCode.UPSTREAM_TIMEOUT,

@@ -332,9 +332,10 @@ async def test_upstream_unavailable(make_stack: StackFactory) -> None:
     ],
 )
 async def test_upstream_http_errors(
-    stack: Stack, knobs: str, status: int, retryable: bool, message: str
+    make_stack: StackFactory, knobs: str, status: int, retryable: bool, message: str
 ) -> None:
     """Non-2xx answers become upstream_error with the status, retryable for 429/5xx only."""
+    stack = await make_stack(upstream_retries=0)  # retries: tests/test_reliability.py
     client = await stack.client()
     await client.start("s", f"sky [[mock {knobs}]]")
     err = (await client.finish("s"))["s"][-1]

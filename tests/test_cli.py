@@ -1,0 +1,260 @@
+"""The command line contract: flags, env vars, and the real `python -m gateway` processes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from websockets.asyncio.client import connect
+
+from gateway.__main__ import build_parser
+from gateway.config import PERPLEXITY_URL, Config, add_serve_arguments, config_from_args
+from tests.conftest import Client, check_stream
+
+FLAGS = [
+    "host",
+    "port",
+    "upstream-url",
+    "dialect",
+    "api-key-env",
+    "upstream-read-timeout",
+    "upstream-connect-timeout",
+    "max-streams",
+    "max-message-bytes",
+    "log-format",
+    "log-level",
+]
+
+
+def parse(argv: list[str], env: dict[str, str] | None = None) -> Config:
+    env = env or {}
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser, env)
+    return config_from_args(parser.parse_args(argv), env)
+
+
+def test_help_documents_every_flag_and_its_env_var(capsys: pytest.CaptureFixture[str]) -> None:
+    """`serve --help` names every flag of the contract with its GATEWAY_ env var."""
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["serve", "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in FLAGS:
+        assert f"--{flag}" in text
+        assert "GATEWAY_" + flag.upper().replace("-", "_") in text
+
+
+def test_defaults_without_key_use_the_mock() -> None:
+    """With no key and no URL, the built-in mock answers, in the Perplexity dialect."""
+    config = parse([])
+    assert config.uses_mock
+    assert (config.host, config.port, config.dialect) == ("127.0.0.1", 8080, "perplexity")
+    assert (config.max_streams, config.max_message_bytes) == (16, 65536)
+    assert (config.upstream_read_timeout, config.upstream_connect_timeout) == (60.0, 10.0)
+
+
+def test_key_selects_perplexity_and_is_never_in_repr() -> None:
+    """A PERPLEXITY_API_KEY points the gateway at Perplexity; the key never shows in repr."""
+    config = parse([], {"PERPLEXITY_API_KEY": "pplx-SECRET"})
+    assert config.upstream_url == PERPLEXITY_URL
+    assert config.dialect == "perplexity"
+    assert config.api_key == "pplx-SECRET"
+    assert "pplx-SECRET" not in repr(config)
+
+
+def test_api_key_env_names_another_variable() -> None:
+    """--api-key-env reads the key from the named variable."""
+    config = parse(
+        [
+            "--api-key-env",
+            "OPENAI_API_KEY",
+            "--upstream-url",
+            "https://api.openai.com/v1/chat/completions",
+        ],
+        {"OPENAI_API_KEY": "sk-x"},
+    )
+    assert config.api_key == "sk-x"
+    assert config.dialect == "openai"
+
+
+@pytest.mark.parametrize(
+    ("url", "dialect"),
+    [
+        ("https://api.perplexity.ai/chat/completions", "perplexity"),
+        ("http://127.0.0.1:9/perplexity", "perplexity"),
+        ("http://127.0.0.1:9/events", "events"),
+        ("http://localhost:11434/v1/chat/completions", "openai"),
+    ],
+)
+def test_dialect_is_inferred_from_the_url(url: str, dialect: str) -> None:
+    """The dialect follows the URL unless --dialect says otherwise."""
+    assert parse(["--upstream-url", url]).dialect == dialect
+    assert parse(["--upstream-url", url, "--dialect", "events"]).dialect == "events"
+
+
+def test_env_vars_set_flags_and_flags_win() -> None:
+    """GATEWAY_<NAME> sets a default; an explicit flag overrides it."""
+    env = {"GATEWAY_PORT": "9001", "GATEWAY_MAX_STREAMS": "4", "GATEWAY_LOG_FORMAT": "console"}
+    config = parse([], env)
+    assert (config.port, config.max_streams, config.log_format) == (9001, 4, "console")
+    assert parse(["--port", "9002"], env).port == 9002
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--port", "70000"], ["--max-streams", "0"], ["--dialect", "soap"], ["--log-level", "loud"]],
+)
+def test_bad_values_are_refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Invalid flag values exit with status 2 and say what is wrong."""
+    with pytest.raises(SystemExit) as info:
+        parse(argv)
+    assert info.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_bad_env_value_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """An invalid GATEWAY_ env value is refused like a bad flag."""
+    with pytest.raises(SystemExit):
+        parse([], {"GATEWAY_MAX_STREAMS": "many"})
+    assert "max-streams" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ real processes
+
+
+class Process:
+    """A `python -m gateway ...` child process whose JSON log lines we can wait for."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[dict[str, Any]] = []
+        self.raw: list[bytes] = []
+
+    async def wait_for(self, event: str, timeout: float = 15.0) -> dict[str, Any]:
+        for line in self.lines:
+            if line.get("event") == event:
+                return line
+        assert self.proc.stderr is not None
+        async with asyncio.timeout(timeout):
+            while True:
+                raw = await self.proc.stderr.readline()
+                if not raw:
+                    raise AssertionError(f"process exited before logging {event!r}: {self.raw}")
+                self.raw.append(raw)
+                try:
+                    line = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    continue
+                self.lines.append(line)
+                if line.get("event") == event:
+                    return line
+
+    async def stop(self, sig: int = signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
+        assert self.proc.stderr is not None
+        rest = await asyncio.wait_for(self.proc.stderr.read(), 15)
+        self.raw.extend(rest.splitlines(keepends=True))
+        for raw in rest.splitlines():
+            with contextlib.suppress(orjson.JSONDecodeError):
+                self.lines.append(orjson.loads(raw))
+        return await asyncio.wait_for(self.proc.wait(), 15)
+
+
+async def spawn(*args: str, env: dict[str, str] | None = None) -> Process:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    base.pop("PERPLEXITY_API_KEY", None)
+    base.update(env or {})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=base,
+    )
+    return Process(proc)
+
+
+@pytest.fixture
+async def gateway_process() -> AsyncIterator[Process]:
+    process = await spawn(
+        "serve", "--port", "0", "--log-format", "json", env={"GATEWAY_MOCK_DELAY_MS": "1"}
+    )
+    yield process
+    if process.proc.returncode is None:
+        process.proc.kill()
+        await process.proc.wait()
+
+
+async def test_serve_without_key_streams_simulated_answers(gateway_process: Process) -> None:
+    """`python -m gateway serve` with no key says answers are simulated and streams them; SIGTERM
+    exits 0, and the logs carry per-stream summaries without prompts or answers."""
+    warning = await gateway_process.wait_for("upstream.simulated")
+    assert "SIMULATED" in warning["message"]
+    listening = await gateway_process.wait_for("gateway.listening")
+    assert listening["api_key"] == "not set"
+    secret_prompt = "What is the zebra-quokka-7731 paradox?"
+    async with connect(listening["url"]) as ws:
+        client = Client(ws)
+        welcome = await client.recv()
+        await client.start("s1", secret_prompt)
+        frames = (await client.finish("s1"))["s1"]
+    assert frames[-1]["type"] == "done"
+    answer = check_stream(frames)
+    summary = await gateway_process.wait_for("stream.end")
+    assert summary["session"] == welcome["session"]
+    assert summary["stream"] == "s1"
+    assert summary["outcome"] == "done"
+    assert summary["dialect"] == "perplexity"
+    assert summary["chunks_in"] >= 1
+    await gateway_process.wait_for("socket.close")
+    assert await gateway_process.stop() == 0
+    logs = b"".join(gateway_process.raw).decode()
+    assert "zebra-quokka" not in logs
+    assert answer[:40] not in logs
+
+
+async def test_health_endpoints_on_the_same_port(gateway_process: Process) -> None:
+    """/healthz and /readyz answer plain HTTP; unknown paths are 404."""
+    listening = await gateway_process.wait_for("gateway.listening")
+    base = listening["url"].replace("ws://", "http://").removesuffix("/v1/ws")
+    async with aiohttp.ClientSession() as http:
+        for path, status in (("/healthz", 200), ("/readyz", 200), ("/nope", 404)):
+            async with http.get(base + path) as resp:
+                assert resp.status == status, path
+    assert await gateway_process.stop(signal.SIGINT) == 0
+
+
+async def test_mock_upstream_command() -> None:
+    """`python -m gateway mock-upstream --port P` serves the dialect routes."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = await spawn("mock-upstream", "--port", str(port), "--delay-ms", "0")
+    try:
+        assert process.proc.stdout is not None
+        ready = await asyncio.wait_for(process.proc.stdout.readline(), 15)
+        assert f"listening on http://127.0.0.1:{port}" in ready.decode()
+        async with aiohttp.ClientSession() as http:
+            message = {"role": "user", "content": "hi [[mock chunks=3]]"}
+            body = {"model": "sonar", "stream": True, "messages": [message]}
+            async with http.post(f"http://127.0.0.1:{port}/events", json=body) as resp:
+                assert resp.status == 200
+                text = await resp.text()
+        assert text.count("event: text_chunk") == 3
+        assert "event: done" in text
+    finally:
+        process.proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(process.proc.wait(), 15) == 0

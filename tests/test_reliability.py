@@ -1,0 +1,249 @@
+"""Reliability policies end to end: retries, timeouts, slow and dead clients, idle, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import aiohttp
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from gateway.retry import RetryPolicy
+from tests.conftest import Stack, StackFactory, check_stream
+from tests.test_e2e import expected_text, free_port
+
+
+def metric(stack: Stack, name: str, **labels: str) -> float:
+    """Read one sample from the gateway's Prometheus registry."""
+    value = stack.gateway.metrics.registry.get_sample_value(name, labels or None)
+    return 0.0 if value is None else value
+
+
+# ------------------------------------------------------------------ the retry policy (pure)
+
+
+def test_backoff_grows_with_jitter_and_respects_the_count() -> None:
+    """Delays double per attempt within [ceiling/2, ceiling], and stop after `retries`."""
+    policy = RetryPolicy(retries=3, budget=100, base=0.2, cap=10)
+    assert policy.delay(1, None, 0, 0.0) == pytest.approx(0.1)
+    assert policy.delay(1, None, 0, 0.999) == pytest.approx(0.2, abs=1e-3)
+    assert policy.delay(2, None, 0, 0.0) == pytest.approx(0.2)
+    assert policy.delay(3, None, 0, 0.0) == pytest.approx(0.4)
+    assert policy.delay(4, None, 0, 0.0) is None
+
+
+def test_backoff_is_capped() -> None:
+    """No single wait exceeds the cap, however many attempts."""
+    policy = RetryPolicy(retries=50, budget=1e9, base=1, cap=4)
+    assert policy.delay(30, None, 0, 0.999) == pytest.approx(4, abs=0.01)
+
+
+def test_retry_after_is_a_floor_and_the_budget_a_ceiling() -> None:
+    """Retry-After raises the wait; a wait that does not fit in the budget gives up at once."""
+    policy = RetryPolicy(retries=5, budget=3, base=0.1, cap=1)
+    assert policy.delay(1, 2.0, 0, 0.5) == 2.0
+    assert policy.delay(1, 5.0, 0, 0.5) is None
+    assert policy.delay(2, 2.0, 1.5, 0.5) is None
+    assert RetryPolicy(retries=0).delay(1, None, 0, 0.5) is None
+
+
+# ------------------------------------------------------------------ upstream faults
+
+
+async def test_connect_failures_are_retried_then_reported(make_stack: StackFactory) -> None:
+    """A refused upstream is retried --upstream-retries times, then upstream_unavailable."""
+    stack = await make_stack(
+        url=f"http://127.0.0.1:{free_port()}/perplexity",
+        upstream_retries=2,
+        upstream_retry_budget=5,
+    )
+    client = await stack.client()
+    await client.start("s", "hello")
+    err = (await client.finish("s"))["s"][-1]
+    assert (err["code"], err["retryable"]) == ("upstream_unavailable", True)
+    assert metric(stack, "gateway_upstream_retries_total") == 2
+
+
+async def test_503_is_retried_and_the_client_sees_only_the_outcome(
+    make_stack: StackFactory,
+) -> None:
+    """Every attempt answering 503 ends in one upstream_error after 1 + retries requests."""
+    stack = await make_stack(upstream_retries=2, upstream_retry_budget=5)
+    client = await stack.client()
+    await client.start("s", "sky [[mock status=503 tag=r]]")
+    frames = (await client.finish("s"))["s"]
+    assert [f["type"] for f in frames] == ["started", "error"]
+    assert (frames[-1]["status"], frames[-1]["retryable"]) == (503, True)
+    assert len([r for r in stack.mock.records if r.tag == "r"]) == 3
+    await stack.assert_no_leaks()
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 422, 500])
+async def test_client_errors_and_500_are_never_retried(
+    make_stack: StackFactory, status: int
+) -> None:
+    """400/401/403/404/422 (and 500) reach the upstream exactly once."""
+    stack = await make_stack(upstream_retries=3)
+    client = await stack.client()
+    await client.start("s", f"sky [[mock status={status} tag=n]]")
+    err = (await client.finish("s"))["s"][-1]
+    assert err["status"] == status
+    assert len([r for r in stack.mock.records if r.tag == "n"]) == 1
+    assert metric(stack, "gateway_upstream_retries_total") == 0
+
+
+async def test_retry_after_beyond_the_budget_gives_up_at_once(make_stack: StackFactory) -> None:
+    """A Retry-After longer than the budget is not waited for; the client gets its hint."""
+    stack = await make_stack(upstream_retries=3, upstream_retry_budget=2)
+    client = await stack.client()
+    await client.start("s", "sky [[mock status=429 retry_after=30 tag=ra]]")
+    err = (await client.finish("s", timeout=5))["s"][-1]
+    assert (err["code"], err["status"], err["retry_after_ms"]) == ("upstream_error", 429, 30000)
+    assert len([r for r in stack.mock.records if r.tag == "ra"]) == 1
+
+
+@pytest.mark.parametrize("knobs", ["header_delay_ms=5000", "fault=stall after=0"])
+async def test_first_byte_timeout(make_stack: StackFactory, knobs: str) -> None:
+    """No headers, or headers but no body, within the first-byte timeout: upstream_timeout."""
+    stack = await make_stack(upstream_first_byte_timeout=0.3, upstream_read_timeout=30)
+    client = await stack.client()
+    await client.start("s", f"sky [[mock {knobs} tag=fb]]")
+    err = (await client.finish("s"))["s"][-1]
+    assert (err["code"], err["seq"], err["retryable"]) == ("upstream_timeout", 0, True)
+    assert "0.3 s" in err["message"]
+    await stack.assert_no_leaks()
+    assert stack.mock.record("fb").outcome == "client_closed"
+
+
+# ------------------------------------------------------------------ slow and dead clients
+
+
+async def test_client_that_never_reads_is_closed_with_4408(make_stack: StackFactory) -> None:
+    """A socket whose pending frames cannot be sent within --slow-client-timeout is closed with
+    4408, and its upstream request is cancelled."""
+    stack = await make_stack(dialect="openai", slow_client_timeout=0.5, send_buffer_bytes=16 * 1024)
+    for listener in stack.gateway.sockets:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", stack.gateway.port))
+    client = await stack.client(max_queue=2, sock=sock, close_timeout=1)
+    await client.start("s", "ocean [[mock chunks=200000 tag=never]]")
+    record = await stack.mock.wait_request("never")
+    # The gateway gives up on the client and cancels the upstream at once.
+    await asyncio.wait_for(record.ended.wait(), 10)
+    assert record.outcome == "client_closed"
+    assert metric(stack, "gateway_slow_client_closes_total") == 1
+    # The client, reading at last, finds the 4408 close behind what it had not read.
+    with pytest.raises(ConnectionClosed):
+        while True:
+            await client.recv()
+    assert client.ws.close_code == 4408
+    await stack.assert_no_leaks()
+
+
+async def test_client_that_stops_answering_pings_is_closed(make_stack: StackFactory) -> None:
+    """A peer that no longer answers WebSocket pings is closed and its streams are cancelled."""
+    stack = await make_stack(ping_interval=0.2, ping_timeout=0.3, close_timeout=0.5)
+    client = await stack.client()
+    await client.start("s", "sky [[mock fault=stall after=1 tag=p]]")
+    await client.recv_until(lambda f: f["type"] == "text_chunk")
+    client.ws.transport.pause_reading()  # the phone went into a tunnel
+    record = stack.mock.record("p")
+    await asyncio.wait_for(record.ended.wait(), 10)
+    assert record.outcome == "client_closed"
+    await stack.assert_no_leaks()
+    assert not stack.gateway.connections
+    client.ws.transport.abort()  # our side of the dead link
+
+
+async def test_idle_socket_is_closed_with_1000(make_stack: StackFactory) -> None:
+    """No stream and no message for --idle-timeout closes the socket normally; a running
+    stream keeps it open."""
+    stack = await make_stack(idle_timeout=0.3)
+    busy = await stack.client()
+    await busy.start("s", "sky [[mock chunks=6 delay_ms=100]]")
+    idle = await stack.client()
+    with pytest.raises(ConnectionClosed):
+        await idle.recv(timeout=5)
+    assert idle.ws.close_code == 1000
+    frames = (await busy.finish("s"))["s"]
+    assert frames[-1]["type"] == "done"  # 600 ms of streaming > idle timeout: still served
+    with pytest.raises(ConnectionClosed):
+        await busy.recv(timeout=5)
+    assert busy.ws.close_code == 1000
+
+
+# ------------------------------------------------------------------ graceful drain
+
+
+async def test_drain_lets_streams_finish_and_refuses_new_work(make_stack: StackFactory) -> None:
+    """During a drain: streams in flight finish with done, new starts get shutting_down, new
+    upgrades and /readyz get 503, and sockets close with 1001 at the end."""
+    stack = await make_stack(drain_timeout=10)
+    client = await stack.client()
+    prompt = "tides [[mock chunks=20 delay_ms=20]]"
+    await client.start("s", prompt)
+    await client.recv_until(lambda f: f["type"] == "text_chunk")
+    drain = asyncio.get_running_loop().create_task(stack.gateway.drain(), name="drain")
+    await client.start("late", "sky")
+    refused = await client.recv_until(lambda f: f.get("id") == "late")
+    assert (refused["code"], refused["retryable"]) == ("shutting_down", True)
+    with pytest.raises(InvalidStatus) as info:
+        await connect(stack.url)
+    assert info.value.response.status_code == 503
+    base = f"http://127.0.0.1:{stack.gateway.port}"
+    async with aiohttp.ClientSession() as http, http.get(base + "/readyz") as resp:
+        assert resp.status == 503
+    frames = (await client.finish("s"))["s"]
+    assert check_stream(frames) == expected_text(prompt)
+    with pytest.raises(ConnectionClosed):
+        await client.recv(timeout=5)
+    assert client.ws.close_code == 1001
+    await asyncio.wait_for(drain, 10)
+    await stack.assert_no_leaks()
+
+
+async def test_drain_timeout_interrupts_long_streams(make_stack: StackFactory) -> None:
+    """Streams still running when the drain timeout ends get a retryable stream_interrupted
+    (after the chunks already sent), their upstreams are cancelled, and the socket closes 1001."""
+    stack = await make_stack(drain_timeout=0.3)
+    client = await stack.client()
+    await client.start("long", "sky [[mock fault=stall after=2 tag=long]]")
+    await client.recv_until(lambda f: f["type"] == "text_chunk")
+    await stack.gateway.drain()
+    frames = (await client.finish("long"))["long"]
+    check_stream(frames)
+    assert (frames[-1]["code"], frames[-1]["retryable"]) == ("stream_interrupted", True)
+    with pytest.raises(ConnectionClosed):
+        await client.recv(timeout=5)
+    assert client.ws.close_code == 1001
+    assert stack.mock.record("long").outcome == "client_closed"
+    await stack.assert_no_leaks()
+
+
+# ------------------------------------------------------------------ metrics
+
+
+async def test_metrics_count_a_known_workload(stack: Stack) -> None:
+    """3 streams of 10 chunks raise chunks_total by 30 and streams by 3; /metrics serves it."""
+    client = await stack.client()
+    for i in range(3):
+        await client.start(f"s{i}", f"sky [[mock chunks=10 tag=m{i}]]")
+    await client.finish("s0", "s1", "s2")
+    await stack.assert_no_leaks()
+    assert metric(stack, "gateway_upstream_chunks_total", dialect="perplexity") == 30
+    assert metric(stack, "gateway_streams_started_total", dialect="perplexity") == 3
+    ended = metric(stack, "gateway_streams_ended_total", dialect="perplexity", outcome="done")
+    assert ended == 3
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{stack.gateway.port}/metrics") as resp,
+    ):
+        text = await resp.text()
+    assert resp.status == 200
+    assert 'gateway_upstream_chunks_total{dialect="perplexity"} 30.0' in text
+    assert "gateway_open_sockets 1.0" in text
+    assert "process_open_fds" in text
