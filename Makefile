@@ -23,9 +23,9 @@ run: $(STAMP)
 mock: $(STAMP)
 	$(PY) -m gateway mock-upstream --port 8081
 
-## test: lint, type-check and run the whole test suite
+## test: lint, type-check and run the whole test suite (asyncio debug mode on, with coverage)
 test: $(STAMP) lint typecheck
-	$(PY) -m pytest $(PYTEST_ARGS)
+	PYTHONASYNCIODEBUG=1 $(PY) -m pytest --cov --cov-report=term:skip-covered $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gateway tests

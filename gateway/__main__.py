@@ -83,7 +83,8 @@ async def serve(config: Config) -> None:
     await gateway.start()
     log.info(
         "gateway.listening",
-        url=f"ws://{config.host}:{gateway.port}/v1/ws",
+        url=f"{gateway.scheme}://{config.host}:{gateway.port}/v1/ws",
+        auth="on" if gateway.auth.enabled else "off",
         upstream=_redact(url),
         dialect=config.dialect,
         api_key="set" if config.api_key else "not set",
@@ -101,6 +102,7 @@ async def serve(config: Config) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
+    loop.add_signal_handler(signal.SIGHUP, gateway.reload_tokens)
     try:
         await stop.wait()
         await gateway.drain()

@@ -50,10 +50,34 @@ class Config:
     idle_timeout: float = 300.0
     close_timeout: float = 3.0
     drain_timeout: float = 30.0
+    # security (docs/security.md)
+    auth_tokens_file: str | None = None
+    jwt_secret_env: str | None = None
+    jwt_secret: str | None = field(default=None, repr=False)
+    jwt_public_key: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    auth_timeout: float = 5.0
+    insecure_no_auth: bool = False
+    #: None = the default for the auth mode (loopback origins when open, own origin when not).
+    allowed_origins: tuple[str, ...] | None = None
+    max_sockets_per_principal: int = 0
+    max_streams_per_principal: int = 0
+    starts_per_minute: int = 0
+    max_prompt_chars: int = 0
+    allowed_models: tuple[str, ...] | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    log_content: bool = False
     log_format: str = "json"
     log_level: str = "info"
     #: Pace of the built-in mock upstream (used only when upstream_url is None).
     mock_delay_ms: float = 35.0
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether clients must present a credential."""
+        return bool(self.auth_tokens_file or self.jwt_secret or self.jwt_public_key)
 
     @property
     def uses_mock(self) -> bool:
@@ -99,6 +123,17 @@ def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def _nn_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -118,6 +153,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, s
             default=env_value if env_value is not None else default,
             help=f"{help_text} [env {env_name}; default: %(default)s]",
             **kw,
+        )
+
+    def switch(name: str, help_text: str) -> None:
+        env_name = "GATEWAY_" + name.upper().replace("-", "_")
+        env_value = (_env(environ, name) or "").lower()
+        parser.add_argument(
+            "--" + name,
+            action="store_true",
+            default=env_value in ("1", "true", "yes", "on"),
+            help=f"{help_text} [env {env_name}=1]",
         )
 
     d = Config()
@@ -222,6 +267,38 @@ def add_serve_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, s
         d.drain_timeout,
         _non_negative(float),
     )
+    flag("auth-tokens-file", "file of 'token principal' lines (reloaded on SIGHUP)", None)
+    flag("jwt-secret-env", "env var holding an HS256 JWT secret", None)
+    flag("jwt-public-key", "PEM file with an RS256/ES256 JWT public key", None)
+    flag("jwt-audience", "required JWT 'aud'", None)
+    flag("jwt-issuer", "required JWT 'iss'", None)
+    flag(
+        "auth-timeout",
+        "seconds a browser has to send its first-message auth",
+        d.auth_timeout,
+        _positive(float),
+    )
+    switch("insecure-no-auth", "allow a non-loopback bind without authentication")
+    flag(
+        "allowed-origins",
+        "comma-separated browser origins (scheme://host[:port], host:* for any port, * for "
+        "any); default: loopback origins without auth, the gateway's own origin with auth",
+        None,
+        _csv,
+    )
+    flag("max-sockets-per-principal", "open sockets per principal (0: unlimited)", 0, _nn_int)
+    flag(
+        "max-streams-per-principal",
+        "concurrent streams per principal (0: unlimited)",
+        0,
+        _nn_int,
+    )
+    flag("starts-per-minute", "stream starts per principal per minute (0: unlimited)", 0, _nn_int)
+    flag("max-prompt-chars", "largest prompt in characters (0: unlimited)", 0, _nn_int)
+    flag("allowed-models", "comma-separated models clients may ask for (default: any)", None, _csv)
+    flag("tls-cert", "PEM certificate chain: serve wss:// directly", None)
+    flag("tls-key", "PEM private key for --tls-cert", None)
+    switch("log-content", "log prompts and answers (off by default: they are user data)")
     flag(
         "log-format",
         "log output; default: console on a TTY, else json",
@@ -249,6 +326,11 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
     else:
         dialect = args.dialect or infer_dialect(upstream_url)
     log_format = args.log_format or ("console" if sys.stderr.isatty() else "json")
+    jwt_secret = env.get(args.jwt_secret_env) or None if args.jwt_secret_env else None
+    if args.jwt_secret_env and jwt_secret is None:
+        raise SystemExit(f"--jwt-secret-env names {args.jwt_secret_env}, which is not set")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("--tls-cert and --tls-key go together")
     return Config(
         host=args.host,
         port=args.port,
@@ -272,6 +354,23 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
         idle_timeout=args.idle_timeout,
         close_timeout=args.close_timeout,
         drain_timeout=args.drain_timeout,
+        auth_tokens_file=args.auth_tokens_file,
+        jwt_secret_env=args.jwt_secret_env,
+        jwt_secret=jwt_secret,
+        jwt_public_key=args.jwt_public_key,
+        jwt_audience=args.jwt_audience,
+        jwt_issuer=args.jwt_issuer,
+        auth_timeout=args.auth_timeout,
+        insecure_no_auth=args.insecure_no_auth,
+        allowed_origins=args.allowed_origins,
+        max_sockets_per_principal=args.max_sockets_per_principal,
+        max_streams_per_principal=args.max_streams_per_principal,
+        starts_per_minute=args.starts_per_minute,
+        max_prompt_chars=args.max_prompt_chars,
+        allowed_models=args.allowed_models,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        log_content=args.log_content,
         log_format=log_format,
         log_level=args.log_level,
         mock_delay_ms=args.mock_delay_ms,

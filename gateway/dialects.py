@@ -9,6 +9,7 @@ wins", because Perplexity repeats cumulative values on every chunk (upstream-for
 
 from __future__ import annotations
 
+import re
 from typing import Any, Final
 
 import orjson
@@ -49,17 +50,34 @@ def _loads(data: str) -> Any:
         ) from None
 
 
+#: What may identify internal infrastructure or carry a credential in an upstream message.
+_URL_RE: Final = re.compile(r"\b(?:https?|wss?)://\S+", re.IGNORECASE)
+_SECRET_RE: Final = re.compile(
+    r"\b(?:sk|pplx|key|tok|bearer)[-_][A-Za-z0-9_\-]{8,}|\bBearer\s+\S+", re.IGNORECASE
+)
+_CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def sanitize(text: str, limit: int = 300) -> str:
+    """Make upstream text safe to show a client: no URLs or hostnames, nothing shaped like a
+    key, no control characters, bounded length (docs/security.md, "Input hardening")."""
+    text = _URL_RE.sub("[url]", text)
+    text = _SECRET_RE.sub("[redacted]", text)
+    text = _CONTROL_RE.sub(" ", text).strip()
+    return text[:limit]
+
+
 def _error_message(error: Any) -> str:
-    """The human text of an upstream error object, bounded (never the whole payload)."""
+    """The human text of an upstream error object, bounded and sanitised."""
     if isinstance(error, dict):
         msg = error.get("message")
         if isinstance(msg, str) and msg:
-            return msg[:300]
+            return sanitize(msg)
         kind = error.get("type")
         if isinstance(kind, str):
-            return kind[:100]
+            return sanitize(kind, 100)
     if isinstance(error, str):
-        return error[:300]
+        return sanitize(error)
     return "upstream reported an error"
 
 
@@ -275,9 +293,9 @@ def parse_error_body(status: int, content_type: str, body: bytes) -> str:
             if isinstance(detail, list) and detail and isinstance(detail[0], dict):
                 return f"upstream answered HTTP {status}: {_error_message(detail[0].get('msg'))}"
             if isinstance(detail, str):
-                return f"upstream answered HTTP {status}: {detail[:300]}"
+                return f"upstream answered HTTP {status}: {sanitize(detail)}"
             if isinstance(obj.get("message"), str):
-                return f"upstream answered HTTP {status}: {obj['message'][:300]}"
+                return f"upstream answered HTTP {status}: {sanitize(obj['message'])}"
     return f"upstream answered HTTP {status}"
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Final
+from typing import BinaryIO, Final
 
 import orjson
 import structlog
@@ -24,8 +24,12 @@ _LEVELS: Final = {
 }
 
 
-def configure_logging(fmt: str = "json", level: str = "info") -> None:
-    """Configure structlog (and stdlib logging of our libraries) once per process."""
+def configure_logging(
+    fmt: str = "json", level: str = "info", stream: BinaryIO | None = None
+) -> None:
+    """Configure structlog (and stdlib logging of our libraries) once per process.
+
+    `stream` (JSON only) redirects the log lines, for tests that read them."""
     numeric = _LEVELS[level]
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -50,7 +54,9 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
                 structlog.processors.JSONRenderer(serializer=orjson.dumps),
             ],
             wrapper_class=structlog.make_filtering_bound_logger(numeric),
-            logger_factory=structlog.BytesLoggerFactory(file=sys.stderr.buffer),
+            logger_factory=structlog.BytesLoggerFactory(
+                file=stream if stream is not None else sys.stderr.buffer
+            ),
             cache_logger_on_first_use=True,
         )
     # websockets and aiohttp log through stdlib logging; keep their warnings, drop their chatter.

@@ -9,7 +9,7 @@ as a text frame.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final
 
@@ -83,6 +83,9 @@ class ErrorCode(StrEnum):
     UPSTREAM_PROTOCOL_ERROR = "upstream_protocol_error"
     STREAM_INTERRUPTED = "stream_interrupted"
     SHUTTING_DOWN = "shutting_down"
+    UNAUTHORIZED = "unauthorized"
+    RATE_LIMITED = "rate_limited"
+    PROMPT_TOO_LARGE = "prompt_too_large"
     INTERNAL = "internal"
 
 
@@ -102,6 +105,9 @@ RETRYABLE: Final[dict[ErrorCode, bool]] = {
     ErrorCode.UPSTREAM_PROTOCOL_ERROR: False,
     ErrorCode.STREAM_INTERRUPTED: True,
     ErrorCode.SHUTTING_DOWN: True,
+    ErrorCode.UNAUTHORIZED: False,
+    ErrorCode.RATE_LIMITED: True,
+    ErrorCode.PROMPT_TOO_LARGE: False,
     ErrorCode.INTERNAL: True,
 }
 
@@ -141,7 +147,14 @@ class Ping:
     """`ping`: an application-level liveness probe, answered by `pong`."""
 
 
-ClientMessage = Start | Cancel | Ping
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """`auth`: a bearer token sent as the first message (browsers) or to refresh one."""
+
+    token: str = field(repr=False)
+
+
+ClientMessage = Start | Cancel | Ping | Auth
 
 
 def _depth_ok(value: Any, limit: int) -> bool:
@@ -271,6 +284,11 @@ def parse_client_frame(data: str | bytes, max_bytes: int) -> ClientMessage:
         return Cancel(_stream_id(obj))
     if kind == "ping":
         return Ping()
+    if kind == "auth":
+        token = obj.get("token")
+        if not isinstance(token, str) or not 0 < len(token) <= 8192:
+            raise ProtocolViolation(ErrorCode.BAD_MESSAGE, "'token' must be a non-empty string")
+        return Auth(token)
     raise ProtocolViolation(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind[:32]!r}")
 
 
@@ -286,6 +304,11 @@ def encode_welcome(session: str, limits: dict[str, int]) -> bytes:
     return _dumps(
         {"type": "welcome", "protocol": PROTOCOL_VERSION, "session": session, "limits": limits}
     )
+
+
+def encode_authenticated(expires_at: float | None) -> bytes:
+    """`authenticated`: a token refresh on an open socket was accepted."""
+    return _dumps({"type": "authenticated", "expires_at": expires_at})
 
 
 def encode_started(stream_id: str) -> bytes:

@@ -12,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import secrets
 import socket
+import ssl
 import time
+import weakref
 from collections.abc import Coroutine
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any, Final
 
 import structlog
@@ -24,9 +27,30 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from gateway.auth import (
+    LOOPBACK_ORIGINS,
+    AuthError,
+    Principal,
+    TokenAuthenticator,
+    is_loopback_host,
+    origin_allowed,
+    query_has_token,
+)
 from gateway.config import Config
 from gateway.observability import Metrics
-from gateway.session import CancelUpstream, Limits, OpenUpstream, Outbox, Session, Stream
+from gateway.protocol import ErrorCode, Start, encode_authenticated
+from gateway.quotas import Quotas
+from gateway.session import (
+    CLOSE_UNAUTHORIZED,
+    Authenticate,
+    CancelUpstream,
+    Limits,
+    OpenUpstream,
+    Outbox,
+    Refused,
+    Session,
+    Stream,
+)
 from gateway.upstream import FlowControl, Upstream
 
 log = structlog.get_logger("gateway.server")
@@ -35,10 +59,25 @@ WS_PATH: Final = "/v1/ws"
 #: Frames above this are refused by websockets itself with close code 1009; frames between
 #: max_message_bytes and this get a `message_too_large` error and the socket stays open.
 HARD_FRAME_LIMIT_MIN: Final = 1 << 20
-#: Close code for a client that cannot keep up (docs/protocol.md, "Close codes").
+#: Close codes (docs/protocol.md, "Close codes").
 CLOSE_SLOW_CONSUMER: Final = 4408
+CLOSE_TOO_MANY_CONNECTIONS: Final = 4429
 #: How long a drain waits for sockets to flush their last frames and close.
 CLOSE_GRACE: Final = 10.0
+
+
+_HERE = Path(__file__).resolve().parent
+#: GET paths served as files: the demo page and the JS client it uses as is (issue 6). The JS
+#: client lives in clients/js of a source checkout; an installed wheel answers 404 for it.
+STATIC_FILES: Final[dict[str, tuple[Path, str]]] = {
+    "/": (_HERE / "web" / "index.html", "text/html; charset=utf-8"),
+    "/js/index.js": (
+        _HERE.parent / "clients" / "js" / "index.js",
+        "text/javascript; charset=utf-8",
+    ),
+    "/js/index.d.ts": (_HERE.parent / "clients" / "js" / "index.d.ts", "text/plain; charset=utf-8"),
+}
+_static_cache: dict[str, tuple[bytes, str]] = {}
 
 
 def _spawn(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
@@ -55,8 +94,19 @@ class Connection:
         self.id = secrets.token_urlsafe(12)
         self._wake = asyncio.Event()
         outbox = Outbox(self._wake.set)
-        self.session = Session(self.id, gateway.limits, outbox, capacity=gateway.has_capacity)
+        #: Who is connected: from the upgrade's Authorization header, a first-message `auth`,
+        #: or (auth off) the peer address, so per-principal quotas still mean something.
+        self.principal: Principal | None = gateway.take_principal(ws)
+        awaiting_auth = gateway.auth.enabled and self.principal is None
+        if not gateway.auth.enabled:
+            self.principal = Principal("ip:" + _peer(ws).rsplit(":", 1)[0])
+        self.session = Session(
+            self.id, gateway.limits, outbox, admit=self._admit, awaiting_auth=awaiting_auth
+        )
         self.session.accepting = not gateway.draining
+        self._socket_counted = False
+        self._expiry: asyncio.TimerHandle | None = None
+        self._opened_at = asyncio.get_running_loop().time()
         self.outbox = outbox
         self.flow = FlowControl(gateway.config.send_buffer_bytes, lambda: outbox.buffered)
         self.tasks: dict[Stream, asyncio.Task[None]] = {}
@@ -69,21 +119,30 @@ class Connection:
         structlog.contextvars.bind_contextvars(session=self.id)
         opened = time.monotonic()
         log.info("socket.open", peer=_peer(self.ws))
-        self.session.welcome()
+        if not self.session.awaiting_auth:
+            if not await self._admit_socket():
+                return
+            self.session.welcome()
+            self._arm_expiry()
         writer = _spawn(self._write(), f"writer {self.id}")
         try:
             await self._read()
         except ConnectionClosed:
             pass  # the peer went away without a close frame; same cleanup as a clean close
         finally:
+            if self._expiry is not None:
+                self._expiry.cancel()
             for stream in self.session.close():
                 self._cancel(stream)
             await self._join()
+            if self._socket_counted and self.principal is not None:
+                self.gateway.quotas.close_socket(self.principal.name, time.monotonic())
             if not writer.done() and self._close_request is None:
                 writer.cancel()
             await asyncio.wait([writer])
             log.info(
                 "socket.close",
+                principal=self.principal.name if self.principal else None,
                 code=self.ws.close_code,
                 reason=self.close_reason,
                 streams=self.session.streams_started,
@@ -105,22 +164,114 @@ class Connection:
                             self._open(command.stream)
                         elif isinstance(command, CancelUpstream):
                             self._cancel(command.stream)
+                        elif isinstance(command, Authenticate):
+                            await self._authenticate(command.token)
+                        else:
+                            self.close_reason = "protocol"
+                            self.request_close(command.code, command.reason)
                     self._arm_idle()
         except TimeoutError:
-            self.close_reason = "idle"
-            self.request_close(1000, "idle timeout")
+            if self.session.awaiting_auth:
+                self.close_reason = "auth_timeout"
+                self.request_close(CLOSE_UNAUTHORIZED, "authentication timed out")
+            else:
+                self.close_reason = "idle"
+                self.request_close(1000, "idle timeout")
             await self.ws.wait_closed()
         finally:
             self._idle_timer = None
 
     def _arm_idle(self) -> None:
         timer, idle = self._idle_timer, self.gateway.config.idle_timeout
-        if timer is None or not idle:
+        if timer is None:
             return
-        if self.session.streams or self.tasks:
+        if self.session.awaiting_auth:
+            timer.reschedule(self._opened_at + self.gateway.config.auth_timeout)
+            return
+        if not idle or self.session.streams or self.tasks:
             timer.reschedule(None)
         else:
             timer.reschedule(asyncio.get_running_loop().time() + idle)
+
+    # ------------------------------------------------------------------ auth and quotas
+
+    async def _admit_socket(self) -> bool:
+        """Count this socket against its principal's quota; close it with 4429 when over."""
+        assert self.principal is not None
+        structlog.contextvars.bind_contextvars(principal=self.principal.name)
+        refused = self.gateway.quotas.open_socket(self.principal.name)
+        if refused is not None:
+            self.close_reason = "quota"
+            self.gateway.metrics.rejected.labels("quota").inc()
+            log.warning("socket.refused", reason=refused.message)
+            await self.ws.close(CLOSE_TOO_MANY_CONNECTIONS, refused.message)
+            return False
+        self._socket_counted = True
+        return True
+
+    def _admit(self, msg: Start) -> Refused | None:
+        """Process capacity and per-principal quotas for one start."""
+        if not self.gateway.has_capacity():
+            return Refused(ErrorCode.TOO_MANY_STREAMS, "the gateway is at capacity; retry shortly")
+        assert self.principal is not None
+        refused = self.gateway.quotas.start_stream(self.principal.name, time.monotonic())
+        if refused is None:
+            return None
+        if refused.retry_after_ms is not None:
+            return Refused(ErrorCode.RATE_LIMITED, refused.message, refused.retry_after_ms)
+        return Refused(ErrorCode.TOO_MANY_STREAMS, refused.message)
+
+    async def _authenticate(self, token: str) -> None:
+        """A first-message `auth` (then `welcome`), or a token refresh on an open socket."""
+        auth = self.gateway.auth
+        if not auth.enabled:
+            self.outbox.push_frame(encode_authenticated(None))
+            return
+        try:
+            principal = auth.authenticate(token, time.time())
+        except AuthError as exc:
+            self.close_reason = "unauthorized"
+            log.info("auth.failed", reason=str(exc))
+            self.request_close(CLOSE_UNAUTHORIZED, str(exc))
+            return
+        if self.session.awaiting_auth:
+            self.principal = principal
+            if not await self._admit_socket():
+                return
+            self.session.welcome()
+        elif self.principal is None or principal.name != self.principal.name:
+            self.close_reason = "unauthorized"
+            self.request_close(CLOSE_UNAUTHORIZED, "a refresh must be for the same principal")
+            return
+        else:
+            self.principal = principal
+            self.session.authorized = True
+            self.outbox.push_frame(encode_authenticated(principal.expires_at))
+        log.info("auth.ok", expires_at=principal.expires_at)
+        self._arm_expiry()
+
+    def _arm_expiry(self) -> None:
+        """When the credential expires: refuse new starts, and close with 4401 once the
+        streams in flight are done (unless a fresh `auth` arrives first)."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if self.principal is None or self.principal.expires_at is None:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, self.principal.expires_at - time.time())
+        self._expiry = loop.call_at(loop.time() + delay, self._expired)
+
+    def _expired(self) -> None:
+        self._expiry = None
+        self.session.authorized = False
+        log.info("auth.expired")
+        self._close_if_expired_and_idle()
+
+    def _close_if_expired_and_idle(self) -> None:
+        if not self.session.authorized and not self.session.streams and not self.tasks:
+            self.close_reason = "expired"
+            self.request_close(CLOSE_UNAUTHORIZED, "credential expired")
 
     def request_close(self, code: int, reason: str) -> None:
         """Close the socket once every frame queued so far has been sent."""
@@ -142,7 +293,10 @@ class Connection:
     def _finished(self, stream: Stream) -> None:
         self.tasks.pop(stream, None)
         self.gateway.stream_ended()
+        if self.principal is not None:
+            self.gateway.quotas.end_stream(self.principal.name, time.monotonic())
         self._arm_idle()
+        self._close_if_expired_and_idle()
 
     async def _relay(self, stream: Stream) -> None:
         structlog.contextvars.bind_contextvars(stream=stream.id)
@@ -199,6 +353,31 @@ class Connection:
         await self.ws.close(CLOSE_SLOW_CONSUMER, "slow consumer")
 
 
+def _static(path: str) -> Response:
+    """The demo page and the JS client it imports (read once, then served from memory)."""
+    cached = _static_cache.get(path)
+    if cached is None:
+        file, content_type = STATIC_FILES[path]
+        try:
+            body = file.read_bytes()
+        except OSError:
+            body = b""
+        cached = _static_cache[path] = (body, content_type)
+    body, content_type = cached
+    if not body:
+        headers = Headers([("Content-Type", "text/plain; charset=utf-8")])
+        return Response(HTTPStatus.NOT_FOUND, "Not Found", headers, b"not installed\n")
+    headers = Headers(
+        [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-cache"),
+            ("X-Content-Type-Options", "nosniff"),
+        ]
+    )
+    return Response(HTTPStatus.OK, "OK", headers, body)
+
+
 def _peer(ws: ServerConnection) -> str:
     try:
         host, port = ws.remote_address[:2]
@@ -212,7 +391,38 @@ class Gateway:
 
     def __init__(self, config: Config, upstream_url: str) -> None:
         self.config = config
-        self.limits = Limits(config.max_streams, config.max_message_bytes)
+        self.limits = Limits(
+            max_streams=config.max_streams,
+            max_message_bytes=config.max_message_bytes,
+            max_prompt_chars=config.max_prompt_chars,
+            max_streams_per_principal=config.max_streams_per_principal,
+            starts_per_minute=config.starts_per_minute,
+            allowed_models=frozenset(config.allowed_models) if config.allowed_models else None,
+        )
+        self.auth = TokenAuthenticator(
+            Path(config.auth_tokens_file) if config.auth_tokens_file else None,
+            jwt_secret=config.jwt_secret,
+            jwt_public_key=(
+                Path(config.jwt_public_key).read_text() if config.jwt_public_key else None
+            ),
+            audience=config.jwt_audience,
+            issuer=config.jwt_issuer,
+        )
+        self.quotas = Quotas(
+            config.max_sockets_per_principal,
+            config.max_streams_per_principal,
+            config.starts_per_minute,
+        )
+        if config.allowed_origins is not None:
+            self.allowed_origins: tuple[str, ...] = config.allowed_origins
+        else:
+            # Open mode: only pages served from this machine may connect, so a site the
+            # developer visits cannot spend their key (cross-site WebSocket hijacking).
+            self.allowed_origins = () if self.auth.enabled else LOOPBACK_ORIGINS
+        #: Principals authenticated from the upgrade's header, until the handler takes them.
+        self._principals: weakref.WeakKeyDictionary[ServerConnection, Principal] = (
+            weakref.WeakKeyDictionary()
+        )
         self.metrics = Metrics()
         self.upstream = Upstream(config, upstream_url, self.metrics)
         self.connections: set[Connection] = set()
@@ -243,6 +453,19 @@ class Gateway:
         if self.active_streams == 0:
             self.idle.set()
 
+    def take_principal(self, ws: ServerConnection) -> Principal | None:
+        """The principal authenticated during `ws`'s handshake, if any."""
+        return self._principals.pop(ws, None)
+
+    def reload_tokens(self) -> None:
+        """SIGHUP: re-read --auth-tokens-file; a bad file keeps the tokens in force."""
+        try:
+            count = self.auth.load()
+        except (OSError, ValueError) as exc:
+            log.error("auth.reload_failed", error=str(exc))
+            return
+        log.info("auth.reloaded", tokens=count)
+
     def has_capacity(self) -> bool:
         """Whether one more stream fits under --max-active-streams."""
         return self.active_streams < self.config.max_active_streams
@@ -258,7 +481,34 @@ class Gateway:
         port: int = self.sockets[0].getsockname()[1]
         return port
 
+    def check_exposure(self) -> None:
+        """Refuse to serve an open gateway beyond this machine unless told so explicitly."""
+        if self.auth.enabled:
+            return
+        if not is_loopback_host(self.config.host) and not self.config.insecure_no_auth:
+            raise SystemExit(
+                f"refusing to listen on {self.config.host} without authentication: anyone "
+                "who can reach it could spend the upstream key. Configure --auth-tokens-file "
+                "or --jwt-secret-env / --jwt-public-key, or pass --insecure-no-auth."
+            )
+        log.warning(
+            "auth.disabled",
+            message="no authentication configured: anyone who can connect may use the gateway",
+        )
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if not self.config.tls_cert:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+        return context
+
+    @property
+    def scheme(self) -> str:
+        return "wss" if self.config.tls_cert else "ws"
+
     async def start(self) -> None:
+        self.check_exposure()
         await self.upstream.start()
         self._server = await serve(
             self._handle,
@@ -275,6 +525,7 @@ class Gateway:
             # after this; websockets' default of 10 s keeps its streams running for nothing.
             close_timeout=self.config.close_timeout,
             server_header=None,
+            ssl=self._ssl_context(),
         )
 
     async def drain(self, grace: float | None = None) -> None:
@@ -316,16 +567,15 @@ class Gateway:
     def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         if path == WS_PATH:
-            if self.draining:
-                self.metrics.rejected.labels("draining").inc()
-                return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
-            return None
+            return self._check_upgrade(conn, request)
         if path == "/healthz":
             return conn.respond(HTTPStatus.OK, "ok\n")
         if path == "/readyz":
             if self.draining:
                 return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
             return conn.respond(HTTPStatus.OK, "ready\n")
+        if path in STATIC_FILES:
+            return _static(path)
         if path == "/metrics":
             body = self.metrics.render()
             headers = Headers(
@@ -337,6 +587,48 @@ class Gateway:
             )
             return Response(HTTPStatus.OK, "OK", headers, body)
         return conn.respond(HTTPStatus.NOT_FOUND, "not found; the WebSocket endpoint is /v1/ws\n")
+
+    def _refuse(
+        self, conn: ServerConnection, status: HTTPStatus, reason: str, text: str
+    ) -> Response:
+        self.metrics.rejected.labels(reason).inc()
+        log.info("upgrade.refused", reason=reason, status=int(status))
+        response = conn.respond(status, text + "\n")
+        if status == HTTPStatus.UNAUTHORIZED:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="llm-ws-gateway"'
+        return response
+
+    def _check_upgrade(self, conn: ServerConnection, request: Request) -> Response | None:
+        """Everything decided before the upgrade: drain, credentials, origin (security.md)."""
+        if self.draining:
+            return self._refuse(conn, HTTPStatus.SERVICE_UNAVAILABLE, "draining", "draining")
+        if query_has_token(request.path):
+            return self._refuse(
+                conn,
+                HTTPStatus.BAD_REQUEST,
+                "query_token",
+                "credentials are not accepted in the URL (they end up in proxy logs); use "
+                "the Authorization header or an auth message",
+            )
+        origin = request.headers.get("Origin")
+        if origin is not None:
+            host = request.headers.get("Host")
+            own = f"{'https' if self.config.tls_cert else 'http'}://{host}" if host else None
+            if not origin_allowed(origin, self.allowed_origins, own):
+                return self._refuse(conn, HTTPStatus.FORBIDDEN, "origin", "origin not allowed")
+        header = request.headers.get("Authorization")
+        if header is not None and self.auth.enabled:
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                return self._refuse(
+                    conn, HTTPStatus.UNAUTHORIZED, "unauthorized", "use Authorization: Bearer"
+                )
+            try:
+                principal = self.auth.authenticate(token.strip(), time.time())
+            except AuthError as exc:
+                return self._refuse(conn, HTTPStatus.UNAUTHORIZED, "unauthorized", str(exc))
+            self._principals[conn] = principal
+        return None
 
     async def _handle(self, ws: ServerConnection) -> None:
         connection = Connection(self, ws)

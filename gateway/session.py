@@ -16,12 +16,13 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Final
 
 from gateway.protocol import (
     PONG,
+    Auth,
     Cancel,
     ErrorCode,
     Ping,
@@ -190,22 +191,86 @@ class CancelUpstream:
     stream: Stream
 
 
-Command = OpenUpstream | CancelUpstream
+@dataclass(frozen=True, slots=True)
+class Authenticate:
+    """Command: validate `token` (first-message auth or a refresh) and report back."""
+
+    token: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class CloseSocket:
+    """Command: close the socket with `code` once the frames queued so far are sent."""
+
+    code: int
+    reason: str
+
+
+Command = OpenUpstream | CancelUpstream | Authenticate | CloseSocket
+
+#: Close code for a socket that did not (or could no longer) authenticate.
+CLOSE_UNAUTHORIZED: Final = 4401
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Per-socket limits, announced in `welcome`."""
+    """Every limit a socket is held to; all of them are announced in `welcome.limits`."""
 
     max_streams: int = 16
     max_message_bytes: int = 65536
+    #: 0 = unlimited for the three below.
+    max_prompt_chars: int = 0
+    max_streams_per_principal: int = 0
+    starts_per_minute: int = 0
+    #: None = any model.
+    allowed_models: frozenset[str] | None = None
 
-    def as_dict(self) -> dict[str, int]:
-        return {"max_streams": self.max_streams, "max_message_bytes": self.max_message_bytes}
+    def as_dict(self) -> dict[str, Any]:
+        limits: dict[str, Any] = {
+            "max_streams": self.max_streams,
+            "max_message_bytes": self.max_message_bytes,
+        }
+        if self.max_prompt_chars:
+            limits["max_prompt_chars"] = self.max_prompt_chars
+        if self.max_streams_per_principal:
+            limits["max_streams_per_principal"] = self.max_streams_per_principal
+        if self.starts_per_minute:
+            limits["starts_per_minute"] = self.starts_per_minute
+        if self.allowed_models is not None:
+            limits["allowed_models"] = sorted(self.allowed_models)
+        return limits
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """An admission check said no: the error to send for the start."""
+
+    code: ErrorCode
+    message: str
+    retry_after_ms: int | None = None
+
+
+def prompt_chars(messages: tuple[dict[str, Any], ...]) -> int:
+    """Characters of text in a conversation (string contents and `text` parts)."""
+    total = 0
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, str):
+            total += len(content)
+        else:
+            for part in content:
+                text = part.get("text")
+                if isinstance(text, str):
+                    total += len(text)
+    return total
 
 
 class Session:
-    """The protocol state of one WebSocket: its active streams and the frames it owes."""
+    """The protocol state of one WebSocket: its active streams and the frames it owes.
+
+    With authentication configured and no token on the upgrade, the session starts
+    `awaiting_auth`: the only frame it takes is `auth`; anything else closes with 4401.
+    """
 
     def __init__(
         self,
@@ -213,7 +278,8 @@ class Session:
         limits: Limits,
         outbox: Outbox | None = None,
         *,
-        capacity: Callable[[], bool] | None = None,
+        admit: Callable[[Start], Refused | None] | None = None,
+        awaiting_auth: bool = False,
     ) -> None:
         self.id = session_id
         self.limits = limits
@@ -222,13 +288,18 @@ class Session:
         self._recent: OrderedDict[str, None] = OrderedDict()
         #: False once the server drains: new starts are refused with `shutting_down`.
         self.accepting = True
-        #: Asked before a start is accepted: False when the process is at max_active_streams.
-        self._capacity = capacity
+        #: Process-level admission (capacity, per-principal quotas), asked before a start.
+        self._admit = admit
+        #: True until a first-message `auth` succeeds (only when auth needs one).
+        self.awaiting_auth = awaiting_auth
+        #: False once the principal's credential expired (starts get `unauthorized`).
+        self.authorized = True
         self.streams_started = 0
         self.frames_in = 0
 
     def welcome(self) -> None:
-        """Queue `welcome`, the first frame on every socket."""
+        """Queue `welcome`, the first frame on every socket (after auth, when required)."""
+        self.awaiting_auth = False
         self.outbox.push_frame(encode_welcome(self.id, self.limits.as_dict()))
 
     # ------------------------------------------------------------------ client side
@@ -239,8 +310,14 @@ class Session:
         try:
             msg = parse_client_frame(data, self.limits.max_message_bytes)
         except ProtocolViolation as exc:
+            if self.awaiting_auth:
+                return [CloseSocket(CLOSE_UNAUTHORIZED, "send an auth message first")]
             self.outbox.push_frame(encode_error(exc.code, exc.message, exc.stream_id))
             return []
+        if isinstance(msg, Auth):
+            return [Authenticate(msg.token)]
+        if self.awaiting_auth:
+            return [CloseSocket(CLOSE_UNAUTHORIZED, "send an auth message first")]
         if isinstance(msg, Start):
             return self._start(msg)
         if isinstance(msg, Cancel):
@@ -249,30 +326,48 @@ class Session:
         self.outbox.push_frame(PONG)
         return []
 
-    def _refuse(self, code: ErrorCode, message: str, stream_id: str) -> list[Command]:
-        self.outbox.push_frame(encode_error(code, message, stream_id))
+    def _refuse(self, code: ErrorCode, message: str, stream_id: str, **extra: Any) -> list[Command]:
+        self.outbox.push_frame(encode_error(code, message, stream_id, **extra))
         return []
 
     def _start(self, msg: Start) -> list[Command]:
-        sid = msg.id
+        sid, limits = msg.id, self.limits
         if not self.accepting:
             return self._refuse(
                 ErrorCode.SHUTTING_DOWN, "the gateway is shutting down; reconnect", sid
+            )
+        if not self.authorized:
+            return self._refuse(
+                ErrorCode.UNAUTHORIZED, "credential expired; send a fresh auth message", sid
             )
         if sid in self.streams:
             return self._refuse(
                 ErrorCode.DUPLICATE_ID, f"stream {sid!r} is already active on this socket", sid
             )
-        if len(self.streams) >= self.limits.max_streams:
+        allowed = limits.allowed_models
+        if allowed is not None and msg.model is not None and msg.model not in allowed:
             return self._refuse(
-                ErrorCode.TOO_MANY_STREAMS,
-                f"at most {self.limits.max_streams} concurrent streams per socket",
+                ErrorCode.BAD_MESSAGE, "model not allowed (see welcome.limits)", sid
+            )
+        if limits.max_prompt_chars and prompt_chars(msg.messages) > limits.max_prompt_chars:
+            return self._refuse(
+                ErrorCode.PROMPT_TOO_LARGE,
+                f"prompt over {limits.max_prompt_chars} characters",
                 sid,
             )
-        if self._capacity is not None and not self._capacity():
+        if len(self.streams) >= limits.max_streams:
             return self._refuse(
-                ErrorCode.TOO_MANY_STREAMS, "the gateway is at capacity; retry shortly", sid
+                ErrorCode.TOO_MANY_STREAMS,
+                f"at most {limits.max_streams} concurrent streams per socket",
+                sid,
             )
+        if self._admit is not None:
+            refused = self._admit(msg)
+            if refused is not None:
+                extra = {}
+                if refused.retry_after_ms is not None:
+                    extra["retry_after_ms"] = refused.retry_after_ms
+                return self._refuse(refused.code, refused.message, sid, **extra)
         stream = Stream(msg)
         self.streams[sid] = stream
         self._recent.pop(sid, None)

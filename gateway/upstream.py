@@ -158,6 +158,10 @@ class Upstream:
             m.streams_ended.labels(dialect, stream.outcome).inc()
             m.chunks.labels(dialect).inc(stream.chunks_in)
             m.upstream_bytes.labels(dialect).inc(stream.bytes_in)
+            content: dict[str, str] = {}
+            if self.config.log_content:  # opt-in only: prompts and answers are user data
+                content["prompt"] = orjson.dumps(stream.request.messages).decode()[:4000]
+                content["answer"] = "".join(stream.parts)[:4000]
             log.info(
                 "stream.end",
                 dialect=dialect,
@@ -165,6 +169,7 @@ class Upstream:
                 chunks_in=stream.chunks_in,
                 bytes_in=stream.bytes_in,
                 duration_ms=round((time.monotonic() - started) * 1000, 1),
+                **content,
             )
 
     async def _first_response(self, body: bytes) -> tuple[aiohttp.ClientResponse, bytes]:
@@ -184,7 +189,7 @@ class Upstream:
                     try:
                         if 200 <= resp.status < 300:
                             return resp, await resp.content.readany()
-                        failure = await _status_failure(resp)
+                        failure = await _status_failure(resp, self.config.api_key)
                     except BaseException:
                         resp.close()  # cancelled or failed before we hand it over: no leak
                         raise
@@ -290,17 +295,21 @@ class Upstream:
                 resp.close()
 
 
-async def _status_failure(resp: aiohttp.ClientResponse) -> UpstreamFailure:
-    """Describe a non-2xx answer from a bounded read of its body (JSON, HTML or text)."""
+async def _status_failure(resp: aiohttp.ClientResponse, api_key: str | None) -> UpstreamFailure:
+    """Describe a non-2xx answer from a bounded read of its body (JSON, HTML or text); our own
+    key is never echoed back, even if the upstream quotes it."""
     status = resp.status
     try:
         body = await resp.content.read(ERROR_BODY_LIMIT)
     except (aiohttp.ClientError, TimeoutError):
         body = b""
     retry_after_ms = _retry_after_ms(resp.headers.get("Retry-After"))
+    message = parse_error_body(status, resp.headers.get("Content-Type", ""), body)
+    if api_key:
+        message = message.replace(api_key, "[redacted]")
     return UpstreamFailure(
         ErrorCode.UPSTREAM_ERROR,
-        parse_error_body(status, resp.headers.get("Content-Type", ""), body),
+        message,
         retryable=status_retryable(status),
         status=status,
         retry_after_ms=retry_after_ms,

@@ -138,8 +138,7 @@ async def test_client_that_never_reads_is_closed_with_4408(make_stack: StackFact
     assert metric(stack, "gateway_slow_client_closes_total") == 1
     # The client, reading at last, finds the 4408 close behind what it had not read.
     with pytest.raises(ConnectionClosed):
-        while True:
-            await client.recv()
+        await client.recv_until(lambda f: False, timeout=30)
     assert client.ws.close_code == 4408
     await stack.assert_no_leaks()
 

@@ -8,12 +8,28 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.protocol import ErrorCode
-from gateway.session import CancelUpstream, Limits, OpenUpstream, Outbox, Session, State, Stream
+from gateway.protocol import ErrorCode, Start
+from gateway.session import (
+    Authenticate,
+    CancelUpstream,
+    CloseSocket,
+    Limits,
+    OpenUpstream,
+    Outbox,
+    Refused,
+    Session,
+    State,
+    Stream,
+)
 
 
-def make(max_streams: int = 16, capacity: bool = True) -> Session:
-    return Session("sess", Limits(max_streams, 65536), capacity=lambda: capacity)
+def make(max_streams: int = 16, capacity: bool = True, **limits: Any) -> Session:
+    def admit(msg: Start) -> Refused | None:
+        if capacity:
+            return None
+        return Refused(ErrorCode.TOO_MANY_STREAMS, "the gateway is at capacity; retry shortly")
+
+    return Session("sess", Limits(max_streams, 65536, **limits), admit=admit)
 
 
 def frames(session: Session) -> list[dict[str, Any]]:
@@ -286,3 +302,63 @@ def test_invariants_hold_for_any_interleaving(ops: list[tuple[str, str, str]]) -
             assert f["seq"] == life["seq"]
             if f["type"] == "done":
                 assert f["text"] == "".join(life["text"])
+
+
+def test_awaiting_auth_takes_only_auth() -> None:
+    """Before a first-message auth, an auth frame asks for validation and anything else closes
+    the socket with 4401; no welcome is sent until the server says so."""
+    s = Session("x", Limits(), awaiting_auth=True)
+    assert s.receive('{"type":"auth","token":"abc"}') == [Authenticate("abc")]
+    assert s.receive('{"type":"ping"}') == [CloseSocket(4401, "send an auth message first")]
+    assert s.receive("{broken") == [CloseSocket(4401, "send an auth message first")]
+    assert frames(s) == []
+    s.welcome()
+    assert not s.awaiting_auth
+    assert frames(s)[0]["type"] == "welcome"
+
+
+def test_expired_credential_refuses_starts() -> None:
+    """Once the credential expired, starts get `unauthorized` (and no stream is opened)."""
+    s = make()
+    s.authorized = False
+    assert s.receive('{"type":"start","id":"a","prompt":"x"}') == []
+    [err] = frames(s)
+    assert (err["code"], err["id"], err["retryable"]) == ("unauthorized", "a", False)
+
+
+def test_model_allow_list_and_prompt_size() -> None:
+    """Models outside the allow-list are bad_message; prompts over the limit prompt_too_large;
+    both limits appear in welcome."""
+    s = make(max_prompt_chars=10, allowed_models=frozenset({"sonar"}))
+    s.welcome()
+    assert frames(s)[0]["limits"] == {
+        "max_streams": 16,
+        "max_message_bytes": 65536,
+        "max_prompt_chars": 10,
+        "allowed_models": ["sonar"],
+    }
+    s.receive('{"type":"start","id":"a","prompt":"x","model":"gpt-5"}')
+    s.receive('{"type":"start","id":"b","prompt":"01234567890"}')
+    parts = '[{"type":"text","text":"0123456"},{"type":"text","text":"7890"}]'
+    s.receive('{"type":"start","id":"c","messages":[{"role":"user","content":' + parts + "}]}")
+    s.receive('{"type":"start","id":"d","prompt":"0123456789","model":"sonar"}')
+    out = frames(s)
+    assert [(f["id"], f.get("code", f["type"])) for f in out] == [
+        ("a", "bad_message"),
+        ("b", "prompt_too_large"),
+        ("c", "prompt_too_large"),
+        ("d", "started"),
+    ]
+
+
+def test_admission_refusal_carries_retry_after() -> None:
+    """A rate-limit refusal from the server's admission check reaches the client with its
+    retry_after_ms."""
+    s = Session(
+        "x",
+        Limits(),
+        admit=lambda msg: Refused(ErrorCode.RATE_LIMITED, "slow down", 1500),
+    )
+    s.receive('{"type":"start","id":"a","prompt":"x"}')
+    [err] = frames(s)
+    assert (err["code"], err["retry_after_ms"], err["retryable"]) == ("rate_limited", 1500, True)
