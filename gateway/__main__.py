@@ -113,12 +113,65 @@ async def serve(config: Config) -> None:
         log.info("gateway.stopped")
 
 
+def run(config: Config) -> None:
+    """Run one gateway process on the chosen event loop."""
+    if config.loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if config.loop == "uvloop":
+                raise SystemExit("--loop uvloop: uvloop is not installed") from None
+        else:
+            uvloop.run(serve(config))
+            return
+    asyncio.run(serve(config))
+
+
+def run_workers(config: Config) -> int:
+    """--workers N: fork N single-loop processes sharing the port (SO_REUSEPORT).
+
+    The parent only supervises: it forwards SIGINT/SIGTERM/SIGHUP to every worker (each then
+    drains on its own) and exits 0 when all of them did.
+    """
+    children: list[int] = []
+    for index in range(config.workers):
+        pid = os.fork()
+        if pid == 0:  # the worker
+            structlog.contextvars.bind_contextvars(worker=index)
+            try:
+                run(config)
+            finally:
+                os._exit(0)
+        children.append(pid)
+    log.info("gateway.workers", workers=config.workers, pids=children)
+
+    def forward(sig: int, _frame: object) -> None:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, forward)
+    status = 0
+    for pid in children:
+        while True:
+            try:
+                _, code = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+        status = status or os.waitstatus_to_exitcode(code)
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         config = config_from_args(args)
         configure_logging(config.log_format, config.log_level)
-        asyncio.run(serve(config))
+        if config.workers > 1:
+            return run_workers(config)
+        run(config)
         return 0
     from gateway.mock_upstream import serve_forever
 

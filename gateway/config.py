@@ -69,6 +69,10 @@ class Config:
     tls_cert: str | None = None
     tls_key: str | None = None
     log_content: bool = False
+    #: "auto": uvloop when installed, else asyncio.
+    loop: str = "auto"
+    compression: bool = False
+    workers: int = 1
     log_format: str = "json"
     log_level: str = "info"
     #: Pace of the built-in mock upstream (used only when upstream_url is None).
@@ -300,6 +304,22 @@ def add_serve_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, s
     flag("tls-key", "PEM private key for --tls-cert", None)
     switch("log-content", "log prompts and answers (off by default: they are user data)")
     flag(
+        "loop",
+        "event loop: uvloop (faster; default when installed) or asyncio",
+        d.loop,
+        choices=("auto", "uvloop", "asyncio"),
+    )
+    switch(
+        "compression",
+        "accept permessage-deflate (about 40 KiB more per socket; small token frames gain little)",
+    )
+    flag(
+        "workers",
+        "processes sharing the port with SO_REUSEPORT, one event loop each",
+        d.workers,
+        _positive(int),
+    )
+    flag(
         "log-format",
         "log output; default: console on a TTY, else json",
         None,
@@ -329,6 +349,8 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
     jwt_secret = env.get(args.jwt_secret_env) or None if args.jwt_secret_env else None
     if args.jwt_secret_env and jwt_secret is None:
         raise SystemExit(f"--jwt-secret-env names {args.jwt_secret_env}, which is not set")
+    if args.workers > 1 and args.port == 0:
+        raise SystemExit("--workers > 1 needs a fixed --port (the workers share it)")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("--tls-cert and --tls-key go together")
     return Config(
@@ -371,6 +393,9 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         log_content=args.log_content,
+        loop=args.loop,
+        compression=args.compression,
+        workers=args.workers,
         log_format=log_format,
         log_level=args.log_level,
         mock_delay_ms=args.mock_delay_ms,

@@ -13,7 +13,7 @@ from typing import BinaryIO, Final
 
 import orjson
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
 _LEVELS: Final = {
@@ -108,6 +108,37 @@ class Metrics:
         )
         self.slow_client_closes = Counter(
             "gateway_slow_client_closes", "Sockets closed with 4408 (slow consumer)", registry=r
+        )
+        self.upstream_responses = Counter(
+            "gateway_upstream_responses",
+            "Upstream HTTP answers by status class",
+            ["status"],
+            registry=r,
+        )
+        self.coalesced = Counter(
+            "gateway_coalesced_deltas",
+            "Upstream deltas merged into a previous frame because the socket was busy",
+            registry=r,
+        )
+        self.time_to_first_chunk = Histogram(
+            "gateway_time_to_first_chunk_seconds",
+            "From accepting a start to its first upstream text delta",
+            ["dialect"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32),
+            registry=r,
+        )
+        self.stream_duration = Histogram(
+            "gateway_stream_duration_seconds",
+            "From accepting a start to its terminal frame",
+            ["dialect"],
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 20, 40, 80, 160),
+            registry=r,
+        )
+        self.cancel_latency = Histogram(
+            "gateway_cancel_latency_seconds",
+            "From deciding to cancel a stream to its upstream connection being closed",
+            buckets=(0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1),
+            registry=r,
         )
         self.rejected = Counter(
             "gateway_rejected_connections", "Upgrades refused, by reason", ["reason"], registry=r

@@ -305,6 +305,7 @@ class Connection:
     def _cancel(self, stream: Stream) -> None:
         task = self.tasks.get(stream)
         if task is not None:
+            stream.cancelled_at = time.monotonic()
             task.cancel()
 
     async def _join(self) -> None:
@@ -515,9 +516,11 @@ class Gateway:
             self.config.host,
             self.config.port,
             process_request=self._process_request,
-            # Off by default: tiny token frames gain little and every socket would pay about
-            # 40 KiB of zlib state (STYLE.md).
-            compression=None,
+            # Off by default (--compression): tiny token frames gain little and every socket
+            # would pay about 40 KiB of zlib state (STYLE.md).
+            compression="deflate" if self.config.compression else None,
+            # Workers share the port; the kernel spreads new connections across them.
+            reuse_port=self.config.workers > 1 or None,
             max_size=max(4 * self.config.max_message_bytes, HARD_FRAME_LIMIT_MIN),
             ping_interval=self.config.ping_interval or None,
             ping_timeout=self.config.ping_timeout,

@@ -58,7 +58,9 @@ class Stream:
     __slots__ = (
         "_terminal",
         "bytes_in",
+        "cancelled_at",
         "chunks_in",
+        "coalesced",
         "id",
         "outcome",
         "parts",
@@ -87,6 +89,10 @@ class Stream:
         self._terminal: Callable[[int], bytes] | None = None
         self.chunks_in = 0
         self.bytes_in = 0
+        #: Deltas merged into another delta's frame (a slow-client signal for metrics).
+        self.coalesced = 0
+        #: When the server decided to cancel this stream (its clock), for cancel latency.
+        self.cancelled_at: float | None = None
         #: Short outcome word for the stream's summary log line and metrics.
         self.outcome = "active"
 
@@ -99,7 +105,11 @@ class Stream:
         frames: list[bytes] = []
         pending = self.pending
         if pending:
-            text = pending[0] if len(pending) == 1 else "".join(pending)
+            if len(pending) == 1:
+                text = pending[0]
+            else:
+                text = "".join(pending)
+                self.coalesced += len(pending) - 1
             pending.clear()
             self.seq += 1
             frames.append(encode_chunk(self.prefix, self.seq, text))

@@ -138,7 +138,7 @@ class Upstream:
         """
         started = time.monotonic()
         try:
-            await self._relay(stream, session, wait_for_space)
+            await self._relay(stream, session, wait_for_space, started)
         except UpstreamFailure as failure:
             extra: dict[str, int] = {}
             if failure.status is not None:
@@ -155,6 +155,12 @@ class Upstream:
             session.fail(stream, ErrorCode.INTERNAL, "internal gateway error")
         finally:
             m, dialect = self.metrics, self.dialect
+            now = time.monotonic()
+            if stream.cancelled_at is not None:
+                # By now the upstream connection is closed (resp.close() ran in _relay).
+                m.cancel_latency.observe(now - stream.cancelled_at)
+            m.stream_duration.labels(dialect).observe(now - started)
+            m.coalesced.inc(stream.coalesced)
             m.streams_ended.labels(dialect, stream.outcome).inc()
             m.chunks.labels(dialect).inc(stream.chunks_in)
             m.upstream_bytes.labels(dialect).inc(stream.bytes_in)
@@ -186,6 +192,7 @@ class Upstream:
             try:
                 async with asyncio.timeout(self.config.upstream_first_byte_timeout):
                     resp = await self._session.post(self.url, data=body)
+                    self.metrics.upstream_responses.labels(f"{resp.status // 100}xx").inc()
                     try:
                         if 200 <= resp.status < 300:
                             return resp, await resp.content.readany()
@@ -230,7 +237,11 @@ class Upstream:
             await asyncio.sleep(delay)
 
     async def _relay(
-        self, stream: Stream, session: Session, wait_for_space: Callable[[], Awaitable[None]]
+        self,
+        stream: Stream,
+        session: Session,
+        wait_for_space: Callable[[], Awaitable[None]],
+        started: float,
     ) -> None:
         request = stream.request
         translator = translator_for(self.dialect)
@@ -252,6 +263,7 @@ class Upstream:
             translate = translator.feed
             emit = session.text
             read = resp.content.readany
+            first_chunk_seen = False
             try:
                 # The hot path: one upstream read -> its events -> deltas into the outbox.
                 while data:
@@ -262,6 +274,11 @@ class Upstream:
                             emit(stream, text)
                         if translator.finished:
                             break
+                    if not first_chunk_seen and stream.chunks_in:
+                        first_chunk_seen = True
+                        self.metrics.time_to_first_chunk.labels(self.dialect).observe(
+                            time.monotonic() - started
+                        )
                     if translator.finished or not stream.active:
                         break
                     await wait_for_space()

@@ -158,6 +158,22 @@ class Process:
                 if line.get("event") == event:
                     return line
 
+    async def wait_for_next(self, timeout: float = 15.0) -> dict[str, Any]:
+        """The next JSON log line."""
+        assert self.proc.stderr is not None
+        async with asyncio.timeout(timeout):
+            while True:
+                raw = await self.proc.stderr.readline()
+                if not raw:
+                    raise AssertionError(f"process exited: {self.raw}")
+                self.raw.append(raw)
+                try:
+                    line = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    continue
+                self.lines.append(line)
+                return line  # type: ignore[no-any-return]
+
     async def stop(self, sig: int = signal.SIGTERM) -> int:
         self.proc.send_signal(sig)
         assert self.proc.stderr is not None
@@ -258,3 +274,59 @@ async def test_mock_upstream_command() -> None:
     finally:
         process.proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(process.proc.wait(), 15) == 0
+
+
+async def test_workers_share_the_port_and_drain_on_sigterm() -> None:
+    """`--workers 2` runs two processes on one port (SO_REUSEPORT); both take sockets, and
+    SIGTERM to the parent drains both and exits 0."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = await spawn(
+        "serve",
+        "--port",
+        str(port),
+        "--workers",
+        "2",
+        "--log-format",
+        "json",
+        env={"GATEWAY_MOCK_DELAY_MS": "0"},
+    )
+    try:
+        listening = [await process.wait_for("gateway.listening")]
+        async with asyncio.timeout(15):
+            while (
+                len(
+                    {
+                        line.get("worker")
+                        for line in process.lines
+                        if line.get("event") == "gateway.listening"
+                    }
+                )
+                < 2
+            ):
+                listening.append(await process.wait_for_next())
+        url = f"ws://127.0.0.1:{port}/v1/ws"
+        sockets = [await connect(url) for _ in range(24)]
+        for ws in sockets:
+            client = Client(ws)
+            assert (await client.recv())["type"] == "welcome"
+        client = Client(sockets[0])
+        await client.start("s", "sky [[mock chunks=3]]")
+        assert (await client.finish("s"))["s"][-1]["type"] == "done"
+        for ws in sockets:
+            await ws.close()
+        async with asyncio.timeout(15):
+            while sum(1 for line in process.lines if line.get("event") == "socket.close") < 24:
+                await process.wait_for_next()
+        workers = {
+            line.get("worker") for line in process.lines if line.get("event") == "socket.open"
+        }
+        assert workers == {0, 1}
+        assert await process.stop() == 0
+    finally:
+        if process.proc.returncode is None:
+            process.proc.kill()
+            await process.proc.wait()
