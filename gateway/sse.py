@@ -6,12 +6,13 @@ fed with arbitrary byte chunks as they come off the network. The module is pure:
 event loop, so the same decoder serves aiohttp, tests and outside conformance suites.
 
 This is the gateway's per-chunk hot path, so the work is done in bulk by C-level ``bytes`` and
-``str`` methods: a feed is split once at its last line terminator, the complete part is
-CR/LF-normalised and decoded in one call, and the common single-``data:``-line event is
-recognised per event block instead of per line. Bytes of an unterminated line wait in a
-``bytearray`` that is only ever appended to, so no growing buffer is re-copied.
+``str`` methods: each feed is cut once at its last line ending, everything up to its last blank
+line is decoded in one call and scanned with ``str.find``, and a lone ``data: ...`` line followed
+by a blank line (one LLM token event) becomes an event without the general field handling. An
+unterminated line waits in a ``bytearray`` that is only appended to, so nothing is re-copied.
 """
 
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Final
 
@@ -103,21 +104,31 @@ class SSEDecoder:
         if not size:
             return []
 
-        # Spec: lines end with CRLF, a lone LF or a lone CR. Find the last terminator; after it
-        # is an unterminated line tail that must wait for more bytes.
-        last = data.rfind(b"\n")
-        if last != size - 1:
+        # Spec: lines end with CRLF, a lone LF or a lone CR. Find the last line ending; what
+        # follows it is an unterminated line that must wait for more bytes.
+        last = size - 1
+        final = data[last]
+        if final != _LF and final != _CR:
+            last = data.rfind(b"\n")
             cr = data.rfind(b"\r", last + 1)
             if cr >= 0:
                 last = cr
+            elif last < 0:
+                self._pending += data
+                if len(self._pending) + self._data_bytes > self._max:
+                    self._fail()
+                return []
+            final = data[last]
+        if final == _CR:
+            # A CRLF may be split across feeds: this CR ends the line now, and an LF opening
+            # the next feed is swallowed. (A CR before the end of data is not followed by LF.)
+            self._skip_lf = last == size - 1
+            sep = b"\r\r"
+        elif last and data[last - 1] == _CR:
+            sep = b"\r\n\r\n"
+        else:
+            sep = b"\n\n"
         pending = self._pending
-        if last < 0:
-            pending += data
-            if len(pending) + self._data_bytes > self._max:
-                self._fail()
-            return []
-        if data[last] == _CR and last == size - 1:
-            self._skip_lf = True  # an LF opening the next feed belongs to this CR
         if pending:
             pending += data[: last + 1]
             block: bytes | bytearray = pending
@@ -128,70 +139,83 @@ class SSEDecoder:
             block = data[: last + 1]
             pending += data[last + 1 :]
 
-        # Normalise every line ending to LF. CR and LF never occur inside a UTF-8 sequence, so
-        # this is safe on bytes, and it cannot split a CRLF: a CR that ends a feed is handled by
-        # _skip_lf, and the pending tail holds no CR.
-        if b"\r" in block:
-            block = block.replace(b"\r\n", b"\n")
-            if b"\r" in block:
-                block = block.replace(b"\r", b"\n")
-
         out: list[SSEEvent] = []
         if self._data_bytes + len(block) > self._max:
-            # Near the cap: check every line precisely (each line can only add its own bytes).
+            # Near the cap: check every line precisely (a line adds at most its own bytes).
             self._lines_checked(block, out)
         else:
-            cut = block.rfind(b"\n\n")
+            # Bulk path for everything up to the last blank line, all of which dispatches now.
+            # The blank line's form (sep, with the line ending before it) is guessed from the
+            # last line ending, as streams are consistent in practice; a wrong guess only moves
+            # lines to the line-by-line path.
+            cut = block.rfind(sep)
             if cut < 0:
                 self._lines_checked(block, out)
             else:
-                # Everything up to the last blank line is dispatched in this feed: bulk path.
-                cut += 2
-                whole = cut == len(block)
-                self._blocks(block if whole else block[:cut], out)
-                if not whole:
+                cut += len(sep)
+                if cut == len(block):
+                    self._blocks(block, out)
+                else:
+                    self._blocks(block[:cut], out)
                     self._lines_checked(block[cut:], out)
         if len(self._pending) + self._data_bytes > self._max:
             self._fail()
         return out
 
     def _blocks(self, body: bytes | bytearray, out: list[SSEEvent]) -> None:
-        """Process complete lines ending in a blank line, all of which dispatch in this feed.
+        """Process complete lines that end in a blank line, so all of them dispatch now.
 
-        Splitting on blank lines yields one event block per element; a block that is a single
-        ``data: `` line (the usual LLM token event) becomes an event without per-line work.
+        Line ends are found with ``str.find`` (memchr speed). A ``data: `` line directly
+        followed by a blank line, with no event block left open, is the usual LLM token event:
+        it becomes an event without going through the general field rules.
         """
         # Spec: the stream is decoded as UTF-8 with replacement. Decoding whole lines at once
         # equals decoding the stream, since a truncated sequence is ended by the CR/LF after it.
-        parts = body.decode("utf-8", "replace").split("\n\n")
-        # The last element is "" or "\n": the latter is a blank line straight after a dispatch,
-        # which would dispatch an empty buffer again, a no-op.
-        parts.pop()
+        text = body.decode("utf-8", "replace")
+        find = text.find
+        startswith = text.startswith
+        append = out.append
         id_buffer = self._id_buffer
         clean = not (self._data or self._event_type)  # no block left open by an earlier feed
-        append = out.append
-        for part in parts:
-            if clean and part.startswith("data: ") and "\n" not in part:
-                # Fast path: one "data: value" line, then the blank line that dispatches it.
-                append(SSEEvent("message", part[6:], id_buffer))
+        size = len(text)
+        pos = 0
+        while pos < size:
+            # Spec: a line ends at the first CR or LF; a CR directly followed by LF is one end.
+            lf = find("\n", pos)
+            cr = find("\r", pos, size if lf < 0 else lf)
+            if clean and startswith("data: ", pos):
+                if cr < 0:
+                    if startswith("\n", lf + 1):  # an LF-ended data line, then a blank line
+                        append(SSEEvent("message", text[pos + 6 : lf], id_buffer))
+                        pos = lf + 2
+                        continue
+                elif cr == lf - 1 and startswith("\r\n", lf + 1):  # the same with CRLF
+                    append(SSEEvent("message", text[pos + 6 : cr], id_buffer))
+                    pos = lf + 3
+                    continue
+            start = pos
+            if cr < 0:
+                end = lf
+                pos = lf + 1
             else:
-                for line in part.split("\n"):
-                    if line:
-                        self._field(line)
-                    else:
-                        self._dispatch(out)
+                end = cr
+                pos = lf + 1 if cr == lf - 1 else cr + 1
+            if end == start:
                 self._dispatch(out)
-                id_buffer = self._id_buffer
-                clean = True
-        # Spec, dispatch step 1: the last event ID string takes the buffer's value.
+            else:
+                self._field(text[start:end])
+            id_buffer = self._id_buffer
+            clean = not (self._data or self._event_type)
+        # Spec, dispatch step 1: the last event ID string takes the buffer's value. body ends
+        # with a blank line, so this is the value at the last dispatch.
         self.last_event_id = id_buffer
 
     def _lines_checked(self, block: bytes | bytearray, out: list[SSEEvent]) -> None:
-        """Process LF-terminated lines one at a time, enforcing the cap before each line."""
+        """Process terminated lines one at a time, enforcing the cap before each line."""
         limit = self._max
-        lines = block.split(b"\n")
-        lines.pop()  # block ends with LF: the last element is empty
-        for raw in lines:
+        # bytes.splitlines() splits on exactly CR, LF and CRLF (unlike str.splitlines()), and
+        # block ends with a line ending, so every element is a complete line.
+        for raw in block.splitlines():
             if self._data_bytes + len(raw) > limit:
                 self._fail()
             if not raw:
@@ -231,10 +255,9 @@ class SSEDecoder:
             # Spec: "If the field value consists of only ASCII digits, then interpret the field
             # value as an integer in base ten" and set the reconnection time. The empty value
             # is ignored (see the retry_empty_value vector).
-            try:
+            # A value past int()'s digit limit (sys.get_int_max_str_digits) is ignored.
+            with suppress(ValueError):
                 self.retry = int(value.lstrip("0") or "0")
-            except ValueError:  # beyond int()'s digit limit; no usable reconnection time
-                pass
         # Spec: any other field name is ignored.
         return False
 
