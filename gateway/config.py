@@ -69,6 +69,10 @@ class Config:
     tls_cert: str | None = None
     tls_key: str | None = None
     log_content: bool = False
+    resume_grace: float = 30.0
+    resume_retention: float = 120.0
+    resume_max_bytes: int = 1 << 20
+    resume_total_bytes: int = 256 << 20
     #: "auto": uvloop when installed, else asyncio.
     loop: str = "auto"
     compression: bool = False
@@ -304,6 +308,30 @@ def add_serve_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, s
     flag("tls-key", "PEM private key for --tls-cert", None)
     switch("log-content", "log prompts and answers (off by default: they are user data)")
     flag(
+        "resume-grace",
+        "seconds a dropped socket's streams keep running for a resume (0: cancel at once)",
+        d.resume_grace,
+        _non_negative(float),
+    )
+    flag(
+        "resume-retention",
+        "seconds an ended stream's output stays resumable",
+        d.resume_retention,
+        _non_negative(float),
+    )
+    flag(
+        "resume-max-bytes",
+        "largest answer (characters) retained for resume after its stream ended",
+        d.resume_max_bytes,
+        _nn_int,
+    )
+    flag(
+        "resume-total-bytes",
+        "retained output of ended streams per process (characters); oldest evicted first",
+        d.resume_total_bytes,
+        _nn_int,
+    )
+    flag(
         "loop",
         "event loop: uvloop (faster; default when installed) or asyncio",
         d.loop,
@@ -393,6 +421,10 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         log_content=args.log_content,
+        resume_grace=args.resume_grace,
+        resume_retention=args.resume_retention,
+        resume_max_bytes=args.resume_max_bytes,
+        resume_total_bytes=args.resume_total_bytes,
         loop=args.loop,
         compression=args.compression,
         workers=args.workers,

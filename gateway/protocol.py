@@ -86,6 +86,7 @@ class ErrorCode(StrEnum):
     UNAUTHORIZED = "unauthorized"
     RATE_LIMITED = "rate_limited"
     PROMPT_TOO_LARGE = "prompt_too_large"
+    RESUME_UNAVAILABLE = "resume_unavailable"
     INTERNAL = "internal"
 
 
@@ -108,6 +109,7 @@ RETRYABLE: Final[dict[ErrorCode, bool]] = {
     ErrorCode.UNAUTHORIZED: False,
     ErrorCode.RATE_LIMITED: True,
     ErrorCode.PROMPT_TOO_LARGE: False,
+    ErrorCode.RESUME_UNAVAILABLE: False,
     ErrorCode.INTERNAL: True,
 }
 
@@ -154,7 +156,16 @@ class Auth:
     token: str = field(repr=False)
 
 
-ClientMessage = Start | Cancel | Ping | Auth
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """`resume`: follow a stream started on another (dropped) socket, from after seq `after`."""
+
+    id: str
+    resume_token: str = field(repr=False)
+    after: int
+
+
+ClientMessage = Start | Cancel | Ping | Auth | Resume
 
 
 def _depth_ok(value: Any, limit: int) -> bool:
@@ -284,6 +295,21 @@ def parse_client_frame(data: str | bytes, max_bytes: int) -> ClientMessage:
         return Cancel(_stream_id(obj))
     if kind == "ping":
         return Ping()
+    if kind == "resume":
+        sid = _stream_id(obj)
+        token = obj.get("resume_token")
+        after = obj.get("after")
+        if not isinstance(token, str) or not 0 < len(token) <= 256:
+            raise ProtocolViolation(
+                ErrorCode.BAD_MESSAGE, "'resume_token' must be the string from 'started'", sid
+            )
+        if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+            raise ProtocolViolation(
+                ErrorCode.BAD_MESSAGE,
+                "'after' must be the last seq received (an integer >= 0)",
+                sid,
+            )
+        return Resume(sid, token, after)
     if kind == "auth":
         token = obj.get("token")
         if not isinstance(token, str) or not 0 < len(token) <= 8192:
@@ -311,9 +337,17 @@ def encode_authenticated(expires_at: float | None) -> bytes:
     return _dumps({"type": "authenticated", "expires_at": expires_at})
 
 
-def encode_started(stream_id: str) -> bytes:
+def encode_started(stream_id: str, resume_token: str | None = None) -> bytes:
     """`started`: the start was accepted (sent before the upstream answers)."""
-    return b'{"type":"started","id":"' + stream_id.encode() + b'"}'
+    msg: dict[str, Any] = {"type": "started", "id": stream_id}
+    if resume_token is not None:
+        msg["resume_token"] = resume_token
+    return _dumps(msg)
+
+
+def encode_resumed(stream_id: str, after: int) -> bytes:
+    """`resumed`: the frames with seq > `after` follow, then the stream goes on live."""
+    return _dumps({"type": "resumed", "id": stream_id, "after": after})
 
 
 def chunk_prefix(stream_id: str) -> bytes:

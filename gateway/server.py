@@ -40,6 +40,7 @@ from gateway.config import Config
 from gateway.observability import Metrics
 from gateway.protocol import ErrorCode, Start, encode_authenticated
 from gateway.quotas import Quotas
+from gateway.resume import Registry
 from gateway.session import (
     CLOSE_UNAUTHORIZED,
     Authenticate,
@@ -48,8 +49,11 @@ from gateway.session import (
     OpenUpstream,
     Outbox,
     Refused,
+    Resumed,
     Session,
+    State,
     Stream,
+    finish_fail,
 )
 from gateway.upstream import FlowControl, Upstream
 
@@ -86,7 +90,8 @@ def _spawn(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
 
 
 class Connection:
-    """One accepted socket: its session, its writer and its streams' relay tasks."""
+    """One accepted socket: its session and its writer. The streams' relay tasks belong to the
+    gateway, because a stream may outlive its socket (resume)."""
 
     def __init__(self, gateway: Gateway, ws: ServerConnection) -> None:
         self.gateway = gateway
@@ -101,7 +106,13 @@ class Connection:
         if not gateway.auth.enabled:
             self.principal = Principal("ip:" + _peer(ws).rsplit(":", 1)[0])
         self.session = Session(
-            self.id, gateway.limits, outbox, admit=self._admit, awaiting_auth=awaiting_auth
+            self.id,
+            gateway.limits,
+            outbox,
+            admit=self._admit,
+            awaiting_auth=awaiting_auth,
+            registry=gateway.registry,
+            principal=self.principal.name if self.principal else None,
         )
         self.session.accepting = not gateway.draining
         self._socket_counted = False
@@ -109,11 +120,14 @@ class Connection:
         self._opened_at = asyncio.get_running_loop().time()
         self.outbox = outbox
         self.flow = FlowControl(gateway.config.send_buffer_bytes, lambda: outbox.buffered)
-        self.tasks: dict[Stream, asyncio.Task[None]] = {}
+        #: Streams whose output this socket receives (their relays belong to the gateway).
+        self.following: set[Stream] = set()
         #: (code, reason) once the gateway wants this socket closed after its pending frames.
         self._close_request: tuple[int, str] | None = None
         self._idle_timer: asyncio.Timeout | None = None
         self.close_reason = "client"
+        #: Set once the gateway has decided to close this socket (tests and drains wait on it).
+        self.closing = asyncio.Event()
 
     async def run(self) -> None:
         structlog.contextvars.bind_contextvars(session=self.id)
@@ -132,9 +146,7 @@ class Connection:
         finally:
             if self._expiry is not None:
                 self._expiry.cancel()
-            for stream in self.session.close():
-                self._cancel(stream)
-            await self._join()
+            await self._release_streams()
             if self._socket_counted and self.principal is not None:
                 self.gateway.quotas.close_socket(self.principal.name, time.monotonic())
             if not writer.done() and self._close_request is None:
@@ -151,6 +163,31 @@ class Connection:
                 duration_ms=round((time.monotonic() - opened) * 1000, 1),
             )
 
+    def dropped(self) -> bool:
+        """Whether the socket went away without the client meaning it (no close frame from
+        the client: network loss, ping timeout; or our 4408), so its streams wait for a resume."""
+        if self.close_reason == "slow_consumer":
+            return True
+        # websockets' sans-I/O protocol records the peer's close frame, if one came.
+        return self.close_reason == "client" and self.ws.protocol.close_rcvd is None
+
+    async def _release_streams(self) -> None:
+        """Socket gone: a deliberate close cancels its streams at once; a drop detaches them
+        for --resume-grace (docs/protocol.md, "Resume")."""
+        gateway = self.gateway
+        for stream in self.following:
+            if gateway.followers.get(stream) is self:
+                del gateway.followers[stream]
+        self.following.clear()
+        if gateway.config.resume_grace > 0 and self.dropped():
+            for stream in self.session.detach():
+                gateway.detach(stream)
+            return
+        cancelled = self.session.close()
+        for stream in cancelled:
+            gateway.cancel_stream(stream)
+        await gateway.join(cancelled)
+
     async def _read(self) -> None:
         """Read client frames until the socket closes; close it after --idle-timeout of
         silence with no stream running."""
@@ -161,11 +198,14 @@ class Connection:
                 async for frame in self.ws:
                     for command in self.session.receive(frame):
                         if isinstance(command, OpenUpstream):
-                            self._open(command.stream)
+                            self.gateway.open_stream(command.stream)
+                            self._follow(command.stream)
                         elif isinstance(command, CancelUpstream):
-                            self._cancel(command.stream)
+                            self.gateway.cancel_stream(command.stream)
                         elif isinstance(command, Authenticate):
                             await self._authenticate(command.token)
+                        elif isinstance(command, Resumed):
+                            self._follow(command.stream, resumed=True)
                         else:
                             self.close_reason = "protocol"
                             self.request_close(command.code, command.reason)
@@ -188,7 +228,7 @@ class Connection:
         if self.session.awaiting_auth:
             timer.reschedule(self._opened_at + self.gateway.config.auth_timeout)
             return
-        if not idle or self.session.streams or self.tasks:
+        if not idle or self.session.streams:
             timer.reschedule(None)
         else:
             timer.reschedule(asyncio.get_running_loop().time() + idle)
@@ -236,6 +276,7 @@ class Connection:
             return
         if self.session.awaiting_auth:
             self.principal = principal
+            self.session.principal = principal.name
             if not await self._admit_socket():
                 return
             self.session.welcome()
@@ -269,7 +310,7 @@ class Connection:
         self._close_if_expired_and_idle()
 
     def _close_if_expired_and_idle(self) -> None:
-        if not self.session.authorized and not self.session.streams and not self.tasks:
+        if not self.session.authorized and not self.session.streams:
             self.close_reason = "expired"
             self.request_close(CLOSE_UNAUTHORIZED, "credential expired")
 
@@ -277,41 +318,22 @@ class Connection:
         """Close the socket once every frame queued so far has been sent."""
         if self._close_request is None:
             self._close_request = (code, reason)
+            self.closing.set()
             self._wake.set()
 
-    def interrupt(self, message: str) -> None:
-        """End every active stream now (retryable stream_interrupted) and cancel upstreams."""
-        for stream in self.session.interrupt(message):
-            self._cancel(stream)
+    def _follow(self, stream: Stream, resumed: bool = False) -> None:
+        """This socket now receives `stream`'s output (its writer paces the relay)."""
+        if resumed:
+            self.gateway.attach(stream, self)
+        if stream.active:
+            self.gateway.followers[stream] = self
+            self.following.add(stream)
 
-    def _open(self, stream: Stream) -> None:
-        self.gateway.stream_started()
-        task = _spawn(self._relay(stream), f"stream {self.id}/{stream.id}")
-        self.tasks[stream] = task
-        task.add_done_callback(lambda _t: self._finished(stream))
-
-    def _finished(self, stream: Stream) -> None:
-        self.tasks.pop(stream, None)
-        self.gateway.stream_ended()
-        if self.principal is not None:
-            self.gateway.quotas.end_stream(self.principal.name, time.monotonic())
+    def stream_finished(self, stream: Stream) -> None:
+        """The relay of a stream this socket followed has finished."""
+        self.following.discard(stream)
         self._arm_idle()
         self._close_if_expired_and_idle()
-
-    async def _relay(self, stream: Stream) -> None:
-        structlog.contextvars.bind_contextvars(stream=stream.id)
-        await self.gateway.upstream.relay(stream, self.session, self.flow.wait)
-
-    def _cancel(self, stream: Stream) -> None:
-        task = self.tasks.get(stream)
-        if task is not None:
-            stream.cancelled_at = time.monotonic()
-            task.cancel()
-
-    async def _join(self) -> None:
-        """Wait until every relay task of this socket has finished (they were cancelled)."""
-        while self.tasks:
-            await asyncio.wait(list(self.tasks.values()))
 
     async def _write(self) -> None:
         """Drain the outbox into the socket; `send` blocks while the client is behind.
@@ -343,15 +365,22 @@ class Connection:
             return
 
     async def _close_slow_consumer(self, waited: float) -> None:
-        """Give up on a client that cannot keep up: stop its streams now (their upstreams must
-        not run on for a reader that is not there), then close with 4408 behind the frames it
-        has not read yet (dropped after --close-timeout if it does not answer)."""
+        """Give up on a client that cannot keep up: close with 4408 behind the frames it has not
+        read yet (dropped after --close-timeout if it does not answer). Its streams are then
+        detached for --resume-grace like any dropped socket's."""
         self.close_reason = "slow_consumer"
+        self.closing.set()
         self.gateway.metrics.slow_client_closes.inc()
         log.warning("socket.slow_consumer", timeout_s=waited, buffered=self.outbox.buffered)
-        for stream in self.session.close():
-            self._cancel(stream)
-        await self.ws.close(CLOSE_SLOW_CONSUMER, "slow consumer")
+        # close() would wait for the full send buffer to drain before the close frame goes
+        # out; bound the whole closing handshake, then drop the connection.
+        try:
+            await asyncio.wait_for(
+                self.ws.close(CLOSE_SLOW_CONSUMER, "slow consumer"),
+                self.gateway.config.close_timeout,
+            )
+        except TimeoutError:
+            self.ws.transport.abort()
 
 
 def _static(path: str) -> Response:
@@ -427,6 +456,14 @@ class Gateway:
         self.metrics = Metrics()
         self.upstream = Upstream(config, upstream_url, self.metrics)
         self.connections: set[Connection] = set()
+        #: Every running relay task, by stream: owned here because streams outlive sockets.
+        self.relays: dict[Stream, asyncio.Task[None]] = {}
+        #: The socket each running stream's output goes to (absent while detached).
+        self.followers: dict[Stream, Connection] = {}
+        self.registry = Registry(config.resume_max_bytes, config.resume_total_bytes)
+        #: Grace timers of detached streams and retention timers of ended ones.
+        self._grace: dict[Stream, asyncio.TimerHandle] = {}
+        self._retention: dict[Stream, asyncio.TimerHandle] = {}
         self.active_streams = 0
         self.draining = False
         self._server: Server | None = None
@@ -444,15 +481,94 @@ class Gateway:
         m.tasks.set_function(lambda: len(asyncio.all_tasks()))
         m.draining.set_function(lambda: int(self.draining))
 
-    def stream_started(self) -> None:
+    # ------------------------------------------------------------------ stream lifecycle
+
+    def open_stream(self, stream: Stream) -> None:
+        """Start `stream`'s relay task (owned here, not by the socket: it may outlive it)."""
         self.active_streams += 1
         self.metrics.streams_started.labels(self.upstream.dialect).inc()
         self.idle.clear()
+        stream.started_at = time.monotonic()
+        task = _spawn(self._relay(stream), f"stream {stream.id}")
+        self.relays[stream] = task
+        task.add_done_callback(lambda _t: self._relay_done(stream))
 
-    def stream_ended(self) -> None:
+    async def _relay(self, stream: Stream) -> None:
+        structlog.contextvars.bind_contextvars(stream=stream.id)
+        await self.upstream.relay(stream, self.wait_for_space)
+
+    async def wait_for_space(self, stream: Stream) -> None:
+        """Backpressure: wait while the socket following `stream` is behind (none: go on)."""
+        connection = self.followers.get(stream)
+        if connection is not None:
+            await connection.flow.wait()
+
+    def _relay_done(self, stream: Stream) -> None:
+        self.relays.pop(stream, None)
+        self.upstream.stream_ended(stream, stream.started_at)
         self.active_streams -= 1
         if self.active_streams == 0:
             self.idle.set()
+        if stream.principal is not None:
+            self.quotas.end_stream(stream.principal, time.monotonic())
+        timer = self._grace.pop(stream, None)
+        if timer is not None:
+            timer.cancel()
+        if self.registry.ended(stream):
+            loop = asyncio.get_running_loop()
+            self._retention[stream] = loop.call_later(
+                self.config.resume_retention, self._retention_over, stream
+            )
+        connection = self.followers.pop(stream, None)
+        if connection is not None:
+            connection.stream_finished(stream)
+
+    def _retention_over(self, stream: Stream) -> None:
+        self._retention.pop(stream, None)
+        self.registry.forget(stream)
+
+    def cancel_stream(self, stream: Stream) -> None:
+        """Abort `stream`'s upstream request now (its connection is closed, not pooled)."""
+        self.registry.forget(stream)
+        task = self.relays.get(stream)
+        if task is not None and not task.done():
+            stream.cancelled_at = time.monotonic()
+            task.cancel()
+
+    async def join(self, streams: list[Stream]) -> None:
+        """Wait until the relays of `streams` have finished."""
+        tasks = [self.relays[s] for s in streams if s in self.relays]
+        if tasks:
+            await asyncio.wait(tasks)
+
+    def detach(self, stream: Stream) -> None:
+        """No socket follows `stream` now: keep it running for --resume-grace, then give up."""
+        self.followers.pop(stream, None)
+        if stream.active and stream in self.relays:
+            loop = asyncio.get_running_loop()
+            self._grace[stream] = loop.call_later(
+                self.config.resume_grace, self._grace_over, stream
+            )
+            log.info("stream.detached", stream=stream.id, grace_s=self.config.resume_grace)
+
+    def attach(self, stream: Stream, connection: Connection) -> None:
+        """A resume moved `stream` to `connection`."""
+        timer = self._grace.pop(stream, None)
+        if timer is not None:
+            timer.cancel()
+        previous = self.followers.pop(stream, None)
+        if previous is not None and previous is not connection:
+            previous.following.discard(stream)
+        log.info("stream.resumed", stream=stream.id, seq=stream.seq)
+
+    def _grace_over(self, stream: Stream) -> None:
+        """Nobody resumed `stream` in time: stop its upstream (no one would read the answer)."""
+        self._grace.pop(stream, None)
+        if stream.owner is None and stream.active:
+            stream.state = State.CANCELLED
+            stream.outcome = "abandoned"
+            log.info("stream.abandoned", stream=stream.id)
+            self.cancel_stream(stream)
 
     def take_principal(self, ws: ServerConnection) -> Principal | None:
         """The principal authenticated during `ws`'s handshake, if any."""
@@ -548,8 +664,14 @@ class Gateway:
             await asyncio.wait_for(self.idle.wait(), timeout)
         except TimeoutError:
             log.warning("gateway.drain_timeout", interrupted=self.active_streams)
-            for connection in self.connections:
-                connection.interrupt("the gateway is shutting down; retry on another connection")
+            for stream in list(self.relays):
+                finish_fail(
+                    stream,
+                    ErrorCode.STREAM_INTERRUPTED,
+                    "the gateway is shutting down; retry on another connection",
+                    True,
+                )
+                self.cancel_stream(stream)
         for connection in list(self.connections):
             connection.close_reason = "shutdown"
             connection.request_close(1001, "going away")
@@ -560,11 +682,20 @@ class Gateway:
         await self.stop()
 
     async def stop(self) -> None:
-        """Close every remaining socket with 1001, wait for their handlers, close the upstream."""
+        """Close every remaining socket with 1001, wait for their handlers, stop every relay
+        (detached ones too), close the upstream."""
         self.draining = True
         if self._server is not None:
             self._server.close(close_connections=True)
             await self._server.wait_closed()
+        for timer in [*self._grace.values(), *self._retention.values()]:
+            timer.cancel()
+        self._grace.clear()
+        self._retention.clear()
+        streams = list(self.relays)
+        for stream in streams:
+            self.cancel_stream(stream)
+        await self.join(streams)
         await self.upstream.close()
 
     def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:

@@ -14,11 +14,12 @@ Invariants (protocol.md, "Streams"), each pinned by tests:
 
 from __future__ import annotations
 
+import secrets
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from gateway.protocol import (
     PONG,
@@ -27,16 +28,22 @@ from gateway.protocol import (
     ErrorCode,
     Ping,
     ProtocolViolation,
+    Resume,
     Start,
     chunk_prefix,
     encode_cancelled,
     encode_chunk,
     encode_done,
     encode_error,
+    encode_resumed,
     encode_started,
     encode_welcome,
     parse_client_frame,
 )
+from gateway.resume import GONE
+
+if TYPE_CHECKING:
+    from gateway.resume import Registry
 
 #: How many finished stream ids a socket remembers, so that a `cancel` racing the stream's own
 #: end is recognised and ignored instead of answered with a second terminal `unknown_id`.
@@ -52,8 +59,26 @@ class State(Enum):
     FAILED = "failed"
 
 
+class Sink(Protocol):
+    """Where a stream's output goes: a socket's `Outbox`, or `DETACHED` while no socket
+    follows it (its output is then only retained for a resume)."""
+
+    def push_text(self, stream: Stream, text: str) -> None: ...
+
+    def push_terminal(self, stream: Stream, build: TerminalBuilder) -> None: ...
+
+
+#: Builds a terminal frame from the stream id (which a resume may change) and the final seq.
+TerminalBuilder = Callable[[str, int], bytes]
+
+
 class Stream:
-    """One prompt stream: its request, its output so far and where it is in its lifecycle."""
+    """One prompt stream: its request, its output so far and where it is in its lifecycle.
+
+    The output is kept as the upstream deltas (`parts`, needed for `done.text` anyway) plus the
+    end offset of every text_chunk sent (`ends`), so any chunk can be replayed on a resume
+    without storing the text twice.
+    """
 
     __slots__ = (
         "_terminal",
@@ -61,44 +86,84 @@ class Stream:
         "cancelled_at",
         "chunks_in",
         "coalesced",
+        "ends",
         "id",
         "outcome",
+        "owner",
         "parts",
         "pending",
         "prefix",
+        "principal",
         "queued",
         "request",
+        "resume_token",
         "seq",
+        "sink",
+        "started_at",
         "state",
+        "terminal_sent",
+        "text_len",
     )
 
-    def __init__(self, request: Start) -> None:
+    def __init__(
+        self,
+        request: Start,
+        sink: Sink | None = None,
+        *,
+        resume_token: str | None = None,
+        principal: str | None = None,
+    ) -> None:
         self.id = request.id
         self.request = request
         self.prefix = chunk_prefix(request.id)
         self.state = State.ACTIVE
-        #: Last seq sent (text_chunk frames produced by the outbox).
+        #: Last seq produced (text_chunk frames handed to a socket or retained for resume).
         self.seq = 0
-        #: Every delta of the answer, for `done.text`.
+        #: Every delta of the answer, for `done.text` and replays.
         self.parts: list[str] = []
+        #: End offset (in characters of the joined answer) of each text_chunk, by seq - 1.
+        self.ends: list[int] = []
+        self.text_len = 0
         #: Deltas not yet turned into a frame.
         self.pending: list[str] = []
-        #: Whether this stream has an entry in its outbox's queue.
+        #: Whether this stream has an entry in its sink's queue.
         self.queued = False
-        #: Builds the terminal frame from the final seq once the last text is flushed.
-        self._terminal: Callable[[int], bytes] | None = None
+        self.sink: Sink = sink if sink is not None else DETACHED
+        #: The session whose socket follows this stream (None while detached).
+        self.owner: Session | None = None
+        self.resume_token = resume_token
+        self.principal = principal
+        #: Builds the terminal frame once the last text is flushed; kept for replays.
+        self._terminal: TerminalBuilder | None = None
+        self.terminal_sent = False
         self.chunks_in = 0
         self.bytes_in = 0
         #: Deltas merged into another delta's frame (a slow-client signal for metrics).
         self.coalesced = 0
         #: When the server decided to cancel this stream (its clock), for cancel latency.
         self.cancelled_at: float | None = None
+        #: When the server accepted it (its clock), for the duration metric.
+        self.started_at = 0.0
         #: Short outcome word for the stream's summary log line and metrics.
         self.outcome = "active"
 
     @property
     def active(self) -> bool:
         return self.state is State.ACTIVE
+
+    def push(self, text: str) -> None:
+        """A text delta from the upstream (hot path). Ignored once the stream is terminal."""
+        if self.state is State.ACTIVE:
+            self.parts.append(text)
+            self.chunks_in += 1
+            self.sink.push_text(self, text)
+
+    def text(self) -> str:
+        """The whole answer so far (joined once, then kept joined)."""
+        parts = self.parts
+        if len(parts) > 1:
+            parts[:] = ["".join(parts)]
+        return parts[0] if parts else ""
 
     def flush(self) -> list[bytes]:
         """Frames for everything pending: at most one text_chunk, then the terminal if set."""
@@ -112,12 +177,51 @@ class Stream:
                 self.coalesced += len(pending) - 1
             pending.clear()
             self.seq += 1
+            self.text_len += len(text)
+            self.ends.append(self.text_len)
             frames.append(encode_chunk(self.prefix, self.seq, text))
-        if self._terminal is not None:
-            frames.append(self._terminal(self.seq))
-            self._terminal = None
+        if self._terminal is not None and not self.terminal_sent:
+            self.terminal_sent = True
+            frames.append(self._terminal(self.id, self.seq))
         self.queued = False
         return frames
+
+    def replay(self, after: int, stream_id: str) -> list[bytes]:
+        """The frames with seq > `after` (and the terminal, if sent), for a resume as `stream_id`.
+
+        Only what was already produced is replayed; pending deltas follow as the next seq.
+        """
+        full = self.text()
+        prefix = chunk_prefix(stream_id)
+        ends = self.ends
+        frames = [
+            encode_chunk(prefix, seq, full[ends[seq - 2] if seq > 1 else 0 : ends[seq - 1]])
+            for seq in range(after + 1, self.seq + 1)
+        ]
+        if self.terminal_sent and self._terminal is not None:
+            frames.append(self._terminal(stream_id, self.seq))
+        return frames
+
+    def rename(self, stream_id: str) -> None:
+        """Take the id a resuming client uses on its new socket."""
+        self.id = stream_id
+        self.prefix = chunk_prefix(stream_id)
+
+
+class _Detached:
+    """The sink of a stream no socket follows: output is produced at once and only retained,
+    so a later resume can replay it (no socket, so nothing to coalesce for)."""
+
+    def push_text(self, stream: Stream, text: str) -> None:
+        stream.pending.append(text)
+        stream.flush()
+
+    def push_terminal(self, stream: Stream, build: TerminalBuilder) -> None:
+        stream._terminal = build
+        stream.flush()
+
+
+DETACHED: Final = _Detached()
 
 
 class Outbox:
@@ -160,12 +264,24 @@ class Outbox:
             stream.queued = True
             self._enqueue(stream)
 
-    def push_terminal(self, stream: Stream, build: Callable[[int], bytes]) -> None:
+    def push_terminal(self, stream: Stream, build: TerminalBuilder) -> None:
         """Queue `stream`'s terminal frame after its pending text; built with the final seq."""
         stream._terminal = build
         if not stream.queued:
             stream.queued = True
             self._enqueue(stream)
+
+    def abandon(self) -> None:
+        """The socket is gone: produce every queued stream's pending output into its retained
+        log (it may be resumed) and hand the streams to `DETACHED`."""
+        for entry in self._queue:
+            if isinstance(entry, Stream) and entry.sink is self:
+                entry.flush()
+        for entry in self._queue:
+            if isinstance(entry, Stream) and entry.sink is self:
+                entry.sink = DETACHED
+        self._queue.clear()
+        self.buffered = 0
 
     def discard_pending(self, stream: Stream) -> None:
         """Drop text of `stream` not yet sent (it was cancelled: unsent text never counts)."""
@@ -181,7 +297,7 @@ class Outbox:
             entry = queue.popleft()
             if isinstance(entry, bytes):
                 frames.append(entry)
-            else:
+            elif entry.sink is self:  # a stream that moved to another socket is not ours
                 frames.extend(entry.flush())
         self.buffered = 0
         return frames
@@ -216,7 +332,14 @@ class CloseSocket:
     reason: str
 
 
-Command = OpenUpstream | CancelUpstream | Authenticate | CloseSocket
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """Command: `stream` now follows this socket (stop its grace timer, route its flow)."""
+
+    stream: Stream
+
+
+Command = OpenUpstream | CancelUpstream | Authenticate | CloseSocket | Resumed
 
 #: Close code for a socket that did not (or could no longer) authenticate.
 CLOSE_UNAUTHORIZED: Final = 4401
@@ -275,11 +398,56 @@ def prompt_chars(messages: tuple[dict[str, Any], ...]) -> int:
     return total
 
 
+def finish_done(stream: Stream, meta: dict[str, Any], final_text: str | None = None) -> None:
+    """The upstream finished the answer. `final_text` is its own full text, if it sent one.
+
+    `done.text` must equal the concatenated chunks, so an upstream full text that extends what
+    was relayed sends its remainder as a last chunk first; one that disagrees loses.
+    """
+    if stream.state is not State.ACTIVE:
+        return
+    if final_text is not None:
+        so_far = stream.text()
+        if len(final_text) > len(so_far) and final_text.startswith(so_far):
+            stream.push(final_text[len(so_far) :])
+
+    def build(sid: str, seq: int) -> bytes:
+        return encode_done(sid, seq, stream.text(), meta)
+
+    _end(stream, State.DONE, "done", build)
+
+
+def finish_fail(
+    stream: Stream,
+    code: ErrorCode,
+    message: str,
+    retryable: bool | None = None,
+    **extra: Any,
+) -> None:
+    """The stream ended with an error; the chunks already sent stand."""
+    if stream.state is not State.ACTIVE:
+        return
+
+    def build(sid: str, seq: int) -> bytes:
+        return encode_error(code, message, sid, retryable, seq=seq, **extra)
+
+    _end(stream, State.FAILED, code.value, build)
+
+
+def _end(stream: Stream, state: State, outcome: str, build: TerminalBuilder) -> None:
+    stream.state = state
+    stream.outcome = outcome
+    stream.sink.push_terminal(stream, build)
+    if stream.owner is not None:
+        stream.owner._forget(stream)
+
+
 class Session:
     """The protocol state of one WebSocket: its active streams and the frames it owes.
 
     With authentication configured and no token on the upgrade, the session starts
     `awaiting_auth`: the only frame it takes is `auth`; anything else closes with 4401.
+    With a `registry`, streams get a resume token and can outlive the socket (resume.py).
     """
 
     def __init__(
@@ -290,6 +458,9 @@ class Session:
         *,
         admit: Callable[[Start], Refused | None] | None = None,
         awaiting_auth: bool = False,
+        registry: Registry | None = None,
+        principal: str | None = None,
+        new_token: Callable[[], str] | None = None,
     ) -> None:
         self.id = session_id
         self.limits = limits
@@ -304,6 +475,10 @@ class Session:
         self.awaiting_auth = awaiting_auth
         #: False once the principal's credential expired (starts get `unauthorized`).
         self.authorized = True
+        #: Who this socket belongs to; resume tokens are bound to it.
+        self.principal = principal
+        self.registry = registry
+        self._new_token = new_token if new_token is not None else _token
         self.streams_started = 0
         self.frames_in = 0
 
@@ -332,6 +507,8 @@ class Session:
             return self._start(msg)
         if isinstance(msg, Cancel):
             return self._cancel(msg.id)
+        if isinstance(msg, Resume):
+            return self._resume(msg)
         assert isinstance(msg, Ping)
         self.outbox.push_frame(PONG)
         return []
@@ -378,11 +555,15 @@ class Session:
                 if refused.retry_after_ms is not None:
                     extra["retry_after_ms"] = refused.retry_after_ms
                 return self._refuse(refused.code, refused.message, sid, **extra)
-        stream = Stream(msg)
+        token = self._new_token() if self.registry is not None else None
+        stream = Stream(msg, self.outbox, resume_token=token, principal=self.principal)
+        stream.owner = self
         self.streams[sid] = stream
         self._recent.pop(sid, None)
         self.streams_started += 1
-        self.outbox.push_frame(encode_started(sid))
+        if self.registry is not None:
+            self.registry.add(stream)
+        self.outbox.push_frame(encode_started(sid, token))
         return [OpenUpstream(stream)]
 
     def _cancel(self, sid: str) -> list[Command]:
@@ -394,37 +575,60 @@ class Session:
                 return []
             return self._refuse(ErrorCode.UNKNOWN_ID, f"no active stream {sid!r}", sid)
         self.outbox.discard_pending(stream)
-        self._end(stream, State.CANCELLED, "cancelled", lambda seq: encode_cancelled(sid, seq))
+        _end(stream, State.CANCELLED, "cancelled", encode_cancelled)
         return [CancelUpstream(stream)]
+
+    def _resume(self, msg: Resume) -> list[Command]:
+        """Move a stream to this socket and replay what the client missed (protocol.md,
+        "Resume"): `resumed`, every frame with seq > after, then live output."""
+        sid = msg.id
+        found = self.registry.lookup(msg.resume_token) if self.registry is not None else None
+        if found is GONE:
+            return self._refuse(
+                ErrorCode.RESUME_UNAVAILABLE, "that stream's output is no longer retained", sid
+            )
+        if not isinstance(found, Stream) or found.principal != self.principal:
+            # Another principal's token looks exactly like an unknown one.
+            return self._refuse(ErrorCode.UNKNOWN_ID, "no stream for that resume_token", sid)
+        stream = found
+        if msg.after > stream.seq:
+            return self._refuse(
+                ErrorCode.BAD_MESSAGE,
+                f"'after' ({msg.after}) is beyond the last seq sent ({stream.seq})",
+                sid,
+            )
+        current = self.streams.get(sid)
+        if current is not None and current is not stream:
+            return self._refuse(
+                ErrorCode.DUPLICATE_ID, f"stream {sid!r} is already active on this socket", sid
+            )
+        previous = stream.owner
+        if previous is not None:
+            previous._forget(stream, finished=False)
+        self.outbox.push_frame(encode_resumed(sid, msg.after))
+        for frame in stream.replay(msg.after, sid):
+            self.outbox.push_frame(frame)
+        stream.rename(sid)
+        stream.sink = self.outbox
+        stream.queued = False
+        if stream.pending or (stream._terminal is not None and not stream.terminal_sent):
+            stream.queued = True
+            self.outbox._enqueue(stream)
+        if stream.active:
+            stream.owner = self
+            self.streams[sid] = stream
+            self._recent.pop(sid, None)
+        return [Resumed(stream)]
 
     # ------------------------------------------------------------------ upstream side
 
     def text(self, stream: Stream, text: str) -> None:
-        """A text delta from the upstream of `stream` (hot path). Ignored once terminal."""
-        if stream.state is State.ACTIVE:
-            stream.parts.append(text)
-            stream.chunks_in += 1
-            self.outbox.push_text(stream, text)
+        """A text delta from the upstream of `stream` (see `Stream.push`)."""
+        stream.push(text)
 
     def done(self, stream: Stream, meta: dict[str, Any], final_text: str | None = None) -> None:
-        """The upstream finished the answer. `final_text` is its own full text, if it sent one.
-
-        `done.text` must equal the concatenated chunks, so an upstream full text that extends
-        what was relayed sends its remainder as a last chunk first; one that disagrees loses.
-        """
-        if stream.state is not State.ACTIVE:
-            return
-        if final_text is not None:
-            so_far = "".join(stream.parts)
-            if len(final_text) > len(so_far) and final_text.startswith(so_far):
-                self.text(stream, final_text[len(so_far) :])
-        sid = stream.id
-        parts = stream.parts
-
-        def build(seq: int) -> bytes:
-            return encode_done(sid, seq, "".join(parts), meta)
-
-        self._end(stream, State.DONE, "done", build)
+        """See `finish_done`."""
+        finish_done(stream, meta, final_text)
 
     def fail(
         self,
@@ -434,41 +638,56 @@ class Session:
         retryable: bool | None = None,
         **extra: Any,
     ) -> None:
-        """The stream ended with an error; the chunks already sent stand."""
-        if stream.state is not State.ACTIVE:
-            return
-        sid = stream.id
+        """See `finish_fail`."""
+        finish_fail(stream, code, message, retryable, **extra)
 
-        def build(seq: int) -> bytes:
-            return encode_error(code, message, sid, retryable, seq=seq, **extra)
-
-        self._end(stream, State.FAILED, code.value, build)
-
-    def _end(
-        self, stream: Stream, state: State, outcome: str, build: Callable[[int], bytes]
-    ) -> None:
-        stream.state = state
-        stream.outcome = outcome
-        self.outbox.push_terminal(stream, build)
-        del self.streams[stream.id]
-        self._recent[stream.id] = None
-        if len(self._recent) > RECENT_IDS:
-            self._recent.popitem(last=False)
+    def _forget(self, stream: Stream, finished: bool = True) -> None:
+        """`stream` is no longer active on this socket (it ended, or moved elsewhere)."""
+        if self.streams.get(stream.id) is stream:
+            del self.streams[stream.id]
+            if finished:
+                self._recent[stream.id] = None
+                if len(self._recent) > RECENT_IDS:
+                    self._recent.popitem(last=False)
+        if stream.owner is self:
+            stream.owner = None
 
     def interrupt(self, message: str) -> list[Stream]:
         """End every active stream with a retryable stream_interrupted (the gateway is going
         away); returns them so their upstream requests can be cancelled."""
         streams = list(self.streams.values())
         for stream in streams:
-            self.fail(stream, ErrorCode.STREAM_INTERRUPTED, message, True)
+            finish_fail(stream, ErrorCode.STREAM_INTERRUPTED, message, True)
         return streams
 
     def close(self) -> list[Stream]:
-        """The socket is gone: every active stream ends (no frame can reach anyone now)."""
+        """The client closed the socket on purpose: every active stream ends now (no frame can
+        reach anyone), and is returned so its upstream request can be cancelled."""
         gone = list(self.streams.values())
         for stream in gone:
             stream.state = State.CANCELLED
             stream.outcome = "client_gone"
             stream.pending.clear()
+            stream.owner = None
+            if self.registry is not None:
+                self.registry.forget(stream)
         self.streams.clear()
         return gone
+
+    def detach(self) -> list[Stream]:
+        """The socket dropped (no close frame): its streams keep running without a socket.
+
+        Everything produced for it but not yet sent is produced now (and retained), so a resume
+        replays it; the active streams are returned for the grace timer.
+        """
+        self.outbox.abandon()
+        detached = list(self.streams.values())
+        for stream in detached:
+            stream.owner = None
+        self.streams.clear()
+        return detached
+
+
+def _token() -> str:
+    """An unguessable resume token (128 bits)."""
+    return secrets.token_urlsafe(16)

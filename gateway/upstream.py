@@ -30,7 +30,7 @@ from gateway.dialects import (
 from gateway.observability import Metrics
 from gateway.protocol import ErrorCode
 from gateway.retry import RETRY_STATUSES, RetryPolicy
-from gateway.session import Session, Stream
+from gateway.session import Stream, finish_done, finish_fail
 from gateway.sse import SSEDecoder, SSEEventTooLarge
 
 log = structlog.get_logger("gateway.upstream")
@@ -130,53 +130,62 @@ class Upstream:
         return sum(len(c) for c in conns.values()) if conns else 0
 
     async def relay(
-        self, stream: Stream, session: Session, wait_for_space: Callable[[], Awaitable[None]]
+        self, stream: Stream, wait_for_space: Callable[[Stream], Awaitable[None]]
     ) -> None:
-        """Run `stream`'s upstream request to its end, reporting into `session`.
+        """Run `stream`'s upstream request to its end, reporting into the stream (and so into
+        whichever socket follows it now).
 
-        Every outcome becomes `session.done` or `session.fail`; only cancellation propagates.
+        Every outcome becomes `finish_done` or `finish_fail`; only cancellation propagates.
+        `wait_for_space(stream)` returns when the socket following the stream has room.
         """
         started = time.monotonic()
         try:
-            await self._relay(stream, session, wait_for_space, started)
+            await self._relay(stream, wait_for_space, started)
         except UpstreamFailure as failure:
             extra: dict[str, int] = {}
             if failure.status is not None:
                 extra["status"] = failure.status
             if failure.retry_after_ms is not None:
                 extra["retry_after_ms"] = failure.retry_after_ms
-            session.fail(stream, failure.code, failure.message, failure.retryable, **extra)
+            finish_fail(stream, failure.code, failure.message, failure.retryable, **extra)
         except asyncio.CancelledError:
             raise
         except Exception:
             # A bug of ours, not an upstream fault: log it with its traceback, tell the client
             # `internal`, keep serving everyone else.
             log.exception("stream.bug")
-            session.fail(stream, ErrorCode.INTERNAL, "internal gateway error")
+            finish_fail(stream, ErrorCode.INTERNAL, "internal gateway error")
         finally:
-            m, dialect = self.metrics, self.dialect
-            now = time.monotonic()
             if stream.cancelled_at is not None:
                 # By now the upstream connection is closed (resp.close() ran in _relay).
-                m.cancel_latency.observe(now - stream.cancelled_at)
-            m.stream_duration.labels(dialect).observe(now - started)
-            m.coalesced.inc(stream.coalesced)
-            m.streams_ended.labels(dialect, stream.outcome).inc()
-            m.chunks.labels(dialect).inc(stream.chunks_in)
-            m.upstream_bytes.labels(dialect).inc(stream.bytes_in)
-            content: dict[str, str] = {}
-            if self.config.log_content:  # opt-in only: prompts and answers are user data
-                content["prompt"] = orjson.dumps(stream.request.messages).decode()[:4000]
-                content["answer"] = "".join(stream.parts)[:4000]
-            log.info(
-                "stream.end",
-                dialect=dialect,
-                outcome=stream.outcome,
-                chunks_in=stream.chunks_in,
-                bytes_in=stream.bytes_in,
-                duration_ms=round((time.monotonic() - started) * 1000, 1),
-                **content,
-            )
+                self.metrics.cancel_latency.observe(time.monotonic() - stream.cancelled_at)
+
+    def stream_ended(self, stream: Stream, started: float) -> None:
+        """Count and log a finished stream: one canonical line per stream (called by the
+        server when the relay task is over, even one cancelled before it ever ran)."""
+        m, dialect = self.metrics, self.dialect
+        duration = time.monotonic() - started
+        m.stream_duration.labels(dialect).observe(duration)
+        m.coalesced.inc(stream.coalesced)
+        m.streams_ended.labels(dialect, stream.outcome).inc()
+        m.chunks.labels(dialect).inc(stream.chunks_in)
+        m.upstream_bytes.labels(dialect).inc(stream.bytes_in)
+        content: dict[str, str] = {}
+        if self.config.log_content:  # opt-in only: prompts and answers are user data
+            content["prompt"] = orjson.dumps(stream.request.messages).decode()[:4000]
+            content["answer"] = stream.text()[:4000]
+        log.info(
+            "stream.end",
+            stream=stream.id,
+            principal=stream.principal,
+            dialect=dialect,
+            outcome=stream.outcome,
+            chunks_in=stream.chunks_in,
+            chunks_out=stream.seq,
+            bytes_in=stream.bytes_in,
+            duration_ms=round(duration * 1000, 1),
+            **content,
+        )
 
     async def _first_response(self, body: bytes) -> tuple[aiohttp.ClientResponse, bytes]:
         """POST and read the first body bytes, retrying what is safe to retry.
@@ -239,8 +248,7 @@ class Upstream:
     async def _relay(
         self,
         stream: Stream,
-        session: Session,
-        wait_for_space: Callable[[], Awaitable[None]],
+        wait_for_space: Callable[[Stream], Awaitable[None]],
         started: float,
     ) -> None:
         request = stream.request
@@ -261,7 +269,7 @@ class Upstream:
             decoder = SSEDecoder(MAX_EVENT_BYTES)
             feed_events = decoder.feed
             translate = translator.feed
-            emit = session.text
+            emit = stream.push
             read = resp.content.readany
             first_chunk_seen = False
             try:
@@ -271,7 +279,7 @@ class Upstream:
                     for event in feed_events(data):
                         text = translate(event)
                         if text is not None:
-                            emit(stream, text)
+                            emit(text)
                         if translator.finished:
                             break
                     if not first_chunk_seen and stream.chunks_in:
@@ -281,7 +289,7 @@ class Upstream:
                         )
                     if translator.finished or not stream.active:
                         break
-                    await wait_for_space()
+                    await wait_for_space(stream)
                     data = await read()
                 else:
                     translator.end_of_stream()  # b"": a clean EOF
@@ -300,7 +308,7 @@ class Upstream:
                     ErrorCode.STREAM_INTERRUPTED,
                     "the upstream connection broke off; the chunks already sent stand",
                 ) from None
-            session.done(stream, translator.meta, translator.final_text)
+            finish_done(stream, translator.meta, translator.final_text)
             finished_cleanly = True
         finally:
             self.open_responses -= 1

@@ -204,8 +204,10 @@ async def test_closing_the_socket_cancels_every_upstream(stack: Stack) -> None:
     assert {stack.mock.record(f"d{i}").outcome for i in range(6)} == {"client_closed"}
 
 
-async def test_abrupt_tcp_close_cancels_every_upstream(stack: Stack) -> None:
-    """A client that vanishes without a close frame is treated like a closed socket."""
+async def test_abrupt_tcp_close_cancels_every_upstream(make_stack: StackFactory) -> None:
+    """With --resume-grace 0, a client that vanishes without a close frame has its upstreams
+    cancelled at once (with a grace, tests/test_resume.py)."""
+    stack = await make_stack(resume_grace=0)
     client = await stack.client()
     for i in range(4):
         await client.start(f"s{i}", f"sky [[mock fault=stall after=1 tag=a{i}]]")

@@ -122,8 +122,14 @@ async def test_first_byte_timeout(make_stack: StackFactory, knobs: str) -> None:
 
 async def test_client_that_never_reads_is_closed_with_4408(make_stack: StackFactory) -> None:
     """A socket whose pending frames cannot be sent within --slow-client-timeout is closed with
-    4408, and its upstream request is cancelled."""
-    stack = await make_stack(dialect="openai", slow_client_timeout=0.5, send_buffer_bytes=16 * 1024)
+    4408, and its upstream request is cancelled once the resume grace has passed."""
+    stack = await make_stack(
+        dialect="openai",
+        slow_client_timeout=0.5,
+        send_buffer_bytes=16 * 1024,
+        resume_grace=0.2,
+        close_timeout=10,
+    )
     for listener in stack.gateway.sockets:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     sock = socket.socket()
@@ -132,20 +138,26 @@ async def test_client_that_never_reads_is_closed_with_4408(make_stack: StackFact
     client = await stack.client(max_queue=2, sock=sock, close_timeout=1)
     await client.start("s", "ocean [[mock chunks=200000 tag=never]]")
     record = await stack.mock.wait_request("never")
-    # The gateway gives up on the client and cancels the upstream at once.
-    await asyncio.wait_for(record.ended.wait(), 10)
-    assert record.outcome == "client_closed"
+    connection = next(iter(stack.gateway.connections))
+    await asyncio.wait_for(connection.closing.wait(), 10)
+    assert connection.close_reason == "slow_consumer"
     assert metric(stack, "gateway_slow_client_closes_total") == 1
     # The client, reading at last, finds the 4408 close behind what it had not read.
     with pytest.raises(ConnectionClosed):
         await client.recv_until(lambda f: False, timeout=30)
+    # Nobody resumed within the grace: the upstream request is cancelled.
+    await asyncio.wait_for(record.ended.wait(), 10)
+    assert record.outcome == "client_closed"
     assert client.ws.close_code == 4408
     await stack.assert_no_leaks()
 
 
 async def test_client_that_stops_answering_pings_is_closed(make_stack: StackFactory) -> None:
-    """A peer that no longer answers WebSocket pings is closed and its streams are cancelled."""
-    stack = await make_stack(ping_interval=0.2, ping_timeout=0.3, close_timeout=0.5)
+    """A peer that no longer answers WebSocket pings is closed, and its streams are cancelled
+    once the resume grace has passed."""
+    stack = await make_stack(
+        ping_interval=0.2, ping_timeout=0.3, close_timeout=0.5, resume_grace=0.2
+    )
     client = await stack.client()
     await client.start("s", "sky [[mock fault=stall after=1 tag=p]]")
     await client.recv_until(lambda f: f["type"] == "text_chunk")

@@ -1,0 +1,253 @@
+"""Resume after a dropped socket (in-process store): exactly once, in order, bounded."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from gateway.resume import GONE, Registry
+from gateway.session import Limits, OpenUpstream, Session, Stream
+from tests.conftest import Client, Stack, StackFactory, is_terminal
+from tests.test_e2e import expected_text
+
+ALICE = "alice-token-0123456789abcdef"
+BOB = "bob-token-0123456789abcdef01"
+
+
+def chunks_text(frames: list[dict[str, Any]]) -> str:
+    return "".join(f["text"] for f in frames if f["type"] == "text_chunk")
+
+
+async def drop(client: Client) -> None:
+    """Lose the network: no close frame reaches the gateway."""
+    client.ws.transport.abort()
+    await client.ws.wait_closed()
+
+
+async def start_and_drop(
+    stack: Stack, prompt: str, after_chunks: int = 3, **client_kw: Any
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Start a stream, read a few chunks, drop the socket; return `started` and what arrived."""
+    client = await stack.client(**client_kw)
+    await client.start("s", prompt)
+    started = await client.recv_until(lambda f: f["type"] == "started")
+    assert isinstance(started["resume_token"], str)
+    assert len(started["resume_token"]) >= 20
+    for _ in range(after_chunks):
+        await client.recv_until(lambda f: f["type"] == "text_chunk")
+    await drop(client)
+    return started, client.by_id["s"]
+
+
+def resume_frame(sid: str, token: str, after: int) -> dict[str, Any]:
+    return {"type": "resume", "id": sid, "resume_token": token, "after": after}
+
+
+async def resume(client: Client, token: str, after: int, sid: str = "s") -> list[dict[str, Any]]:
+    await client.send(resume_frame(sid, token, after))
+    resumed = await client.recv_until(lambda f: f.get("id") == sid)
+    assert resumed == {"type": "resumed", "id": sid, "after": after}, resumed
+    return (await client.finish(sid))[sid]
+
+
+# ------------------------------------------------------------------ pure
+
+
+def test_replay_reproduces_the_frames_with_a_new_id() -> None:
+    """A stream replays every chunk after `after` (and its terminal) exactly as produced,
+    under the id the resuming socket uses."""
+    registry = Registry()
+    session = Session("x", Limits(), registry=registry, new_token=lambda: "tok")
+    [command] = session.receive('{"type":"start","id":"a","prompt":"p"}')
+    assert isinstance(command, OpenUpstream)
+    stream = command.stream
+    for word in ("one ", "two ", "three"):
+        stream.push(word)
+        session.outbox.drain()
+    session.done(stream, {"usage": {"n": 3}})
+    session.outbox.drain()
+    assert registry.lookup("tok") is stream
+    frames = [f.decode() for f in stream.replay(1, "b")]
+    assert frames[0] == '{"type":"text_chunk","id":"b","seq":2,"text":"two "}'
+    assert frames[1] == '{"type":"text_chunk","id":"b","seq":3,"text":"three"}'
+    assert '"type":"done","id":"b","seq":3,"text":"one two three"' in frames[2]
+    assert stream.replay(3, "b")[0].startswith(b'{"type":"done"')
+
+
+def test_registry_bounds_and_tombstones() -> None:
+    """Ended streams over the per-stream bound are not retained; the oldest are evicted past
+    the total bound; forgotten tokens answer GONE."""
+    registry = Registry(max_stream_chars=10, max_total_chars=12)
+    streams = []
+    for i, text in enumerate(["x" * 11, "y" * 6, "z" * 6, "w" * 6]):
+        session = Session("s", Limits(), registry=registry, new_token=lambda i=i: f"t{i}")
+        [command] = session.receive('{"type":"start","id":"a","prompt":"p"}')
+        assert isinstance(command, OpenUpstream)
+        stream: Stream = command.stream
+        stream.push(text)
+        session.outbox.drain()
+        session.done(stream, {})
+        session.outbox.drain()
+        streams.append(stream)
+        registry.ended(stream)
+    assert registry.lookup("t0") is GONE  # over the per-stream bound
+    assert registry.lookup("t1") is GONE  # evicted: oldest beyond the total bound
+    assert registry.lookup("t2") is streams[2]
+    assert registry.lookup("t3") is streams[3]
+    assert registry.retained_chars == 12
+    assert registry.lookup("never") is None
+
+
+# ------------------------------------------------------------------ over real sockets
+
+
+async def test_resume_after_a_drop_is_exactly_once(stack: Stack) -> None:
+    """A dropped socket's stream keeps running; resuming on a new socket with the last seq seen
+    replays what was missed, then continues live: the text is the full answer, once."""
+    prompt = "tides [[mock chunks=60 delay_ms=10 tag=r]]"
+    started, before = await start_and_drop(stack, prompt)
+    last = max(f["seq"] for f in before if f["type"] == "text_chunk")
+    client = await stack.client()
+    after = await resume(client, started["resume_token"], last)
+    seqs = [f["seq"] for f in after if f["type"] == "text_chunk"]
+    assert seqs == list(range(last + 1, last + 1 + len(seqs)))
+    assert after[-1]["type"] == "done"
+    assert chunks_text(before) + chunks_text(after) == expected_text(prompt)
+    assert after[-1]["text"] == expected_text(prompt)
+    assert stack.mock.record("r").outcome == "completed"  # the upstream ran through the drop
+    await stack.assert_no_leaks()
+
+
+async def test_resume_after_the_stream_ended_replays_the_end(stack: Stack) -> None:
+    """A client that missed the end (the stream finished during the drop) gets the rest and the
+    terminal frame from the retained output."""
+    prompt = "coffee [[mock chunks=30 delay_ms=2 tag=e]]"
+    started, before = await start_and_drop(stack, prompt, after_chunks=1)
+    await asyncio.wait_for(stack.mock.record("e").ended.wait(), 5)
+    await stack.assert_no_leaks()  # finished: nothing runs, only output is retained
+    client = await stack.client()
+    after = await resume(client, started["resume_token"], 1, sid="again")
+    assert [f["id"] for f in after] == ["again"] * len(after)
+    assert after[-1]["type"] == "done"
+    assert after[-1]["text"] == expected_text(prompt)
+    first = [f for f in before if f["type"] == "text_chunk"]
+    assert [f["seq"] for f in first] == [1]
+    assert chunks_text(first) + chunks_text(after) == expected_text(prompt)
+
+
+async def test_resume_moves_a_stream_from_a_live_socket(stack: Stack) -> None:
+    """A stream is followed by one socket at a time: resuming elsewhere moves it."""
+    first = await stack.client()
+    await first.start("s", "stars [[mock chunks=80 delay_ms=10 tag=m]]")
+    started = await first.recv_until(lambda f: f["type"] == "started")
+    seen = await first.recv_until(lambda f: f["type"] == "text_chunk")
+    second = await stack.client()
+    frames = await resume(second, started["resume_token"], seen["seq"])
+    assert frames[-1]["type"] == "done"
+    # The first socket got nothing of that stream after the move, and never a terminal.
+    await first.send({"type": "ping"})
+    await first.recv_until(lambda f: f["type"] == "pong")
+    assert not any(is_terminal(f) for f in first.by_id["s"])
+
+
+async def test_clean_close_cancels_and_resume_is_unavailable(stack: Stack) -> None:
+    """Closing the socket on purpose cancels its streams at once; their tokens are then
+    resume_unavailable."""
+    client = await stack.client()
+    await client.start("s", "sky [[mock fault=stall after=2 tag=c]]")
+    started = await client.recv_until(lambda f: f["type"] == "started")
+    await client.recv_until(lambda f: f["type"] == "text_chunk")
+    await client.ws.close()
+    await asyncio.wait_for(stack.mock.record("c").ended.wait(), 5)
+    assert stack.mock.record("c").outcome == "client_closed"
+    other = await stack.client()
+    await other.send(
+        {"type": "resume", "id": "s", "resume_token": started["resume_token"], "after": 0}
+    )
+    err = await other.recv()
+    assert (err["code"], err["id"], err["retryable"]) == ("resume_unavailable", "s", False)
+
+
+async def test_grace_expiry_cancels_the_upstream(make_stack: StackFactory) -> None:
+    """A dropped stream nobody resumes within --resume-grace has its upstream cancelled; a
+    late resume is resume_unavailable."""
+    stack = await make_stack(resume_grace=0.3)
+    started, _ = await start_and_drop(stack, "sky [[mock fault=stall after=2 tag=g]]", 1)
+    record = stack.mock.record("g")
+    await asyncio.wait_for(record.ended.wait(), 5)
+    assert record.outcome == "client_closed"
+    await stack.assert_no_leaks()
+    client = await stack.client()
+    await client.send(
+        {"type": "resume", "id": "s", "resume_token": started["resume_token"], "after": 1}
+    )
+    assert (await client.recv())["code"] == "resume_unavailable"
+
+
+async def test_retention_ends(make_stack: StackFactory) -> None:
+    """An ended stream is resumable for --resume-retention, then resume_unavailable."""
+    stack = await make_stack(resume_retention=0.3)
+    client = await stack.client()
+    await client.start("s", "sky [[mock chunks=3]]")
+    started = await client.recv_until(lambda f: f["type"] == "started")
+    await client.finish("s")
+    again = await resume(client, started["resume_token"], 0, sid="t")
+    assert again[-1]["type"] == "done"
+    await asyncio.sleep(0.4)  # the retention period is the subject of this test
+    await client.send(
+        {"type": "resume", "id": "u", "resume_token": started["resume_token"], "after": 0}
+    )
+    assert (await client.recv())["code"] == "resume_unavailable"
+
+
+async def test_bad_resumes(stack: Stack, tmp_path: Path) -> None:
+    """Unknown tokens are unknown_id, an `after` beyond the last seq is bad_message, and an id
+    already active on the socket is duplicate_id."""
+    client = await stack.client()
+    await client.start("s", "sky [[mock fault=stall after=2]]")
+    started = await client.recv_until(lambda f: f["type"] == "started")
+    await client.recv_until(lambda f: f["type"] == "text_chunk" and f["seq"] == 2)
+    token = started["resume_token"]
+    await client.send({"type": "resume", "id": "x", "resume_token": "nope" * 6, "after": 0})
+    assert (await client.recv())["code"] == "unknown_id"
+    await client.send({"type": "resume", "id": "x", "resume_token": token, "after": 99})
+    assert (await client.recv())["code"] == "bad_message"
+    await client.start("busy", "sky [[mock fault=stall]]")
+    await client.recv_until(lambda f: f.get("id") == "busy")
+    await client.send({"type": "resume", "id": "busy", "resume_token": token, "after": 0})
+    assert (await client.recv_until(lambda f: f.get("type") == "error"))["code"] == "duplicate_id"
+
+
+async def test_another_principal_cannot_resume(make_stack: StackFactory, tmp_path: Path) -> None:
+    """A resume token is bound to its principal: anyone else gets unknown_id."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{ALICE} alice\n{BOB} bob\n")
+    stack = await make_stack(auth_tokens_file=str(tokens))
+    headers = {"Authorization": f"Bearer {ALICE}"}
+    started, _ = await start_and_drop(
+        stack, "sky [[mock chunks=40 delay_ms=20]]", 1, additional_headers=headers
+    )
+    bob = await stack.client(additional_headers={"Authorization": f"Bearer {BOB}"})
+    await bob.send(
+        {"type": "resume", "id": "s", "resume_token": started["resume_token"], "after": 0}
+    )
+    assert (await bob.recv())["code"] == "unknown_id"
+    alice = await stack.client(additional_headers=headers)
+    frames = await resume(alice, started["resume_token"], 0)
+    assert frames[-1]["type"] == "done"
+
+
+async def test_cancel_after_resume_stops_at_once(stack: Stack) -> None:
+    """An explicit cancel of a resumed stream stops it and its upstream immediately."""
+    started, _ = await start_and_drop(stack, "sky [[mock fault=stall after=3 tag=x]]", 2)
+    client = await stack.client()
+    await client.send(
+        {"type": "resume", "id": "s", "resume_token": started["resume_token"], "after": 2}
+    )
+    await client.recv_until(lambda f: f["type"] == "resumed")
+    await client.cancel("s")
+    frames = (await client.finish("s"))["s"]
+    assert frames[-1]["type"] == "cancelled"
+    await asyncio.wait_for(stack.mock.record("x").ended.wait(), 5)
+    await stack.assert_no_leaks()
