@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck check mock clean
+.PHONY: run test test-js lint typecheck check mock clean faults
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,18 @@ mock: $(STAMP)
 ## test: lint, type-check and run the whole test suite (asyncio debug mode on, with coverage)
 test: $(STAMP) lint typecheck
 	PYTHONASYNCIODEBUG=1 $(PY) -m pytest --cov --cov-report=term:skip-covered $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-js
+
+clients/js/node_modules/.package-lock.json: clients/js/package-lock.json
+	cd clients/js && npm ci --no-audit --no-fund
+
+## test-js: the JavaScript client's tests against a real gateway (Node 20+)
+test-js: $(STAMP) clients/js/node_modules/.package-lock.json
+	node --test clients/js/test/
+
+## faults: the full fault-injection suite (docs/reliability.md); rewrites the table in that file
+faults: $(STAMP)
+	$(PY) -m tests.faults --full --markdown docs/reliability.md
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gateway tests
