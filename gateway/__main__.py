@@ -133,6 +133,12 @@ def run_workers(config: Config) -> int:
     The parent only supervises: it forwards SIGINT/SIGTERM/SIGHUP to every worker (each then
     drains on its own) and exits 0 when all of them did.
     """
+    if config.redis_url is None:
+        log.warning(
+            "gateway.workers_without_redis",
+            message="with several workers, a resume reaches the worker that owns the stream "
+            "only by chance; set --redis-url to resume on any worker",
+        )
     children: list[int] = []
     for index in range(config.workers):
         pid = os.fork()

@@ -73,6 +73,7 @@ class Config:
     resume_retention: float = 120.0
     resume_max_bytes: int = 1 << 20
     resume_total_bytes: int = 256 << 20
+    redis_url: str | None = None
     #: "auto": uvloop when installed, else asyncio.
     loop: str = "auto"
     compression: bool = False
@@ -332,6 +333,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, s
         _nn_int,
     )
     flag(
+        "redis-url",
+        "redis://host:port/db shared by all instances: resume on any instance, cancel anywhere",
+        None,
+    )
+    flag(
         "loop",
         "event loop: uvloop (faster; default when installed) or asyncio",
         d.loop,
@@ -425,6 +431,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
         resume_retention=args.resume_retention,
         resume_max_bytes=args.resume_max_bytes,
         resume_total_bytes=args.resume_total_bytes,
+        redis_url=args.redis_url,
         loop=args.loop,
         compression=args.compression,
         workers=args.workers,

@@ -22,6 +22,7 @@ from typing import Any, Final
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
+from redis.exceptions import RedisError
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
@@ -38,17 +39,20 @@ from gateway.auth import (
 )
 from gateway.config import Config
 from gateway.observability import Metrics
-from gateway.protocol import ErrorCode, Start, encode_authenticated
+from gateway.protocol import ErrorCode, Resume, Start, encode_authenticated, encode_error
 from gateway.quotas import Quotas
+from gateway.redis_store import RedisStore
 from gateway.resume import Registry
 from gateway.session import (
     CLOSE_UNAUTHORIZED,
+    DETACHED,
     Authenticate,
     CancelUpstream,
     Limits,
     OpenUpstream,
     Outbox,
     Refused,
+    RemoteResume,
     Resumed,
     Session,
     State,
@@ -113,7 +117,10 @@ class Connection:
             awaiting_auth=awaiting_auth,
             registry=gateway.registry,
             principal=self.principal.name if self.principal else None,
+            remote=gateway.store is not None,
         )
+        #: Streams followed from another instance: proxy -> (owner instance, token, task).
+        self.remote: dict[Stream, tuple[str, str, asyncio.Task[None]]] = {}
         self.session.accepting = not gateway.draining
         self._socket_counted = False
         self._expiry: asyncio.TimerHandle | None = None
@@ -128,6 +135,7 @@ class Connection:
         self.close_reason = "client"
         #: Set once the gateway has decided to close this socket (tests and drains wait on it).
         self.closing = asyncio.Event()
+        self._remote_pending: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         structlog.contextvars.bind_contextvars(session=self.id)
@@ -147,6 +155,10 @@ class Connection:
             if self._expiry is not None:
                 self._expiry.cancel()
             await self._release_streams()
+            for task in self._remote_pending:
+                task.cancel()
+            if self._remote_pending:
+                await asyncio.wait(self._remote_pending)
             if self._socket_counted and self.principal is not None:
                 self.gateway.quotas.close_socket(self.principal.name, time.monotonic())
             if not writer.done() and self._close_request is None:
@@ -179,7 +191,11 @@ class Connection:
             if gateway.followers.get(stream) is self:
                 del gateway.followers[stream]
         self.following.clear()
-        if gateway.config.resume_grace > 0 and self.dropped():
+        dropped = gateway.config.resume_grace > 0 and self.dropped()
+        for proxy in list(self.remote):
+            # The owner keeps the stream for a resume (dropped) or stops it (closed on purpose).
+            self._stop_remote(proxy, "dropped" if dropped else "cancel")
+        if dropped:
             for stream in self.session.detach():
                 gateway.detach(stream)
             return
@@ -201,11 +217,16 @@ class Connection:
                             self.gateway.open_stream(command.stream)
                             self._follow(command.stream)
                         elif isinstance(command, CancelUpstream):
-                            self.gateway.cancel_stream(command.stream)
+                            if command.stream in self.remote:
+                                self._stop_remote(command.stream, "cancel")
+                            else:
+                                self.gateway.cancel_stream(command.stream)
                         elif isinstance(command, Authenticate):
                             await self._authenticate(command.token)
                         elif isinstance(command, Resumed):
                             self._follow(command.stream, resumed=True)
+                        elif isinstance(command, RemoteResume):
+                            self._resume_remote(command.msg)
                         else:
                             self.close_reason = "protocol"
                             self.request_close(command.code, command.reason)
@@ -328,6 +349,94 @@ class Connection:
         if stream.active:
             self.gateway.followers[stream] = self
             self.following.add(stream)
+
+    # ------------------------------------------------------------------ remote streams
+
+    def _resume_remote(self, msg: Resume) -> None:
+        """Resume a stream another instance owns: replay and follow it through Redis."""
+        task = _spawn(self._follow_remote(msg), f"follow {self.id}/{msg.id}")
+        self._remote_pending.add(task)
+        task.add_done_callback(self._remote_pending.discard)
+
+    async def _follow_remote(self, msg: Resume) -> None:
+        store = self.gateway.store
+        assert store is not None
+        session = self.session
+        try:
+            meta = await store.lookup(msg.resume_token)
+        except (RedisError, OSError):
+            meta = None
+            log.warning("redis.lookup_failed")
+        if meta is None or meta.get("p", "") != (session.principal or ""):
+            self.outbox.push_frame(
+                encode_error(ErrorCode.UNKNOWN_ID, "no stream for that resume_token", msg.id)
+            )
+            return
+        if msg.id in session.streams:
+            self.outbox.push_frame(
+                encode_error(ErrorCode.DUPLICATE_ID, "that id is active on this socket", msg.id)
+            )
+            return
+        proxy: Stream | None = None
+
+        async def replayed(first: int) -> bool:
+            nonlocal proxy
+            if first > msg.after + 1:
+                self.outbox.push_frame(
+                    encode_error(
+                        ErrorCode.RESUME_UNAVAILABLE,
+                        "that stream's output is no longer retained",
+                        msg.id,
+                    )
+                )
+                return False
+            proxy = session.attach_remote(msg)
+            task = asyncio.current_task()
+            assert task is not None
+            self.remote[proxy] = (meta["o"], msg.resume_token, task)
+            await store.send_control(meta["o"], "moved", msg.resume_token)
+            return True
+
+        def on_chunk(seq: int, text: str) -> None:
+            assert proxy is not None
+            session.forward(proxy, seq, text)
+
+        def on_terminal(frame: bytes) -> None:
+            assert proxy is not None
+            session.end_remote(proxy, frame)
+
+        def on_lost(reason: str) -> None:
+            assert proxy is not None
+            finish_fail(proxy, ErrorCode.STREAM_INTERRUPTED, reason, True)
+
+        try:
+            await store.follow(
+                msg.resume_token,
+                msg.after,
+                on_chunk,
+                on_terminal,
+                on_lost,
+                replayed,
+                self.flow.wait,
+            )
+        except (RedisError, OSError):
+            if proxy is not None:
+                on_lost("the shared store is unreachable")
+        finally:
+            if proxy is not None:
+                self.remote.pop(proxy, None)
+                self._arm_idle()
+
+    def _stop_remote(self, proxy: Stream, verb: str) -> None:
+        """Stop following a remote stream; tell its owner to cancel it or keep it for later."""
+        entry = self.remote.pop(proxy, None)
+        if entry is None:
+            return
+        owner, token, task = entry
+        task.cancel()
+        store = self.gateway.store
+        assert store is not None
+        self.gateway.control(store.send_control(owner, verb, token))
 
     def stream_finished(self, stream: Stream) -> None:
         """The relay of a stream this socket followed has finished."""
@@ -461,6 +570,12 @@ class Gateway:
         #: The socket each running stream's output goes to (absent while detached).
         self.followers: dict[Stream, Connection] = {}
         self.registry = Registry(config.resume_max_bytes, config.resume_total_bytes)
+        #: The shared store for resume across instances (--redis-url), else None.
+        self.store: RedisStore | None = (
+            RedisStore(config.redis_url, config.resume_retention) if config.redis_url else None
+        )
+        #: Fire-and-forget is banned: control messages to other instances are owned here.
+        self._control_tasks: set[asyncio.Task[None]] = set()
         #: Grace timers of detached streams and retention timers of ended ones.
         self._grace: dict[Stream, asyncio.TimerHandle] = {}
         self._retention: dict[Stream, asyncio.TimerHandle] = {}
@@ -489,6 +604,8 @@ class Gateway:
         self.metrics.streams_started.labels(self.upstream.dialect).inc()
         self.idle.clear()
         stream.started_at = time.monotonic()
+        if self.store is not None:
+            self.store.register(stream)
         task = _spawn(self._relay(stream), f"stream {stream.id}")
         self.relays[stream] = task
         task.add_done_callback(lambda _t: self._relay_done(stream))
@@ -514,6 +631,8 @@ class Gateway:
         timer = self._grace.pop(stream, None)
         if timer is not None:
             timer.cancel()
+        if self.store is not None and not stream.terminal_sent:
+            self.store.stream_gone(stream)  # cancelled without a frame anyone could replay
         if self.registry.ended(stream):
             loop = asyncio.get_running_loop()
             self._retention[stream] = loop.call_later(
@@ -522,6 +641,39 @@ class Gateway:
         connection = self.followers.pop(stream, None)
         if connection is not None:
             connection.stream_finished(stream)
+
+    def control(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a control message to another instance as an owned task."""
+        task = _spawn(coro, "redis control message")
+        self._control_tasks.add(task)
+        task.add_done_callback(self._control_tasks.discard)
+
+    def _on_control(self, verb: str, token: str) -> None:
+        """A message from another instance about a stream this one owns."""
+        stream = self.registry.lookup(token)
+        if not isinstance(stream, Stream):
+            return
+        if verb == "cancel" and stream.active:
+            stream.state = State.CANCELLED
+            stream.outcome = "cancelled"
+            self.cancel_stream(stream)
+        elif verb == "moved":
+            # Followed elsewhere now: produce what was pending here into the shared store,
+            # stop sending to any local socket, and no grace timer (someone follows it).
+            previous = stream.owner
+            if previous is not None:
+                previous._forget(stream, finished=False)
+            if stream.sink is not DETACHED:
+                stream.flush()
+                stream.sink = DETACHED
+            connection = self.followers.pop(stream, None)
+            if connection is not None:
+                connection.following.discard(stream)
+            timer = self._grace.pop(stream, None)
+            if timer is not None:
+                timer.cancel()
+        elif verb == "dropped" and stream.active and stream.owner is None:
+            self.detach(stream)
 
     def _retention_over(self, stream: Stream) -> None:
         self._retention.pop(stream, None)
@@ -626,6 +778,9 @@ class Gateway:
 
     async def start(self) -> None:
         self.check_exposure()
+        if self.store is not None:
+            await self.store.start()
+            self.store.on_control = self._on_control
         await self.upstream.start()
         self._server = await serve(
             self._handle,
@@ -696,6 +851,10 @@ class Gateway:
         for stream in streams:
             self.cancel_stream(stream)
         await self.join(streams)
+        if self._control_tasks:
+            await asyncio.wait(self._control_tasks)
+        if self.store is not None:
+            await self.store.close()
         await self.upstream.close()
 
     def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:

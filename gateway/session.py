@@ -45,6 +45,10 @@ from gateway.resume import GONE
 if TYPE_CHECKING:
     from gateway.resume import Registry
 
+#: Stands for the stream id in terminal frames kept for other instances (any follower
+#: substitutes its own id; see redis_store.terminal_for).
+ID_PLACEHOLDER: Final = "__ID__"
+
 #: How many finished stream ids a socket remembers, so that a `cancel` racing the stream's own
 #: end is recognised and ignored instead of answered with a second terminal `unknown_id`.
 RECENT_IDS: Final = 256
@@ -88,6 +92,8 @@ class Stream:
         "coalesced",
         "ends",
         "id",
+        "on_chunk",
+        "on_terminal",
         "outcome",
         "owner",
         "parts",
@@ -144,6 +150,9 @@ class Stream:
         self.cancelled_at: float | None = None
         #: When the server accepted it (its clock), for the duration metric.
         self.started_at = 0.0
+        #: Mirrors of the output as it is produced (the shared store, for other instances).
+        self.on_chunk: Callable[[Stream, int, str], None] | None = None
+        self.on_terminal: Callable[[Stream, bytes], None] | None = None
         #: Short outcome word for the stream's summary log line and metrics.
         self.outcome = "active"
 
@@ -180,9 +189,13 @@ class Stream:
             self.text_len += len(text)
             self.ends.append(self.text_len)
             frames.append(encode_chunk(self.prefix, self.seq, text))
+            if self.on_chunk is not None:
+                self.on_chunk(self, self.seq, text)
         if self._terminal is not None and not self.terminal_sent:
             self.terminal_sent = True
             frames.append(self._terminal(self.id, self.seq))
+            if self.on_terminal is not None:
+                self.on_terminal(self, self._terminal(ID_PLACEHOLDER, self.seq))
         self.queued = False
         return frames
 
@@ -339,7 +352,14 @@ class Resumed:
     stream: Stream
 
 
-Command = OpenUpstream | CancelUpstream | Authenticate | CloseSocket | Resumed
+@dataclass(frozen=True, slots=True)
+class RemoteResume:
+    """Command: the token is not known here; look for the stream on other instances."""
+
+    msg: Resume
+
+
+Command = OpenUpstream | CancelUpstream | Authenticate | CloseSocket | Resumed | RemoteResume
 
 #: Close code for a socket that did not (or could no longer) authenticate.
 CLOSE_UNAUTHORIZED: Final = 4401
@@ -461,6 +481,7 @@ class Session:
         registry: Registry | None = None,
         principal: str | None = None,
         new_token: Callable[[], str] | None = None,
+        remote: bool = False,
     ) -> None:
         self.id = session_id
         self.limits = limits
@@ -479,6 +500,8 @@ class Session:
         self.principal = principal
         self.registry = registry
         self._new_token = new_token if new_token is not None else _token
+        #: Whether unknown resume tokens may belong to another instance (a shared store).
+        self.remote = remote
         self.streams_started = 0
         self.frames_in = 0
 
@@ -587,6 +610,14 @@ class Session:
             return self._refuse(
                 ErrorCode.RESUME_UNAVAILABLE, "that stream's output is no longer retained", sid
             )
+        if found is None and self.remote:
+            if sid in self.streams:
+                return self._refuse(
+                    ErrorCode.DUPLICATE_ID,
+                    f"stream {sid!r} is already active on this socket",
+                    sid,
+                )
+            return [RemoteResume(msg)]
         if not isinstance(found, Stream) or found.principal != self.principal:
             # Another principal's token looks exactly like an unknown one.
             return self._refuse(ErrorCode.UNKNOWN_ID, "no stream for that resume_token", sid)
@@ -619,6 +650,38 @@ class Session:
             self.streams[sid] = stream
             self._recent.pop(sid, None)
         return [Resumed(stream)]
+
+    # ------------------------------------------------------------------ remote streams
+
+    def attach_remote(self, msg: Resume) -> Stream:
+        """Follow a stream owned by another instance: a local proxy whose frames are forwarded
+        with the owner's seqs (no coalescing here, so seqs stay the owner's)."""
+        proxy = Stream(Start(msg.id, (), None, {}), self.outbox, principal=self.principal)
+        proxy.seq = msg.after
+        proxy.owner = self
+        self.streams[msg.id] = proxy
+        self._recent.pop(msg.id, None)
+        self.outbox.push_frame(encode_resumed(msg.id, msg.after))
+        return proxy
+
+    def forward(self, proxy: Stream, seq: int, text: str) -> None:
+        """A chunk of a remote stream, already numbered by its owner."""
+        if proxy.state is State.ACTIVE:
+            proxy.seq = seq
+            proxy.text_len += len(text)
+            self.outbox.push_frame(encode_chunk(proxy.prefix, seq, text))
+
+    def end_remote(self, proxy: Stream, template: bytes) -> None:
+        """The owner's terminal frame (its id is the placeholder) ends the proxy."""
+        if proxy.state is not State.ACTIVE:
+            return
+        ok = template.startswith(b'{"type":"done"')
+        _end(
+            proxy,
+            State.DONE if ok else State.FAILED,
+            "done" if ok else "remote_end",
+            lambda sid, _seq: terminal_for(template, sid),
+        )
 
     # ------------------------------------------------------------------ upstream side
 
@@ -686,6 +749,15 @@ class Session:
             stream.owner = None
         self.streams.clear()
         return detached
+
+
+_ID_FIELD: Final = b'"id":"' + ID_PLACEHOLDER.encode() + b'"'
+
+
+def terminal_for(template: bytes, stream_id: str) -> bytes:
+    """A terminal frame kept with the placeholder id, for the id a follower uses. Only the
+    `"id":` field can match: inside JSON strings quotes are escaped, so text cannot forge it."""
+    return template.replace(_ID_FIELD, b'"id":"' + stream_id.encode() + b'"', 1)
 
 
 def _token() -> str:

@@ -1,0 +1,246 @@
+"""Resume across instances on Redis: the owner mirrors each stream's output, any instance can
+replay it and follow it live, and a `cancel` sent anywhere reaches the owner.
+
+The only module that imports redis. Keys (docs/deploy.md, "Redis"):
+
+- `gw:s:{token}`  a Redis Stream: one entry per text_chunk (`s` seq, `x` text) and a final one
+  (`e` the terminal frame, with the stream id as `__ID__`), capped with MAXLEN, expiring
+  --resume-retention seconds after the end;
+- `gw:m:{token}`  a hash: `p` principal, `o` owning instance;
+- `gw:l:{token}`  the owner's lease (PX 5000), renewed every 1.5 s while the stream runs: a
+  follower that sees neither new entries nor the lease knows the owner died, and ends the
+  stream with `stream_interrupted` after what was retained (never a hang);
+- `gw:ctl:{instance}` a pub/sub channel: `cancel <token>`, `moved <token>`, `dropped <token>`.
+
+Writes are batched by one writer task per process (one pipeline per loop iteration), so the
+per-chunk cost on the owner is a list append; if Redis is down, streaming goes on and only
+cross-instance resume is lost (logged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError
+
+from gateway.session import Stream
+
+log = structlog.get_logger("gateway.redis")
+
+LEASE_MS: Final = 5000
+RENEW_EVERY: Final = 1.5
+#: Entries kept per stream (chunk frames); older ones are trimmed (then resume_unavailable).
+MAX_ENTRIES: Final = 20_000
+
+
+class RedisStore:
+    """This process's view of the shared store."""
+
+    def __init__(self, url: str, retention: float) -> None:
+        self.redis: Any = aioredis.Redis.from_url(url)
+        self.instance = secrets.token_hex(6)
+        self.retention = retention
+        self._ops: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+        self._wake = asyncio.Event()
+        self._leases: set[str] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pubsub: Any = None
+        #: Control handlers set by the server: cancel / moved / dropped, by token.
+        self.on_control: Callable[[str, str], None] | None = None
+        self.healthy = True
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        await self.redis.ping()
+        self._pubsub = self.redis.pubsub()
+        await self._pubsub.subscribe(self.channel(self.instance))
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._writer(), name="redis writer"),
+            loop.create_task(self._renew(), name="redis lease renewal"),
+            loop.create_task(self._listen(), name="redis control"),
+        ]
+        log.info("redis.connected", instance=self.instance)
+
+    async def close(self) -> None:
+        await self._flush()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._leases:
+            with contextlib.suppress(RedisError, OSError):
+                await self.redis.delete(*(f"gw:l:{t}" for t in self._leases))
+        if self._pubsub is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub.aclose()
+        await self.redis.aclose()
+
+    @staticmethod
+    def channel(instance: str) -> str:
+        return f"gw:ctl:{instance}"
+
+    # ------------------------------------------------------------------ owner side (sync API)
+
+    def _queue(self, op: str, *args: Any, **kwargs: Any) -> None:
+        self._ops.append((op, args, kwargs))
+        self._wake.set()
+
+    def register(self, stream: Stream) -> None:
+        """A stream started here: mirror its output from now on."""
+        token = stream.resume_token
+        if token is None:
+            return
+        self._queue(
+            "hset", f"gw:m:{token}", mapping={"p": stream.principal or "", "o": self.instance}
+        )
+        self._queue("set", f"gw:l:{token}", self.instance, px=LEASE_MS)
+        self._leases.add(token)
+        stream.on_chunk = self._chunk
+        stream.on_terminal = self._terminal
+
+    def _chunk(self, stream: Stream, seq: int, text: str) -> None:
+        self._queue(
+            "xadd",
+            f"gw:s:{stream.resume_token}",
+            {"s": seq, "x": text},
+            maxlen=MAX_ENTRIES,
+            approximate=True,
+        )
+
+    def _terminal(self, stream: Stream, frame: bytes) -> None:
+        token = stream.resume_token
+        self._queue("xadd", f"gw:s:{token}", {"e": frame}, maxlen=MAX_ENTRIES, approximate=True)
+        for key in (f"gw:s:{token}", f"gw:m:{token}"):
+            self._queue("expire", key, max(1, int(self.retention)))
+        self._queue("delete", f"gw:l:{token}")
+        self._leases.discard(str(token))
+
+    def stream_gone(self, stream: Stream) -> None:
+        """A stream ended without a terminal anyone can replay (cancelled, abandoned)."""
+        token = stream.resume_token
+        if token is None:
+            return
+        self._leases.discard(token)
+        self._queue("delete", f"gw:l:{token}", f"gw:s:{token}", f"gw:m:{token}")
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        ops, self._ops = self._ops, []
+        if not ops:
+            return
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for op, args, kwargs in ops:
+                    getattr(pipe, op)(*args, **kwargs)
+                await pipe.execute()
+            if not self.healthy:
+                log.info("redis.recovered")
+            self.healthy = True
+        except (RedisError, OSError) as exc:
+            if self.healthy:
+                log.error("redis.write_failed", error=str(exc), dropped=len(ops))
+            self.healthy = False
+
+    async def _renew(self) -> None:
+        while True:
+            await asyncio.sleep(RENEW_EVERY)
+            for token in list(self._leases):
+                self._queue("set", f"gw:l:{token}", self.instance, px=LEASE_MS)
+
+    async def _listen(self) -> None:
+        assert self._pubsub is not None
+        async for message in self._pubsub.listen():
+            if message.get("type") != "message":
+                continue
+            try:
+                verb, token = message["data"].decode().split(" ", 1)
+            except (ValueError, UnicodeDecodeError):
+                continue
+            if self.on_control is not None:
+                self.on_control(verb, token)
+
+    # ------------------------------------------------------------------ follower side
+
+    async def lookup(self, token: str) -> dict[str, str] | None:
+        """The stream's metadata (principal `p`, owner `o`), or None when unknown/expired."""
+        meta: Any = await self.redis.hgetall(f"gw:m:{token}")
+        if not meta:
+            return None
+        return {k.decode(): v.decode() for k, v in meta.items()}
+
+    async def send_control(self, owner: str, verb: str, token: str) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.publish(self.channel(owner), f"{verb} {token}")
+
+    async def follow(
+        self,
+        token: str,
+        after: int,
+        on_chunk: Callable[[int, str], None],
+        on_terminal: Callable[[bytes], None],
+        on_lost: Callable[[str], None],
+        replayed: Callable[[int], Awaitable[bool]],
+        pace: Callable[[], Awaitable[None]],
+    ) -> None:
+        """Replay entries with seq > `after`, then follow live until the terminal entry.
+
+        `replayed(first_seq)` is awaited once with the first retained seq (0 if none) before
+        anything is delivered; it returns False to stop (the retained output no longer reaches
+        back to `after`). `on_lost` is called when the owner's lease is gone without a terminal.
+        """
+        key = f"gw:s:{token}"
+        entries: Any = await self.redis.xrange(key, "-", "+")
+        first = int(entries[0][1][b"s"]) if entries and b"s" in entries[0][1] else 0
+        if not await replayed(first):
+            return
+        last_id = b"0-0"
+        for entry_id, fields in entries:
+            last_id = entry_id
+            if self._deliver(fields, after, on_chunk, on_terminal):
+                return
+        while True:
+            answer: Any = await self.redis.xread({key: last_id}, block=1000, count=500)
+            if not answer:
+                if not await self.redis.exists(f"gw:l:{token}"):
+                    # One more look: the terminal may have landed just before the lease went.
+                    tail: Any = await self.redis.xrange(key, f"({last_id.decode()}", "+")
+                    for entry_id, fields in tail:
+                        last_id = entry_id
+                        if self._deliver(fields, after, on_chunk, on_terminal):
+                            return
+                    on_lost("the instance serving this stream went away")
+                    return
+                continue
+            for entry_id, fields in answer[0][1]:
+                last_id = entry_id
+                if self._deliver(fields, after, on_chunk, on_terminal):
+                    return
+            await pace()  # backpressure: the following socket may be behind
+
+    @staticmethod
+    def _deliver(
+        fields: dict[bytes, bytes],
+        after: int,
+        on_chunk: Callable[[int, str], None],
+        on_terminal: Callable[[bytes], None],
+    ) -> bool:
+        if b"e" in fields:
+            on_terminal(fields[b"e"])
+            return True
+        seq = int(fields[b"s"])
+        if seq > after:
+            on_chunk(seq, fields[b"x"].decode())
+        return False

@@ -1,0 +1,146 @@
+"""Resume across instances through a real Redis: two gateways, one shared store."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.config import Config
+from gateway.mock_upstream import MockUpstream
+from gateway.server import Gateway
+from tests.conftest import Client, check_stream
+from tests.test_e2e import expected_text
+from tests.test_resume import chunks_text, drop, resume, resume_frame
+
+REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+
+
+class Pair:
+    """Two gateway instances in front of one mock upstream, sharing Redis."""
+
+    def __init__(self, mock: MockUpstream, a: Gateway, b: Gateway) -> None:
+        self.mock, self.a, self.b = mock, a, b
+        self.clients: list[Client] = []
+
+    async def client(self, gateway: Gateway) -> Client:
+        from websockets.asyncio.client import connect
+
+        client = Client(await connect(f"ws://127.0.0.1:{gateway.port}/v1/ws"))
+        client.welcome = await client.recv()
+        self.clients.append(client)
+        return client
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[Pair]:
+    probe = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        await probe.ping()
+    except OSError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("no Redis on 127.0.0.1:6379 (CI starts one)")
+    finally:
+        await probe.aclose()
+    mock = MockUpstream(default_delay_ms=0)
+    base = await mock.start()
+    gateways = []
+    for _ in range(2):
+        config = Config(port=0, redis_url=REDIS_URL, resume_retention=30)
+        gateway = Gateway(config, f"{base}/perplexity")
+        await gateway.start()
+        gateways.append(gateway)
+    pair = Pair(mock, *gateways)
+    yield pair
+    for client in pair.clients:
+        await client.ws.close()
+    for gateway in gateways:
+        await gateway.stop()
+    await mock.stop()
+
+
+async def started_and_dropped(
+    pair: Pair, prompt: str, chunks: int = 2
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    client = await pair.client(pair.a)
+    await client.start("s", prompt)
+    started = await client.recv_until(lambda f: f["type"] == "started")
+    for _ in range(chunks):
+        await client.recv_until(lambda f: f["type"] == "text_chunk")
+    await drop(client)
+    return started, client.by_id["s"]
+
+
+async def test_resume_on_another_instance_is_exactly_once(pair: Pair) -> None:
+    """A stream started on instance A and dropped is resumed on instance B: B replays what
+    was missed from Redis and follows the live output; the text is the full answer, once."""
+    prompt = "leaves autumn [[mock chunks=60 delay_ms=10 tag=x]]"
+    started, before = await started_and_dropped(pair, prompt)
+    last = max(f["seq"] for f in before if f["type"] == "text_chunk")
+    client = await pair.client(pair.b)
+    after = await resume(client, started["resume_token"], last)
+    seqs = [f["seq"] for f in after if f["type"] == "text_chunk"]
+    assert seqs == list(range(last + 1, last + 1 + len(seqs)))
+    assert after[-1]["type"] == "done"
+    assert chunks_text(before) + chunks_text(after) == expected_text(prompt)
+    assert after[-1]["text"] == expected_text(prompt)
+    assert pair.mock.record("x").outcome == "completed"
+
+
+async def test_cancel_on_the_follower_reaches_the_owner(pair: Pair) -> None:
+    """A cancel sent to instance B stops the upstream request that instance A owns."""
+    started, _ = await started_and_dropped(pair, "sky [[mock fault=stall after=3 tag=c]]", 2)
+    client = await pair.client(pair.b)
+    await client.send(resume_frame("s", started["resume_token"], 2))
+    await client.recv_until(lambda f: f["type"] == "resumed")
+    await client.cancel("s")
+    frames = (await client.finish("s"))["s"]
+    assert frames[-1]["type"] == "cancelled"
+    record = pair.mock.record("c")
+    await asyncio.wait_for(record.ended.wait(), 5)
+    assert record.outcome == "client_closed"
+    await asyncio.wait_for(pair.a.idle.wait(), 5)
+
+
+async def test_finished_stream_is_replayed_elsewhere(pair: Pair) -> None:
+    """A client that missed the end fetches the rest and the done frame from another
+    instance."""
+    prompt = "ocean salty [[mock chunks=12 tag=f]]"
+    started, before = await started_and_dropped(pair, prompt, 1)
+    await asyncio.wait_for(pair.mock.record("f").ended.wait(), 5)
+    await asyncio.wait_for(pair.a.idle.wait(), 5)
+    client = await pair.client(pair.b)
+    after = await resume(client, started["resume_token"], 1, sid="later")
+    assert after[-1]["type"] == "done"
+    assert after[-1]["id"] == "later"
+    assert chunks_text(before[:2]) + chunks_text(after) == expected_text(prompt)
+    check_stream([{"type": "started", "id": "later"}, *before[1:2], *after])
+
+
+async def test_owner_death_ends_followers_with_interrupted(pair: Pair) -> None:
+    """When the owning instance dies (its lease lapses), a follower on another instance ends
+    the stream with stream_interrupted after the retained output, instead of hanging."""
+    started, _ = await started_and_dropped(pair, "sky [[mock fault=stall after=3 tag=d]]", 1)
+    client = await pair.client(pair.b)
+    await client.send(resume_frame("s", started["resume_token"], 1))
+    await client.recv_until(lambda f: f["type"] == "resumed")
+    # Instance A "dies": its store stops writing and renewing leases (as after kill -9).
+    store = pair.a.store
+    assert store is not None
+    for task in store._tasks:
+        task.cancel()
+    frames = (await client.finish("s", timeout=15))["s"]
+    assert frames[-1]["type"] == "error"
+    assert (frames[-1]["code"], frames[-1]["retryable"]) == ("stream_interrupted", True)
+
+
+async def test_other_principal_and_unknown_tokens(pair: Pair) -> None:
+    """Unknown tokens are unknown_id on every instance."""
+    client = await pair.client(pair.b)
+    await client.send(resume_frame("s", "no-such-token-anywhere-123", 0))
+    assert (await client.recv())["code"] == "unknown_id"
