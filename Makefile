@@ -4,15 +4,15 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-js lint typecheck check mock clean faults
+.PHONY: run test test-js lint typecheck check mock clean faults bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
 # Reinstall when the project's metadata changes.
-$(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e '.[test,fast]'
+$(STAMP): pyproject.toml clients/python/pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[test,fast]' -e ./clients/python
 	touch $(STAMP)
 
 ## run: set up .venv and start the gateway on 127.0.0.1:8080 (built-in mock upstream without an API key)
@@ -39,12 +39,20 @@ test-js: $(STAMP) clients/js/node_modules/.package-lock.json
 faults: $(STAMP)
 	$(PY) -m tests.faults --full --markdown docs/reliability.md
 
+## bench: performance benchmark (issue 4): gateway on core 0, mock + Node load on core 1; prints
+## the table and writes bench/results/<date>.md. BENCH_QUICK=1 runs each scenario briefly;
+## BENCH_ARGS="--only throughput,cancel --repeats 3" picks scenarios.
+bench: $(STAMP)
+	cd bench && npm ci --no-audit --no-fund --silent
+	BENCH_QUICK=$(BENCH_QUICK) $(PY) bench/run.py $(BENCH_ARGS)
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check gateway tests
-	$(VENV)/bin/ruff format --check gateway tests
+	$(VENV)/bin/ruff check gateway tests clients/python
+	$(VENV)/bin/ruff format --check gateway tests clients/python
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy --strict clients/python/gateway_client
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .coverage

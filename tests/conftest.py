@@ -18,6 +18,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from gateway.config import Config
 from gateway.mock_upstream import MockUpstream
 from gateway.server import Gateway
+from tests.schema import validate_server_frame
 
 TIMEOUT = 10.0
 TERMINAL = ("done", "cancelled")
@@ -51,6 +52,7 @@ class Client:
     async def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:
         raw = await asyncio.wait_for(self.ws.recv(), timeout)
         frame: dict[str, Any] = orjson.loads(raw)
+        validate_server_frame(frame)  # every frame of the e2e suite matches docs/asyncapi.yaml
         self.by_id.setdefault(frame.get("id"), []).append(frame)
         self.log.append(frame)
         return frame

@@ -1,0 +1,46 @@
+"""Python client for the LLM WebSocket gateway (protocol v1).
+
+    from gateway_client import GatewayClient
+
+    async with GatewayClient("ws://127.0.0.1:8080/v1/ws") as gw:
+        stream = await gw.start("Why is the sky blue?", model="sonar")
+        async for chunk in stream:
+            print(chunk, end="")
+        answer = stream.result
+
+Many streams run concurrently on one socket; errors are typed `GatewayError`s carrying the
+protocol's `code` and `retryable`; dropped sockets are reconnected with jittered backoff.
+"""
+
+from gateway_client._backoff import Backoff
+from gateway_client._client import DEFAULT_URL, GatewayClient, Stream
+from gateway_client._errors import (
+    ConnectionLost,
+    GatewayBusy,
+    GatewayError,
+    InternalError,
+    ProtocolError,
+    StreamInterrupted,
+    Unauthorized,
+    UpstreamError,
+)
+from gateway_client._frames import Answer, Welcome
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_URL",
+    "Answer",
+    "Backoff",
+    "ConnectionLost",
+    "GatewayBusy",
+    "GatewayClient",
+    "GatewayError",
+    "InternalError",
+    "ProtocolError",
+    "Stream",
+    "StreamInterrupted",
+    "Unauthorized",
+    "UpstreamError",
+    "Welcome",
+]

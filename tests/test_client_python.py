@@ -1,0 +1,649 @@
+"""The Python client (clients/python) against the real gateway and mock upstream.
+
+Streams, concurrency, cancel, typed errors, ids, reconnects and the `gateway-client` CLI run over
+loopback sockets; the resume path and token delivery, which the gateway does not implement yet,
+run against a small scripted protocol-v1 server. Nothing synchronises by sleeping: tests wait on
+events and frames with timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import gateway_client
+import orjson
+import pytest
+from gateway_client import (
+    Answer,
+    Backoff,
+    ConnectionLost,
+    GatewayBusy,
+    GatewayClient,
+    GatewayError,
+    ProtocolError,
+    Stream,
+    StreamInterrupted,
+    Unauthorized,
+    UpstreamError,
+)
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from gateway.config import Config
+from gateway.mock_upstream import choose_answer
+from gateway.server import Gateway
+from tests.conftest import TIMEOUT, Stack, StackFactory
+from tests.schema import validate_client_frame, validate_server_frame
+from tests.test_e2e import expected_text, free_port
+
+CLIENT_SRC = Path(__file__).resolve().parents[1] / "clients" / "python"
+FAST = Backoff(base=0.01, cap=0.05, max_attempts=None)
+
+
+async def collect(stream: Stream) -> str:
+    """Iterate a stream to its end and return the concatenated chunks."""
+    return "".join([chunk async for chunk in stream])
+
+
+def metric(stack: Stack, name: str, **labels: str) -> float:
+    """Read one sample from the gateway's Prometheus registry."""
+    value = stack.gateway.metrics.registry.get_sample_value(name, labels or None)
+    return 0.0 if value is None else value
+
+
+# ------------------------------------------------------------------ the public surface
+
+
+def test_public_surface_is_pinned() -> None:
+    """The package exports exactly the curated names, and nothing else public."""
+    assert gateway_client.__all__ == [
+        "DEFAULT_URL",
+        "Answer",
+        "Backoff",
+        "ConnectionLost",
+        "GatewayBusy",
+        "GatewayClient",
+        "GatewayError",
+        "InternalError",
+        "ProtocolError",
+        "Stream",
+        "StreamInterrupted",
+        "Unauthorized",
+        "UpstreamError",
+        "Welcome",
+    ]
+    public = {n for n in vars(gateway_client) if not n.startswith("_")}
+    assert public == set(gateway_client.__all__)
+    for name in gateway_client.__all__:
+        obj = getattr(gateway_client, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, GatewayError), name
+    assert (CLIENT_SRC / "gateway_client" / "py.typed").exists()
+
+
+# ------------------------------------------------------------------ streams
+
+
+async def test_one_stream_yields_its_chunks_and_a_result(stack: Stack) -> None:
+    """Iterating a stream yields the answer's text chunk by chunk; `result` then holds the full
+    text, citations, usage and finish_reason."""
+    prompt = "Why is the sky blue? [[mock chunks=12 tag=one]]"
+    async with GatewayClient(stack.url) as gw:
+        assert gw.welcome is not None
+        assert gw.welcome.protocol == 1
+        stream = await gw.start(prompt, model="sonar")
+        chunks = [chunk async for chunk in stream]
+        answer = stream.result
+    assert all(isinstance(c, str) and c for c in chunks)
+    assert "".join(chunks) == expected_text(prompt) == answer.text
+    assert isinstance(answer, Answer)
+    assert answer.citations == tuple(choose_answer("Why is the sky blue?").citations)
+    assert answer.usage is not None
+    assert answer.usage["completion_tokens"] > 0
+    assert answer.finish_reason == "stop"
+    assert (answer.id, answer.seq, answer.cancelled) == (stream.id, stream.seq, False)
+    assert stream.done
+    record = stack.mock.record("one")
+    assert record.outcome == "completed"
+    assert record.body["model"] == "sonar"
+    await stack.assert_no_leaks()
+
+
+async def test_messages_and_options_reach_the_upstream(stack: Stack) -> None:
+    """`start(messages=..., options=...)` sends them unchanged."""
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Tides? [[mock chunks=2 tag=body]]"},
+    ]
+    async with GatewayClient(stack.url) as gw:
+        stream = await gw.start(messages=messages, options={"temperature": 0.3})
+        await stream.wait()
+    body = stack.mock.record("body").body
+    assert body["messages"] == messages
+    assert body["temperature"] == 0.3
+
+
+async def test_concurrent_streams_on_one_socket_via_gather(stack: Stack) -> None:
+    """Eight streams started together on one socket each receive exactly their own answer."""
+    topics = ["sky blue", "tides moon", "coffee", "bread", "leaves", "stars", "ocean", "cats"]
+    prompts = [f"Why {t}? [[mock chunks={10 + i} delay_ms=2]]" for i, t in enumerate(topics)]
+    async with GatewayClient(stack.url) as gw:
+        streams = await asyncio.gather(*(gw.start(p) for p in prompts))
+        assert len(stack.gateway.connections) == 1
+        texts = await asyncio.gather(*(collect(s) for s in streams))
+    assert texts == [expected_text(p) for p in prompts]
+    assert [s.result.text for s in streams] == texts
+    await stack.assert_no_leaks()
+
+
+async def test_cancel_stops_one_stream_and_its_upstream(stack: Stack) -> None:
+    """`cancel()` ends the stream with `cancelled` (the upstream sees its connection close)
+    while another stream on the socket finishes untouched."""
+    async with GatewayClient(stack.url) as gw:
+        victim = await gw.start("sky [[mock chunks=500 delay_ms=20 tag=victim]]")
+        other = await gw.start("tides [[mock chunks=20 delay_ms=5 tag=other]]")
+        first = await anext(victim)
+        await victim.cancel()
+        assert victim.done
+        rest = await collect(victim)  # the chunks queued before the cancel, then the end
+        answer = victim.result
+        assert answer.cancelled
+        assert answer.text == first + rest
+        assert await collect(other) == expected_text("tides [[mock chunks=20]]")
+        await victim.cancel()  # a second cancel is a no-op
+    record = stack.mock.record("victim")
+    await asyncio.wait_for(record.ended.wait(), TIMEOUT)
+    assert record.outcome == "client_closed"
+    assert record.chunks_sent < 500
+    assert metric(stack, "gateway_streams_ended_total", dialect="perplexity", outcome="cancelled")
+    await stack.assert_no_leaks()
+
+
+async def test_leaving_async_with_stream_cancels_it(stack: Stack) -> None:
+    """Breaking out of `async with stream:` early cancels the stream at the gateway."""
+    async with GatewayClient(stack.url) as gw:
+        stream = await gw.start("sky [[mock chunks=500 delay_ms=20 tag=left]]")
+        async with stream:
+            async for _chunk in stream:
+                break
+        assert stream.result.cancelled
+    record = stack.mock.record("left")
+    await asyncio.wait_for(record.ended.wait(), TIMEOUT)
+    assert record.outcome == "client_closed"
+
+
+async def test_generated_ids_are_unique_and_given_ids_are_used(stack: Stack) -> None:
+    """Ids are generated unique unless `id=` is given; an id still active is refused locally."""
+    async with GatewayClient(stack.url) as gw:
+        streams = await asyncio.gather(*(gw.start(f"q{i} [[mock chunks=1]]") for i in range(12)))
+        assert len({s.id for s in streams}) == 12
+        mine = await gw.start("sky [[mock chunks=50 delay_ms=20]]", id="mine")
+        assert mine.id == "mine"
+        with pytest.raises(ProtocolError) as info:
+            await gw.start("again", id="mine")
+        assert (info.value.code, info.value.retryable) == ("duplicate_id", False)
+        with pytest.raises(ValueError, match="id must be"):
+            await gw.start("bad", id="no spaces")
+        await mine.cancel()
+        await asyncio.gather(*(s.wait() for s in streams))
+
+
+async def test_ping_measures_a_round_trip(stack: Stack) -> None:
+    """`ping()` sends an application ping and returns when its pong arrives."""
+    async with GatewayClient(stack.url) as gw:
+        assert 0 <= await gw.ping() < TIMEOUT
+
+
+# ------------------------------------------------------------------ typed errors
+
+
+@pytest.mark.parametrize(("status", "retryable"), [(503, True), (429, True), (400, False)])
+async def test_upstream_errors_are_typed(
+    make_stack: StackFactory, status: int, retryable: bool
+) -> None:
+    """An upstream HTTP error surfaces as UpstreamError with the protocol's code, status and
+    retryable flag, both from iteration and from `result`."""
+    stack = await make_stack(upstream_retries=0)
+    async with GatewayClient(stack.url) as gw:
+        stream = await gw.start(f"sky [[mock status={status}]]")
+        with pytest.raises(UpstreamError) as info:
+            await collect(stream)
+    error = info.value
+    assert (error.code, error.retryable, error.status) == ("upstream_error", retryable, status)
+    assert (error.stream_id, error.seq) == (stream.id, 0)
+    assert isinstance(error, GatewayError)
+    with pytest.raises(UpstreamError):
+        _ = stream.result
+
+
+async def test_interrupted_upstream_is_stream_interrupted(stack: Stack) -> None:
+    """An upstream reset mid-answer raises StreamInterrupted after the chunks already sent."""
+    async with GatewayClient(stack.url) as gw:
+        stream = await gw.start("sky [[mock chunks=5 fault=reset after=2]]")
+        received: list[str] = []
+
+        async def read() -> None:
+            async for chunk in stream:
+                received.append(chunk)
+
+        with pytest.raises(StreamInterrupted) as info:
+            await read()
+    assert info.value.retryable
+    assert info.value.seq == stream.seq
+    assert "".join(received) == stream.text != ""
+
+
+async def test_refused_starts_raise_from_start(make_stack: StackFactory) -> None:
+    """A start the gateway refuses raises from `start()`: a bad option is a ProtocolError, one
+    stream too many is a retryable GatewayBusy, and the socket keeps working."""
+    stack = await make_stack(max_streams=1)
+    async with GatewayClient(stack.url) as gw:
+        with pytest.raises(ProtocolError) as bad:
+            await gw.start("sky", options={"stream": False})
+        assert (bad.value.code, bad.value.retryable) == ("bad_message", False)
+        busy = await gw.start("sky [[mock chunks=100 delay_ms=20]]")
+        with pytest.raises(GatewayBusy) as full:
+            await gw.start("tides")
+        assert (full.value.code, full.value.retryable) == ("too_many_streams", True)
+        await busy.cancel()
+        assert await collect(await gw.start("tides [[mock chunks=2]]"))
+
+
+async def test_oversized_start_is_refused_before_sending(make_stack: StackFactory) -> None:
+    """A start over the welcome's max_message_bytes raises without reaching the gateway."""
+    stack = await make_stack(max_message_bytes=4096)
+    async with GatewayClient(stack.url) as gw:
+        with pytest.raises(ProtocolError) as info:
+            await gw.start("x" * 5000)
+        assert info.value.code == "message_too_large"
+        assert stack.gateway.active_streams == 0
+        assert await gw.ping() >= 0
+
+
+async def test_unreachable_gateway_raises_connection_lost() -> None:
+    """Connecting to a port nobody listens on raises a retryable ConnectionLost."""
+    with pytest.raises(ConnectionLost) as info:
+        async with GatewayClient(f"ws://127.0.0.1:{free_port()}/v1/ws"):
+            pass
+    assert info.value.retryable
+
+
+# ------------------------------------------------------------------ reconnects
+
+
+def test_backoff_is_jittered_exponential_and_capped() -> None:
+    """Each attempt waits rand * min(cap, base * factor**n); attempts run out at max_attempts."""
+    backoff = Backoff(base=0.5, factor=2, cap=4, max_attempts=3)
+    assert [backoff.ceiling(n) for n in range(6)] == [0.5, 1, 2, 4, 4, 4]
+    assert backoff.delay(0, 0.0) == 0
+    assert backoff.delay(2, 0.5) == 1
+    assert backoff.delay(10_000, 0.999) == pytest.approx(3.996)
+    assert [backoff.gives_up(n) for n in (1, 2, 3)] == [False, False, True]
+    assert not Backoff(max_attempts=None).gives_up(10**6)
+    with pytest.raises(ValueError, match="max_attempts"):
+        Backoff(max_attempts=0)
+
+
+async def test_reconnects_after_the_gateway_goes_away(make_stack: StackFactory) -> None:
+    """After a drain closes the socket with 1001, the client reconnects with backoff to the
+    gateway that listens next on the same address, and new streams run there."""
+    stack = await make_stack(drain_timeout=5)
+    port = stack.gateway.port
+    successor: Gateway | None = None
+    try:
+        async with GatewayClient(stack.url, backoff=FAST) as gw:
+            assert gw.welcome is not None
+            first_session = gw.welcome.session
+            assert await collect(await gw.start("sky [[mock chunks=2]]"))
+            await stack.gateway.drain()
+            successor = Gateway(Config(port=port), stack.gateway.upstream.url)
+            await successor.start()
+            stream = await asyncio.wait_for(gw.start("tides [[mock chunks=3]]"), TIMEOUT)
+            assert await collect(stream) == expected_text("tides [[mock chunks=3]]")
+            assert gw.welcome.session != first_session
+            assert gw.connected
+    finally:
+        if successor is not None:
+            await successor.stop()
+
+
+async def test_resumes_a_stream_after_the_network_drops(stack: Stack) -> None:
+    """When the socket dies without a close frame mid-answer, the client reconnects, resumes the
+    stream with its resume_token from the last seq it received, and the answer completes with
+    no chunk lost or repeated."""
+    prompt = "sky [[mock chunks=40 delay_ms=10 tag=net]]"
+    frames: list[dict[str, Any]] = []
+    async with GatewayClient(stack.url, backoff=FAST, on_frame=frames.append) as gw:
+        stream = await gw.start(prompt)
+        assert stream.resumable
+        received = [await anext(stream), await anext(stream)]
+        (connection,) = stack.gateway.connections
+        connection.ws.transport.abort()  # the network goes: no close frame reaches the client
+        received += [chunk async for chunk in stream]
+        answer = stream.result
+    assert "".join(received) == answer.text == expected_text(prompt)
+    assert answer.seq == stream.seq
+    resumed = [f for f in frames if f["type"] == "resumed"]
+    assert len(resumed) == 1
+    assert resumed[0]["after"] >= 2
+    assert [f["type"] for f in frames].count("welcome") == 2
+    assert stack.mock.record("net").outcome == "completed"
+    await stack.assert_no_leaks()
+
+
+async def test_cancel_while_reconnecting_still_stops_the_upstream(stack: Stack) -> None:
+    """A cancel issued while the socket is down is delivered after the resume on the new
+    socket, so the upstream stops now instead of running on for the resume grace."""
+    async with GatewayClient(stack.url, backoff=FAST) as gw:
+        stream = await gw.start("sky [[mock chunks=500 delay_ms=20 tag=rc]]")
+        assert await anext(stream)
+        (connection,) = stack.gateway.connections
+        connection.ws.transport.abort()
+        await asyncio.wait_for(stream.cancel(), TIMEOUT)
+        assert stream.result.cancelled
+    record = stack.mock.record("rc")
+    await asyncio.wait_for(record.ended.wait(), TIMEOUT)
+    assert record.outcome == "client_closed"
+    assert record.chunks_sent < 500
+    assert metric(stack, "gateway_streams_ended_total", dialect="perplexity", outcome="cancelled")
+    await stack.assert_no_leaks()
+
+
+async def test_without_reconnect_a_dropped_stream_fails_with_connection_lost(stack: Stack) -> None:
+    """With reconnect=False, a stream in flight when the gateway closes the socket (1001) fails
+    with a retryable ConnectionLost carrying the close code, and later starts fail at once."""
+    async with GatewayClient(stack.url, reconnect=False) as gw:
+        stream = await gw.start("sky [[mock fault=stall after=1 tag=cut]]")
+        assert await anext(stream)
+        await stack.gateway.stop()
+        with pytest.raises(ConnectionLost) as info:
+            await collect(stream)
+        assert (info.value.retryable, info.value.close_code) == (True, 1001)
+        with pytest.raises(ConnectionLost):
+            await gw.start("again")
+
+
+# ------------------------------------------------------------------ authentication (real gateway)
+
+TOKEN = "client-test-token-0123456789"
+
+
+@pytest.fixture
+async def auth_stack(make_stack: StackFactory, tmp_path: Path) -> Stack:
+    """A gateway that requires the bearer token TOKEN (principal `alice`)."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{TOKEN} alice\n", encoding="utf-8")
+    return await make_stack(auth_tokens_file=str(tokens), auth_timeout=1.0)
+
+
+@pytest.mark.parametrize("auth", ["header", "message"])
+async def test_token_is_accepted_by_an_authenticating_gateway(
+    auth_stack: Stack, auth: Literal["header", "message"]
+) -> None:
+    """With the right token, sent as a header or as the first frame, streams run."""
+    async with GatewayClient(auth_stack.url, token=TOKEN, auth=auth) as gw:
+        stream = await gw.start("sky [[mock chunks=3]]")
+        assert await collect(stream) == expected_text("sky [[mock chunks=3]]")
+
+
+@pytest.mark.parametrize(("auth", "close_code"), [("header", None), ("message", 4401)])
+async def test_wrong_token_raises_unauthorized(
+    auth_stack: Stack, auth: Literal["header", "message"], close_code: int | None
+) -> None:
+    """A refused token raises Unauthorized (HTTP 401 on the upgrade, or close 4401 after a
+    first-message auth), never retryable."""
+    with pytest.raises(Unauthorized) as info:
+        async with GatewayClient(auth_stack.url, token="wrong-token-0123456789", auth=auth):
+            pass
+    assert (info.value.retryable, info.value.close_code) == (False, close_code)
+
+
+# ------------------------------------------------------------------ scripted server (auth, resume)
+
+Handler = Callable[[ServerConnection, int], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def scripted(handler: Handler) -> AsyncIterator[tuple[str, list[ServerConnection]]]:
+    """A protocol-v1 server whose n-th connection runs `handler(ws, n)` after the welcome."""
+    seen: list[ServerConnection] = []
+
+    async def run(ws: ServerConnection) -> None:
+        seen.append(ws)
+        await ws.send(orjson.dumps(WELCOME).decode())
+        await handler(ws, len(seen))
+
+    async with serve(run, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        yield f"ws://127.0.0.1:{port}/v1/ws", seen
+
+
+WELCOME = {
+    "type": "welcome",
+    "protocol": 1,
+    "session": "scripted-session-0001",
+    "limits": {"max_streams": 16, "max_message_bytes": 65536},
+}
+
+
+async def recv_json(ws: ServerConnection) -> dict[str, Any]:
+    """Receive one client frame and check it against docs/asyncapi.yaml."""
+    frame: dict[str, Any] = orjson.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+    validate_client_frame(frame)
+    return frame
+
+
+async def send_json(ws: ServerConnection, frame: dict[str, Any]) -> None:
+    validate_server_frame(frame)  # the script itself speaks the documented protocol
+    await ws.send(orjson.dumps(frame).decode())
+
+
+async def test_token_goes_in_the_upgrade_header_or_an_auth_frame() -> None:
+    """`token=` is sent as `Authorization: Bearer` by default, as a first auth frame with
+    auth="message"."""
+    frames: list[dict[str, Any]] = []
+
+    async def handler(ws: ServerConnection, n: int) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            frames.append(await recv_json(ws))
+
+    async with scripted(handler) as (url, seen):
+        async with GatewayClient(url, token="t0k3n"):
+            pass
+        async with GatewayClient(url, token="t0k3n", auth="message"):
+            pass
+        assert seen[0].request is not None
+        assert seen[1].request is not None
+        assert seen[0].request.headers["Authorization"] == "Bearer t0k3n"
+        assert "Authorization" not in seen[1].request.headers
+    assert {"type": "auth", "token": "t0k3n"} in frames
+
+
+async def test_close_4401_raises_unauthorized_and_never_reconnects() -> None:
+    """A socket closed with 4401 fails its streams with Unauthorized and is not reopened."""
+
+    async def handler(ws: ServerConnection, n: int) -> None:
+        start = await recv_json(ws)
+        await send_json(ws, {"type": "started", "id": start["id"]})
+        await ws.close(4401, "unauthorized")
+
+    async with scripted(handler) as (url, seen), GatewayClient(url, backoff=FAST) as gw:
+        stream = await gw.start("hi")
+        with pytest.raises(Unauthorized) as info:
+            await collect(stream)
+        assert not info.value.retryable
+        with pytest.raises(Unauthorized):
+            await gw.start("again")
+        assert len(seen) == 1
+
+
+async def test_resume_after_a_drop_continues_the_stream_without_duplicates() -> None:
+    """A stream whose `started` carried a resume_token survives a dropped socket: the client
+    reconnects, sends resume with the last seq it received, skips re-sent chunks and finishes."""
+    resumes: list[dict[str, Any]] = []
+
+    async def handler(ws: ServerConnection, n: int) -> None:
+        if n == 1:
+            start = await recv_json(ws)
+            sid = start["id"]
+            await send_json(ws, {"type": "started", "id": sid, "resume_token": "rt-1"})
+            await send_json(ws, {"type": "text_chunk", "id": sid, "seq": 1, "text": "The "})
+            await send_json(ws, {"type": "text_chunk", "id": sid, "seq": 2, "text": "sky "})
+            await ws.close(1001, "going away")
+            return
+        resume = await recv_json(ws)
+        resumes.append(resume)
+        sid = resume["id"]
+        await send_json(ws, {"type": "resumed", "id": sid, "after": 2})
+        await send_json(ws, {"type": "text_chunk", "id": sid, "seq": 2, "text": "sky "})
+        await send_json(ws, {"type": "text_chunk", "id": sid, "seq": 3, "text": "is blue."})
+        done = {"type": "done", "id": sid, "seq": 3, "text": "The sky is blue."}
+        await send_json(ws, {**done, "citations": ["https://example.org/sky"]})
+        await ws.wait_closed()
+
+    async with scripted(handler) as (url, seen), GatewayClient(url, backoff=FAST) as gw:
+        stream = await gw.start("Why is the sky blue?")
+        assert stream.resumable
+        assert await collect(stream) == "The sky is blue."
+        assert stream.result.citations == ("https://example.org/sky",)
+        assert len(seen) == 2
+    assert resumes == [{"type": "resume", "id": stream.id, "resume_token": "rt-1", "after": 2}]
+
+
+async def test_refused_resume_fails_the_stream_with_the_gateway_code() -> None:
+    """A resume the gateway refuses (`resume_unavailable`) fails the stream with a
+    ConnectionLost carrying that code; the socket stays usable."""
+
+    async def handler(ws: ServerConnection, n: int) -> None:
+        first = await recv_json(ws)
+        if n == 1:
+            await send_json(ws, {"type": "started", "id": first["id"], "resume_token": "rt-9"})
+            await ws.close(1011, "internal error")
+            return
+        refusal = {"type": "error", "id": first["id"], "code": "resume_unavailable"}
+        await send_json(ws, {**refusal, "message": "no longer retained", "retryable": False})
+        ping = await recv_json(ws)
+        assert ping == {"type": "ping"}
+        await send_json(ws, {"type": "pong"})
+        await ws.wait_closed()
+
+    async with scripted(handler) as (url, _seen), GatewayClient(url, backoff=FAST) as gw:
+        stream = await gw.start("hi")
+        with pytest.raises(ConnectionLost) as info:
+            await collect(stream)
+        assert (info.value.code, info.value.retryable) == ("resume_unavailable", True)
+        assert await gw.ping() >= 0
+
+
+# ------------------------------------------------------------------ the CLI
+
+
+async def run_cli(*args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+    """Start `python -m gateway_client ...` with piped stdout and stderr."""
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        [str(CLIENT_SRC), *filter(None, [full_env.get("PYTHONPATH")])]
+    )
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway_client",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=full_env,
+    )
+
+
+async def finish(proc: asyncio.subprocess.Process) -> tuple[int, str, str]:
+    out, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_cli_ask_streams_the_answer_and_numbers_citations(stack: Stack) -> None:
+    """`gateway-client ask` prints the answer, then the citations as a numbered list; exit 0."""
+    prompt = "Why is the sky blue? [[mock chunks=6]]"
+    code, out, err = await finish(await run_cli("ask", prompt, "--url", stack.url))
+    assert (code, err) == (0, "")
+    citations = choose_answer("Why is the sky blue?").citations
+    sources = "".join(f"[{n}] {url}\n" for n, url in enumerate(citations, 1))
+    assert out == expected_text(prompt) + "\n\nSources:\n" + sources
+
+
+async def test_cli_json_prints_every_frame(stack: Stack) -> None:
+    """`--json` prints the raw protocol frames one per line, each valid per docs/asyncapi.yaml."""
+    prompt = "Why is the sky blue? [[mock chunks=4]]"
+    code, out, _err = await finish(await run_cli("ask", prompt, "--url", stack.url, "--json"))
+    assert code == 0
+    frames = [orjson.loads(line) for line in out.splitlines()]
+    for frame in frames:
+        validate_server_frame(frame)
+    kinds = [f["type"] for f in frames]
+    assert kinds[:2] == ["welcome", "started"]
+    assert kinds[-1] == "done"
+    assert set(kinds[2:-1]) == {"text_chunk"}
+    assert frames[-1]["text"] == expected_text(prompt)
+
+
+async def test_cli_error_exits_nonzero_with_the_code(make_stack: StackFactory) -> None:
+    """An upstream error makes the CLI exit 1 with a message naming the protocol code."""
+    stack = await make_stack(upstream_retries=0)
+    code, _out, err = await finish(
+        await run_cli("ask", "x [[mock status=400]]", "--url", stack.url)
+    )
+    assert code == 1
+    assert "upstream_error" in err
+
+
+async def test_cli_sends_the_token_from_token_env(auth_stack: Stack) -> None:
+    """`--token-env NAME` authenticates with the token held by NAME; without it the gateway
+    refuses the upgrade and the CLI exits 1 naming `unauthorized`."""
+    env = {"GATEWAY_CLIENT_TEST_TOKEN": TOKEN}
+    args = ("ask", "sky [[mock chunks=2]]", "--url", auth_stack.url)
+    proc = await run_cli(*args, "--token-env", "GATEWAY_CLIENT_TEST_TOKEN", env=env)
+    code, out, _err = await finish(proc)
+    assert code == 0
+    assert out.startswith(expected_text("sky [[mock chunks=2]]"))
+    code, _out, err = await finish(await run_cli(*args))
+    assert code == 1
+    assert "unauthorized" in err
+
+
+async def test_cli_missing_token_env_is_a_usage_error(stack: Stack) -> None:
+    """`--token-env NAME` with NAME unset exits 2 and names the variable."""
+    env = {"GATEWAY_CLIENT_TEST_TOKEN": ""}
+    proc = await run_cli(
+        "ask", "hi", "--url", stack.url, "--token-env", "GATEWAY_CLIENT_TEST_TOKEN", env=env
+    )
+    code, _out, err = await finish(proc)
+    assert code == 2
+    assert "GATEWAY_CLIENT_TEST_TOKEN" in err
+
+
+async def test_cli_sigint_cancels_the_stream_and_exits_130(stack: Stack) -> None:
+    """Ctrl-C mid-stream sends `cancel` (the gateway ends the stream as cancelled and closes
+    the upstream) and the CLI exits 130."""
+    proc = await run_cli(
+        "ask", "sky [[mock chunks=500 delay_ms=20 tag=sigint]]", "--url", stack.url
+    )
+    assert proc.stdout is not None
+    assert await asyncio.wait_for(proc.stdout.read(1), TIMEOUT)  # the answer is streaming
+    proc.send_signal(signal.SIGINT)
+    code, _out, err = await finish(proc)
+    assert code == 130
+    assert "cancelled" in err
+    record = stack.mock.record("sigint")
+    await asyncio.wait_for(record.ended.wait(), TIMEOUT)
+    assert record.outcome == "client_closed"
+    assert record.chunks_sent < 500
+    await stack.assert_no_leaks()
+    ended = metric(stack, "gateway_streams_ended_total", dialect="perplexity", outcome="cancelled")
+    assert ended == 1  # a cancel frame, not just a closed socket
