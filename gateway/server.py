@@ -128,7 +128,7 @@ class Connection:
         self._expiry: asyncio.TimerHandle | None = None
         self._opened_at = asyncio.get_running_loop().time()
         self.outbox = outbox
-        self.flow = FlowControl(gateway.config.send_buffer_bytes, lambda: outbox.buffered)
+        self.flow = FlowControl(gateway.config.send_buffer_bytes, outbox)
         #: Streams whose output this socket receives (their relays belong to the gateway).
         self.following: set[Stream] = set()
         #: (code, reason) once the gateway wants this socket closed after its pending frames.
@@ -631,13 +631,12 @@ class Gateway:
 
     async def _relay(self, stream: Stream) -> None:
         structlog.contextvars.bind_contextvars(stream=stream.id)
-        await self.upstream.relay(stream, self.wait_for_space)
+        await self.upstream.relay(stream, self.flow_for)
 
-    async def wait_for_space(self, stream: Stream) -> None:
-        """Backpressure: wait while the socket following `stream` is behind (none: go on)."""
+    def flow_for(self, stream: Stream) -> FlowControl | None:
+        """Backpressure: the flow control of the socket following `stream` (none: go on)."""
         connection = self.followers.get(stream)
-        if connection is not None:
-            await connection.flow.wait()
+        return connection.flow if connection is not None else None
 
     def _relay_done(self, stream: Stream) -> None:
         self.relays.pop(stream, None)

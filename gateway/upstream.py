@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from typing import Final
 
@@ -30,7 +30,7 @@ from gateway.dialects import (
 from gateway.observability import Metrics
 from gateway.protocol import ErrorCode
 from gateway.retry import RETRY_STATUSES, RetryPolicy
-from gateway.session import Stream, finish_done, finish_fail
+from gateway.session import Outbox, Stream, finish_done, finish_fail
 from gateway.sse import SSEDecoder, SSEEventTooLarge
 
 log = structlog.get_logger("gateway.upstream")
@@ -43,18 +43,18 @@ MAX_EVENT_BYTES: Final = 4 * 1024 * 1024
 
 
 class FlowControl:
-    """Backpressure between a socket's writer and its streams' upstream readers.
+    """Backpressure between a socket's writer and the upstream readers of its streams.
 
-    A reader calls `wait()` after each upstream read; it returns at once unless the socket has
-    more than `limit` bytes waiting, in which case the reader stops reading (and aiohttp stops
-    reading the upstream socket) until the writer has drained the outbox.
+    A reader checks `congested()` after each upstream read (a plain attribute read on the hot
+    path) and only then awaits `wait()`: it stops reading (and aiohttp stops reading the
+    upstream socket) until the writer has drained the outbox.
     """
 
-    __slots__ = ("_space", "limit", "outbox_bytes", "stalled", "stalls")
+    __slots__ = ("_outbox", "_space", "limit", "stalled", "stalls")
 
-    def __init__(self, limit: int, outbox_bytes: Callable[[], int]) -> None:
+    def __init__(self, limit: int, outbox: Outbox) -> None:
         self.limit = limit
-        self.outbox_bytes = outbox_bytes
+        self._outbox = outbox
         self._space = asyncio.Event()
         self._space.set()
         #: How many times a reader had to wait (a slow-client signal for logs and metrics).
@@ -63,10 +63,10 @@ class FlowControl:
         self.stalled = asyncio.Event()
 
     def congested(self) -> bool:
-        return self.outbox_bytes() > self.limit
+        return self._outbox.buffered > self.limit
 
     async def wait(self) -> None:
-        while self.outbox_bytes() > self.limit:
+        while self._outbox.buffered > self.limit:
             self.stalls += 1
             self.stalled.set()
             self._space.clear()
@@ -129,18 +129,16 @@ class Upstream:
         conns = getattr(self._connector, "_conns", None)  # aiohttp keeps no public count
         return sum(len(c) for c in conns.values()) if conns else 0
 
-    async def relay(
-        self, stream: Stream, wait_for_space: Callable[[Stream], Awaitable[None]]
-    ) -> None:
+    async def relay(self, stream: Stream, flow_for: Callable[[Stream], FlowControl | None]) -> None:
         """Run `stream`'s upstream request to its end, reporting into the stream (and so into
         whichever socket follows it now).
 
         Every outcome becomes `finish_done` or `finish_fail`; only cancellation propagates.
-        `wait_for_space(stream)` returns when the socket following the stream has room.
+        `flow_for(stream)` is the flow control of the socket following it now, if any.
         """
         started = time.monotonic()
         try:
-            await self._relay(stream, wait_for_space, started)
+            await self._relay(stream, flow_for, started)
         except UpstreamFailure as failure:
             extra: dict[str, int] = {}
             if failure.status is not None:
@@ -248,7 +246,7 @@ class Upstream:
     async def _relay(
         self,
         stream: Stream,
-        wait_for_space: Callable[[Stream], Awaitable[None]],
+        flow_for: Callable[[Stream], FlowControl | None],
         started: float,
     ) -> None:
         request = stream.request
@@ -289,7 +287,9 @@ class Upstream:
                         )
                     if translator.finished or not stream.active:
                         break
-                    await wait_for_space(stream)
+                    flow = flow_for(stream)
+                    if flow is not None and flow.congested():
+                        await flow.wait()
                     data = await read()
                 else:
                     translator.end_of_stream()  # b"": a clean EOF
