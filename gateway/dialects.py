@@ -10,6 +10,7 @@ wins", because Perplexity repeats cumulative values on every chunk (upstream-for
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from typing import Any, Final
 
 import orjson
@@ -86,7 +87,7 @@ def _error_retryable(error: Any) -> bool:
     return kind in ("server_error", "overloaded_error", "api_error", "rate_limit_error")
 
 
-class Translator:
+class Translator(ABC):
     """Base: the state every dialect shares. Subclasses implement `feed` and `end_of_stream`."""
 
     name: str = ""
@@ -110,11 +111,13 @@ class Translator:
         body["stream"] = True
         return body
 
+    @abstractmethod
     def feed(self, event: SSEEvent) -> str | None:
-        raise NotImplementedError  # pragma: no cover - abstract
+        """The text delta `event` carries, if any; raises UpstreamFailure on an error."""
 
+    @abstractmethod
     def end_of_stream(self) -> None:
-        raise NotImplementedError  # pragma: no cover - abstract
+        """Judge a clean EOF: set `finished`, or raise UpstreamFailure."""
 
 
 class OpenAITranslator(Translator):
