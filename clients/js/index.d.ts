@@ -146,7 +146,8 @@ export interface StartedFrame {
 export interface ResumedFrame {
   type: "resumed";
   id: StreamId;
-  resume_token?: string;
+  /** The frames with a higher seq follow. */
+  after: number;
 }
 
 export interface TextChunkFrame {
@@ -206,6 +207,7 @@ export type ProtocolErrorCode =
   | "unauthorized"
   | "rate_limited"
   | "prompt_too_large"
+  | "resume_unavailable"
   | "upstream_unavailable"
   | "upstream_error"
   | "upstream_timeout"
