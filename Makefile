@@ -44,6 +44,7 @@ faults: $(STAMP)
 ## BENCH_ARGS="--only throughput,cancel --repeats 3" picks scenarios.
 bench: $(STAMP)
 	cd bench && npm ci --no-audit --no-fund --silent
+	$(VENV)/bin/py-spy --version >/dev/null 2>&1 || $(PY) -m pip install --quiet py-spy
 	BENCH_QUICK=$(BENCH_QUICK) $(PY) bench/run.py $(BENCH_ARGS)
 
 lint: $(STAMP)

@@ -20,8 +20,14 @@ Routes (streams are POST with an OpenAI-style JSON body and ``"stream": true``):
 
 Knobs (``[[mock chunks=3 fault=reset after=1 tag=x]]``; unknown keys or useless combinations are
 answered 400 naming the key): chunks, delay_ms, header_delay_ms, status (+ body=json|html|text,
-retry_after; underscores become spaces), fault=reset|stall|malformed|eof|giant (+ after=K,
-size=BYTES for giant), crlf=0|1, bytewise=1, done=0|1, finish=0, comments=1, tag. See `Knobs`.
+retry_after; underscores become spaces; times=N with tag= errs only on the first N requests of
+that tag), fault=reset|stall|malformed|eof|giant|endless (+ after=K, size=BYTES for giant),
+keepalive_ms (``: ping`` comments while a started stream waits), ignore_close=1 (keep writing
+after the client left), words=N (words per chunk), crlf=0|1, bytewise=1, done=0|1, finish=0,
+comments=1, tag. See `Knobs`.
+
+``GET /_mock/stats`` takes ``?records=0`` (counters only, cheap to poll) and ``?tag=T`` (only the
+records tagged T).
 
 Wire formats follow the upstream-formats research notes (Perplexity captures from
 perplexityai/api-discussion#209, OpenAI's chat_completion_chunk types, the seed events format).
@@ -35,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import re
 import time
 import uuid
@@ -50,6 +57,8 @@ from aiohttp import hdrs, web
 
 __all__ = [
     "ANSWERS",
+    "ENDLESS_WRITE_BYTES",
+    "GIANT_DEFAULT_SIZE",
     "ROUTES",
     "Answer",
     "DirectiveError",
@@ -62,6 +71,8 @@ __all__ = [
     "StreamSpec",
     "choose_answer",
     "error_body",
+    "keepalive_comment",
+    "keepalive_offsets",
     "parse_directive",
     "plan_stream",
     "serve_forever",
@@ -70,7 +81,7 @@ __all__ = [
 ]
 
 Dialect = Literal["perplexity", "openai", "events"]
-FaultKind = Literal["reset", "stall", "malformed", "eof", "giant"]
+FaultKind = Literal["reset", "stall", "malformed", "eof", "giant", "endless"]
 BodyKind = Literal["json", "html", "text"]
 Outcome = Literal["completed", "client_closed", "fault", "error_status", "server_stopped", "open"]
 
@@ -87,6 +98,8 @@ DEFAULT_MODELS: Final[Mapping[Dialect, str]] = {
     "events": "sonar",
 }
 GIANT_DEFAULT_SIZE: Final = 8 * 1024 * 1024
+#: Size of each write of `fault=endless` (the line of x's that never ends).
+ENDLESS_WRITE_BYTES: Final = 64 * 1024
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,14 +333,32 @@ def choose_answer(question: str) -> Answer:
     return ANSWERS[zlib.crc32(normalized.encode()) % len(ANSWERS)]
 
 
-def text_chunks(text: str, count: int | None = None) -> list[str]:
-    """Split an answer into `count` word chunks, each word with its following space (none after
-    the last chunk), cycling through the words when `count` exceeds them."""
-    words = text.split()
-    n = len(words) if count is None else count
-    if not words:
+def text_chunks(text: str, count: int | None = None, words: int = 1) -> list[str]:
+    """Split an answer into `count` chunks of `words` words, each word with its following space
+    (none after the last chunk), cycling through the answer's words when they run out. Without
+    `count`, just enough chunks to cover the answer once."""
+    vocab = text.split()
+    size = len(vocab)
+    if words < 1:
+        raise ValueError("words must be positive")
+    if count is None:  # the answer once, the last chunk as long as the words left
+        spans = [" ".join(vocab[i : i + words]) for i in range(0, size, words)]
+        return [span + " " for span in spans[:-1]] + spans[-1:]
+    n = count
+    if not vocab or n == 0:
         return []
-    return [words[i % len(words)] + (" " if i < n - 1 else "") for i in range(n)]
+    # A chunk starts at one of `size` offsets, so chunks are shared strings: a million-chunk
+    # stream (a load or slow-client test) costs a list of references, not a million strings.
+    cache: dict[int, str] = {}
+
+    def piece(start: int) -> str:
+        if start not in cache:
+            cache[start] = "".join(vocab[(start + j) % size] + " " for j in range(words))
+        return cache[start]
+
+    pieces = [piece(i * words % size) for i in range(n)]
+    pieces[-1] = pieces[-1].removesuffix(" ")
+    return pieces
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,7 +379,23 @@ class DirectiveError(ValueError):
 @dataclass(frozen=True, slots=True)
 class Knobs:
     """Per-request behaviour chosen by a `[[mock ...]]` directive. None means "dialect/server
-    default"."""
+    default".
+
+    The reliability knobs, for the fault-injection suite (tests/faults):
+
+    * ``keepalive_ms``: while a stream whose headers are sent waits (the pause between chunks,
+      or ``fault=stall``), write an SSE comment ``: ping`` every that many ms, as real upstreams
+      do to keep proxies from timing the connection out;
+    * ``fault=endless``: after K chunks, one ``data: xxx...`` line that never ends, written in
+      64 KiB pieces until the client goes away (a runaway upstream);
+    * ``ignore_close``: the handler is shielded from the cancellation aiohttp uses to report a
+      client disconnect, so it goes on writing until a write fails (an upstream that does not
+      notice a closed connection);
+    * ``times=N`` (with ``status`` and ``tag``): only the first N requests carrying the tag get
+      the error status; later ones stream normally ("429, then success" for retry tests);
+    * ``words=N``: N words per chunk instead of one, so that text (not SSE framing) dominates
+      the bytes, as a slow-client test wants.
+    """
 
     chunks: int | None = None
     delay_ms: float | None = None
@@ -365,6 +412,10 @@ class Knobs:
     finish: bool = True
     comments: bool = False
     tag: str | None = None
+    keepalive_ms: float | None = None
+    ignore_close: bool = False
+    times: int | None = None
+    words: int = 1
 
 
 # ASCII only: int()/float() would also accept "+1", "1_000", " 1" and non-ASCII digits.
@@ -382,6 +433,20 @@ def _millis(value: str) -> float:
     if not _DECIMAL_RE.fullmatch(value):
         raise ValueError("expected a non-negative number of milliseconds")
     return float(value)
+
+
+def _positive_int(value: str) -> int:
+    number = _non_negative_int(value)
+    if number == 0:
+        raise ValueError("expected a positive integer")
+    return number
+
+
+def _positive_millis(value: str) -> float:
+    millis = _millis(value)
+    if millis == 0:
+        raise ValueError("expected a positive number of milliseconds")
+    return millis
 
 
 def _status(value: str) -> int:
@@ -424,6 +489,10 @@ _KNOB_PARSERS: Final[Mapping[str, Callable[[str], object]]] = {
     "finish": _flag,
     "comments": _flag,
     "tag": str,
+    "keepalive_ms": _positive_millis,
+    "ignore_close": _flag,
+    "times": _positive_int,
+    "words": _positive_int,
 }
 
 
@@ -464,6 +533,25 @@ def _check_combinations(values: Mapping[str, Any]) -> None:
         raise DirectiveError("size", "mock directive key 'size' needs fault=giant")
     if "status" in values and "fault" in values:
         raise DirectiveError("fault", "mock directive keys 'status' and 'fault' exclude each other")
+    if "times" in values:
+        if "status" not in values:
+            raise DirectiveError("times", "mock directive key 'times' needs status=NNN")
+        if "tag" not in values:
+            raise DirectiveError("times", "mock directive key 'times' needs tag=... to count by")
+    # Knobs that act on a started stream mean nothing for an error answer (unless `times` lets
+    # later requests stream).
+    for key in ("keepalive_ms", "ignore_close"):
+        if key in values and "status" in values and "times" not in values:
+            raise DirectiveError(key, f"mock directive key {key!r} needs a stream, not status=")
+    stall = values.get("fault") == "stall"
+    if "keepalive_ms" in values and values.get("delay_ms") == 0 and not stall:
+        raise DirectiveError(
+            "keepalive_ms", "keepalive_ms needs a wait: delay_ms > 0 or fault=stall"
+        )
+    if values.get("ignore_close") and stall and "keepalive_ms" not in values:
+        # A silent stall never writes, so it would never notice the client left: it would
+        # hold the request open forever.
+        raise DirectiveError("ignore_close", "ignore_close=1 with fault=stall needs keepalive_ms")
 
 
 def validate_for_dialect(knobs: Knobs, dialect: Dialect) -> None:
@@ -511,7 +599,7 @@ class Emit:
 class Fault:
     """A transport fault the I/O layer must perform; the stream plan ends after it."""
 
-    kind: Literal["reset", "stall", "eof"]
+    kind: Literal["reset", "stall", "eof", "endless"]
 
 
 Step = Emit | Fault
@@ -519,6 +607,20 @@ Step = Emit | Fault
 
 def _dumps(obj: object) -> bytes:
     return orjson.dumps(obj)
+
+
+def keepalive_comment(eol: bytes) -> bytes:
+    """The SSE comment block sent as a heartbeat (``comments=1``, ``keepalive_ms``)."""
+    return b": ping" + eol + eol
+
+
+def keepalive_offsets(wait: float, interval: float) -> list[float]:
+    """When, counted from the start of a `wait` (seconds), heartbeats are due: every
+    `interval`, strictly before the wait ends (the chunk that ends it shows the stream alive)."""
+    if interval <= 0:
+        raise ValueError("interval must be positive")
+    count = max(0, math.ceil(wait / interval) - 1)
+    return [interval * (i + 1) for i in range(count)]
 
 
 class _Formatter:
@@ -694,7 +796,7 @@ def plan_stream(spec: StreamSpec) -> Iterator[Step]:
     """The steps of one streamed answer, faults included, in wire order."""
     fmt = _FORMATTERS[spec.dialect](spec)
     knobs = spec.knobs
-    ping = b": ping" + spec.eol + spec.eol if knobs.comments else b""
+    ping = keepalive_comment(spec.eol) if knobs.comments else b""
     fault_at = min(knobs.after, len(spec.pieces)) if knobs.fault is not None else -1
 
     for data in fmt.preamble():
@@ -825,6 +927,12 @@ class RequestRecord:
     chunks_sent: int = 0
     outcome: Outcome = "open"
     fault: FaultKind | None = None
+    #: Body bytes handed to the transport (an endless line shows how much the client took).
+    bytes_sent: int = 0
+    #: `: ping` heartbeats written because of keepalive_ms.
+    keepalives_sent: int = 0
+    #: Whether the client went away while the handler ran (seen through handler cancellation).
+    client_gone: bool = False
     #: Set when the handler finished for any reason (client disconnect included).
     ended: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     #: Set when the requested fault took effect (e.g. the stall began, the reset happened).
@@ -840,6 +948,8 @@ class RequestRecord:
             "chunks_sent": self.chunks_sent,
             "outcome": self.outcome,
             "fault": self.fault,
+            "bytes_sent": self.bytes_sent,
+            "keepalives_sent": self.keepalives_sent,
             "ended": self.ended.is_set(),
         }
 
@@ -867,6 +977,8 @@ class MockUpstream:
         self.open_requests = 0
         self._total = 0
         self._outcomes: Counter[str] = Counter()
+        #: Requests seen per tag among those with `times=N` (which errors only N times).
+        self._times_seen: Counter[str] = Counter()
         self.base_url: str | None = None
         self._runner: web.AppRunner | None = None
         self._handler_tasks: set[asyncio.Task[Any]] = set()
@@ -952,24 +1064,36 @@ class MockUpstream:
         await self._wait_until(lambda: any(r.tag == tag for r in self.records), timeout)
         return self.record(tag)
 
-    def stats(self) -> dict[str, Any]:
-        """Counters since start (or the last reset) and the retained records, as JSON."""
-        return {
+    def stats(self, *, records: bool = True, tag: str | None = None) -> dict[str, Any]:
+        """Counters since start (or the last reset) and the retained records, as JSON.
+
+        `records=False` leaves the records out (a poller wants the counters, and ten thousand
+        records are a megabyte of JSON); `tag` keeps only the records with that tag.
+        """
+        stats: dict[str, Any] = {
             "open": self.open_requests,
             "total": self._total,
             "completed": self._outcomes["completed"],
             "client_closed": self._outcomes["client_closed"],
-            "records": [r.to_json() for r in self.records],
         }
+        if records:
+            stats["records"] = [r.to_json() for r in self.records if tag is None or r.tag == tag]
+        return stats
 
     async def _stats(self, request: web.Request) -> web.Response:
-        return _json_response(self.stats())
+        query = request.query
+        with_records = query.get("records", "1")
+        if with_records not in ("0", "1"):
+            error = {"message": "records must be 0 or 1", "param": "records", "code": 400}
+            return _json_response({"error": error}, status=400)
+        return _json_response(self.stats(records=with_records == "1", tag=query.get("tag")))
 
     async def _reset(self, request: web.Request) -> web.Response:
         cleared = len(self.records)
         self.records.clear()
         self._total = 0
         self._outcomes.clear()
+        self._times_seen.clear()
         self._notify()
         return _json_response({"cleared": cleared})
 
@@ -1023,13 +1147,16 @@ class MockUpstream:
                 return await self._send_bad_request(request, rec, problem)
             if knobs.header_delay_ms > 0:
                 await asyncio.sleep(knobs.header_delay_ms / 1000)
-            if knobs.status is not None:
+            if knobs.status is not None and self._error_due(knobs):
                 return await self._send_error(
                     request, rec, knobs.status, knobs.body, knobs.retry_after
                 )
             spec = self._spec(dialect, body, question, knobs, prompt_tokens)
+            if knobs.ignore_close:
+                return await self._stream_ignoring_close(request, rec, spec)
             return await self._stream(request, rec, spec)
         except asyncio.CancelledError:
+            rec.client_gone = not self._stopping
             if rec.outcome == "open":
                 rec.outcome = "server_stopped" if self._stopping else "client_closed"
             raise
@@ -1046,6 +1173,43 @@ class MockUpstream:
             rec.ended.set()
             self._notify()
 
+    def _error_due(self, knobs: Knobs) -> bool:
+        """Whether this request gets its `status`: always, or with `times=N` only the first N
+        requests of its tag."""
+        if knobs.times is None or knobs.tag is None:
+            return True
+        self._times_seen[knobs.tag] += 1
+        return self._times_seen[knobs.tag] <= knobs.times
+
+    async def _stream_ignoring_close(
+        self, request: web.Request, rec: RequestRecord, spec: StreamSpec
+    ) -> web.StreamResponse:
+        """`ignore_close=1`: run the stream in its own task that a disconnect does not cancel.
+
+        aiohttp reports a disconnect by cancelling the handler; the handler then waits for the
+        stream task, which notices only when a write fails. `stop()` still cancels both (the
+        task is registered with the handler tasks).
+        """
+        task = asyncio.get_running_loop().create_task(
+            self._stream(request, rec, spec), name=f"mock stream ignoring close {rec.tag}"
+        )
+        self._handler_tasks.add(task)
+        task.add_done_callback(self._handler_tasks.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if self._stopping:
+                task.cancel()
+            else:
+                rec.client_gone = True
+                # Keep writing: the shielded task runs on until a write fails. Another
+                # cancellation here (stop()) also reaches the task through _handler_tasks.
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                if rec.outcome in ("open", "completed"):
+                    rec.outcome = "client_closed"
+            raise
+
     def _spec(
         self,
         dialect: Dialect,
@@ -1061,7 +1225,7 @@ class MockUpstream:
             dialect=dialect,
             model=model if isinstance(model, str) and model else DEFAULT_MODELS[dialect],
             answer=answer,
-            pieces=tuple(text_chunks(answer.text, knobs.chunks)),
+            pieces=tuple(text_chunks(answer.text, knobs.chunks, knobs.words)),
             prompt_tokens=prompt_tokens,
             knobs=knobs,
             include_usage=isinstance(options, dict) and options.get("include_usage") is True,
@@ -1136,13 +1300,17 @@ class MockUpstream:
             for step in plan_stream(spec):
                 if isinstance(step, Fault):
                     rec.fault_fired.set()
-                    await self._perform(request, resp, rec, step)
+                    await self._perform(request, resp, rec, step, spec)
                     return resp
                 if step.paced:
                     if paced_before and delay > 0:
-                        await asyncio.sleep(delay)
+                        await self._pause(resp, rec, spec, delay)
+                    elif delay == 0:
+                        # write() does not suspend while the transport takes the data, so an
+                        # unpaced stream to a fast reader would starve every other request.
+                        await asyncio.sleep(0)
                     paced_before = True
-                await self._write(request, resp, step.data, spec.knobs.bytewise)
+                await self._write(request, resp, rec, step.data, spec.knobs.bytewise)
                 if step.kind == "text":
                     rec.chunks_sent += 1
                 elif step.kind == "fault":
@@ -1153,13 +1321,53 @@ class MockUpstream:
             rec.outcome = "client_closed"
         return resp
 
+    @staticmethod
+    async def _pause(
+        resp: web.StreamResponse, rec: RequestRecord, spec: StreamSpec, wait: float
+    ) -> None:
+        """Sleep `wait` seconds, sending `: ping` heartbeats meanwhile if keepalive_ms says so."""
+        if spec.knobs.keepalive_ms is None:
+            await asyncio.sleep(wait)
+            return
+        ping = keepalive_comment(spec.eol)
+        elapsed = 0.0
+        for offset in keepalive_offsets(wait, spec.knobs.keepalive_ms / 1000):
+            await asyncio.sleep(offset - elapsed)
+            elapsed = offset
+            await resp.write(ping)
+            rec.bytes_sent += len(ping)
+            rec.keepalives_sent += 1
+        await asyncio.sleep(wait - elapsed)
+
     async def _perform(
-        self, request: web.Request, resp: web.StreamResponse, rec: RequestRecord, fault: Fault
+        self,
+        request: web.Request,
+        resp: web.StreamResponse,
+        rec: RequestRecord,
+        fault: Fault,
+        spec: StreamSpec,
     ) -> None:
         if fault.kind == "stall":
-            # Hold the connection open until the client goes away (its handler gets cancelled)
-            # or the server stops.
-            await asyncio.Event().wait()
+            # Hold the connection open until the client goes away (its handler gets cancelled,
+            # or with ignore_close a heartbeat fails) or the server stops.
+            keepalive_ms = spec.knobs.keepalive_ms
+            if keepalive_ms is None:
+                await asyncio.Event().wait()
+                return
+            ping = keepalive_comment(spec.eol)
+            while True:
+                await asyncio.sleep(keepalive_ms / 1000)
+                await self._write(request, resp, rec, ping, False)
+                rec.keepalives_sent += 1
+        elif fault.kind == "endless":
+            # One data line that never ends: "data: " then x's, 64 KiB per write, until the
+            # client goes away (a failed write raises ConnectionResetError; a disconnect
+            # otherwise cancels the handler). write() drains, so this is paced by the client.
+            piece = b"x" * ENDLESS_WRITE_BYTES
+            await self._write(request, resp, rec, b"data: ", False)
+            while True:
+                await self._write(request, resp, rec, piece, False)
+                await asyncio.sleep(0)  # fair to other requests while the reader keeps up
         elif fault.kind == "eof":
             # A clean end without any terminal marker (chunked terminator included).
             await resp.write_eof()
@@ -1175,14 +1383,20 @@ class MockUpstream:
 
     @staticmethod
     async def _write(
-        request: web.Request, resp: web.StreamResponse, data: bytes, bytewise: bool
+        request: web.Request,
+        resp: web.StreamResponse,
+        rec: RequestRecord,
+        data: bytes,
+        bytewise: bool,
     ) -> None:
         if not bytewise:
             await resp.write(data)
+            rec.bytes_sent += len(data)
             return
         view = memoryview(data)
         for i in range(len(view)):
             await resp.write(view[i : i + 1])
+            rec.bytes_sent += 1
             await request.writer.drain()
             # Yield so that every byte can reach the peer on its own.
             await asyncio.sleep(0)

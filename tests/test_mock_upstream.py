@@ -15,6 +15,7 @@ from multidict import CIMultiDictProxy
 
 from gateway.mock_upstream import (
     ANSWERS,
+    ENDLESS_WRITE_BYTES,
     GIANT_DEFAULT_SIZE,
     DirectiveError,
     Emit,
@@ -23,6 +24,8 @@ from gateway.mock_upstream import (
     MockUpstream,
     StreamSpec,
     choose_answer,
+    keepalive_comment,
+    keepalive_offsets,
     parse_directive,
     plan_stream,
     serve_forever,
@@ -220,6 +223,73 @@ def test_parse_directive_rejects_knobs_that_would_do_nothing(directive: str, key
     assert info.value.key == key
 
 
+def test_parse_directive_reads_the_reliability_knobs() -> None:
+    """keepalive_ms, ignore_close and times (with status and tag) are parsed into knobs."""
+    _, knobs = parse_directive("[[mock fault=stall keepalive_ms=25.5 ignore_close=1]]")
+    assert (knobs.fault, knobs.keepalive_ms, knobs.ignore_close) == ("stall", 25.5, True)
+    _, knobs = parse_directive("[[mock fault=endless after=2]]")
+    assert (knobs.fault, knobs.after) == ("endless", 2)
+    _, knobs = parse_directive("[[mock status=429 retry_after=1 times=2 tag=r1 keepalive_ms=5]]")
+    assert (knobs.status, knobs.times, knobs.tag, knobs.keepalive_ms) == (429, 2, "r1", 5.0)
+    assert Knobs().keepalive_ms is None
+    assert Knobs().ignore_close is False
+    assert Knobs().times is None
+
+
+@pytest.mark.parametrize(
+    ("directive", "key"),
+    [
+        ("keepalive_ms=0", "keepalive_ms"),
+        ("keepalive_ms=0.0", "keepalive_ms"),
+        ("keepalive_ms=-5", "keepalive_ms"),
+        ("keepalive_ms=1e3", "keepalive_ms"),
+        ("ignore_close=2", "ignore_close"),
+        ("ignore_close=true", "ignore_close"),
+        ("status=429 tag=t times=0", "times"),
+        ("status=429 tag=t times=-1", "times"),
+        ("status=429 tag=t times=1.5", "times"),
+        ("words=0", "words"),
+        ("words=two", "words"),
+        ("fault=endlessly", "fault"),
+    ],
+)
+def test_parse_directive_rejects_bad_reliability_values(directive: str, key: str) -> None:
+    """Zero or negative heartbeat periods and counts, and non-flag values, name their key."""
+    with pytest.raises(DirectiveError) as info:
+        parse_directive(f"hi [[mock {directive}]]")
+    assert info.value.key == key
+
+
+@pytest.mark.parametrize(
+    ("directive", "key"),
+    [
+        ("times=2", "times"),
+        ("times=2 tag=t", "times"),
+        ("status=429 times=2", "times"),
+        ("status=503 keepalive_ms=10", "keepalive_ms"),
+        ("status=503 ignore_close=1", "ignore_close"),
+        ("delay_ms=0 keepalive_ms=10", "keepalive_ms"),
+        ("delay_ms=0 fault=eof keepalive_ms=10", "keepalive_ms"),
+        ("fault=stall ignore_close=1", "ignore_close"),
+        ("fault=endless size=10", "size"),
+        ("status=500 fault=endless", "fault"),
+    ],
+)
+def test_parse_directive_rejects_reliability_knobs_that_would_do_nothing(
+    directive: str, key: str
+) -> None:
+    """times needs status and tag; heartbeats need a wait; a silent stall cannot ignore a close."""
+    with pytest.raises(DirectiveError) as info:
+        parse_directive(f"[[mock {directive}]]")
+    assert info.value.key == key
+
+
+def test_parse_directive_accepts_heartbeats_on_a_stall_without_delay() -> None:
+    """delay_ms=0 with keepalive_ms is fine when a stall gives the heartbeats a wait."""
+    _, knobs = parse_directive("[[mock delay_ms=0 fault=stall keepalive_ms=10 ignore_close=1]]")
+    assert (knobs.delay_ms, knobs.keepalive_ms, knobs.ignore_close) == (0.0, 10.0, True)
+
+
 # --------------------------------------------------------------------------------------------
 # Pure: answers and stream plans
 # --------------------------------------------------------------------------------------------
@@ -236,6 +306,24 @@ def test_text_chunks_cycle_when_more_are_asked_than_there_are_words() -> None:
     """Asking for more chunks than words cycles through the words."""
     assert text_chunks("a b c", 5) == ["a ", "b ", "c ", "a ", "b"]
     assert text_chunks("a b c", 0) == []
+
+
+def test_text_chunks_can_carry_several_words_each() -> None:
+    """words=N makes chunks of N words; without a count they cover the text exactly once."""
+    assert text_chunks("a b c d e", words=2) == ["a b ", "c d ", "e"]
+    assert text_chunks("a b c", 2, words=2) == ["a b ", "c a"]
+    assert text_chunks("a b c", 3, words=3) == ["a b c ", "a b c ", "a b c"]
+    assert "".join(text_chunks(MARS_ANSWER.text, words=7)) == MARS_ANSWER.text
+    with pytest.raises(ValueError, match="positive"):
+        text_chunks("a b", 2, words=0)
+
+
+def test_text_chunks_share_strings_so_huge_streams_stay_cheap() -> None:
+    """Cycled chunks are the same string objects, not copies (a million chunks = references)."""
+    n = len(MARS_ANSWER.text.split())
+    pieces = text_chunks(MARS_ANSWER.text, 3 * n + 1)
+    assert pieces[0] is pieces[n] is pieces[2 * n]
+    assert len({id(p) for p in pieces}) <= n + 1
 
 
 def test_choose_answer_is_topical_and_deterministic() -> None:
@@ -270,6 +358,40 @@ def test_plan_stream_clamps_the_fault_position_and_stops_after_a_transport_fault
     assert [s.kind for s in steps] == ["text", "text", "reset"]
     assert isinstance(steps[-1], Fault)
     assert all(isinstance(s, Emit) for s in steps[:-1])
+
+
+def test_keepalive_offsets_fall_strictly_inside_the_wait() -> None:
+    """Heartbeats come every interval while a wait lasts, none at its very end."""
+    assert keepalive_offsets(0.25, 0.1) == pytest.approx([0.1, 0.2])
+    assert keepalive_offsets(0.3, 0.1) == pytest.approx([0.1, 0.2])
+    assert keepalive_offsets(0.12, 0.025) == pytest.approx([0.025, 0.05, 0.075, 0.1])
+    assert keepalive_offsets(0.1, 0.1) == []
+    assert keepalive_offsets(0.05, 0.1) == []
+    assert keepalive_offsets(0.0, 0.1) == []
+    with pytest.raises(ValueError, match="positive"):
+        keepalive_offsets(1.0, 0.0)
+
+
+def test_keepalive_comment_is_a_comment_block_in_the_stream_line_ending() -> None:
+    """The heartbeat is an SSE comment followed by a blank line, in the dialect's EOL."""
+    assert keepalive_comment(LF) == b": ping\n\n"
+    assert keepalive_comment(CRLF) == b": ping\r\n\r\n"
+
+
+def test_plan_stream_ends_with_the_endless_fault_after_k_chunks() -> None:
+    """fault=endless is a transport fault: the plan stops at it after K text chunks."""
+    _, knobs = parse_directive("[[mock chunks=4 fault=endless after=1]]")
+    spec = StreamSpec(
+        dialect="openai",
+        model="gpt-4o",
+        answer=MARS_ANSWER,
+        pieces=tuple(text_chunks(MARS_ANSWER.text, 4)),
+        prompt_tokens=5,
+        knobs=knobs,
+    )
+    steps = list(plan_stream(spec))
+    assert [s.kind for s in steps] == ["meta", "text", "endless"]
+    assert steps[-1] == Fault("endless")
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,6 +505,17 @@ async def test_default_stream_is_the_whole_answer_word_by_word(
     texts = [b["text"] for b in bodies if b["type"] == "text_chunk"]
     assert len(texts) == len(MARS_ANSWER.text.split())
     assert "".join(texts) == MARS_ANSWER.text == bodies[-1]["text"]
+
+
+async def test_words_knob_puts_several_words_in_each_chunk(
+    mock: MockUpstream, session: aiohttp.ClientSession
+) -> None:
+    """words=N gives chunks of N words each, cycling through the answer."""
+    _, _, raw = await fetch(session, url(mock, "/events"), f"{MARS} [[mock chunks=3 words=4]]")
+    texts = [orjson.loads(d)["text"] for d in datas(raw, LF)[:-1]]
+    assert texts == text_chunks(MARS_ANSWER.text, 3, words=4)
+    assert [len(t.split()) for t in texts] == [4, 4, 4]
+    assert mock.records[-1].chunks_sent == 3
 
 
 async def test_chunks_knob_cycles_the_answer_words(
@@ -816,3 +949,202 @@ async def test_serve_forever_serves_until_cancelled(
         assert b"event: done" in raw
         task.cancel()
     assert base in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# Loopback: reliability knobs (heartbeats, endless line, ignored close, errors N times)
+# --------------------------------------------------------------------------------------------
+
+
+async def test_keepalive_sends_pings_between_paced_chunks(
+    mock: MockUpstream, session: aiohttp.ClientSession
+) -> None:
+    """keepalive_ms=25 with delay_ms=120 puts exactly four `: ping` blocks into every pause."""
+    content = "hi [[mock chunks=2 delay_ms=120 keepalive_ms=25 tag=ka]]"
+    status, _, raw = await fetch(session, url(mock, "/perplexity"), content)
+    assert status == 200
+    blocks = sse_blocks(raw, CRLF)
+    shape = ["ping" if b == [("", "ping")] else "data" for b in blocks]
+    # text 1, pause, text 2, pause, finish chunk (Perplexity: no [DONE]).
+    assert shape == ["data", *["ping"] * 4, "data", *["ping"] * 4, "data"]
+    rec = mock.record("ka")
+    assert (rec.keepalives_sent, rec.chunks_sent, rec.outcome) == (8, 2, "completed")
+    assert rec.bytes_sent == len(raw)
+
+
+async def test_keepalive_sends_nothing_before_the_headers(
+    mock: MockUpstream, session: aiohttp.ClientSession
+) -> None:
+    """During header_delay_ms no heartbeat can be sent: the first bytes are the first event."""
+    content = "hi [[mock chunks=1 header_delay_ms=100 delay_ms=30 keepalive_ms=20 tag=hd]]"
+    _, _, raw = await fetch(session, url(mock, "/events"), content)
+    assert raw.startswith(b"event: text_chunk\n")
+    assert raw.count(b": ping\n\n") == 1  # the one pause (text -> done) is 30 ms
+    assert mock.record("hd").keepalives_sent == 1
+
+
+async def test_keepalive_pings_a_stall_until_the_client_leaves(
+    mock: MockUpstream, session: aiohttp.ClientSession
+) -> None:
+    """fault=stall with keepalive_ms sends K chunks, then only heartbeats, paced at the period."""
+    content = "hi [[mock fault=stall after=1 keepalive_ms=20 tag=ks]]"
+    async with post(session, url(mock, "/openai"), content) as resp:
+        rec = await mock.wait_request("ks")
+        started = time.monotonic()
+        raw = await read_until(resp, b": ping\n\n", 4)
+        elapsed = time.monotonic() - started
+        assert elapsed >= 0.06
+        data_blocks = datas(raw[: raw.rindex(LF * 2) + 2], LF)
+        assert len(data_blocks) == 2  # role chunk + one text chunk, never more
+        assert rec.fault_fired.is_set()
+        assert not rec.ended.is_set()
+        resp.close()
+        await asyncio.wait_for(rec.ended.wait(), 5)
+    assert (rec.outcome, rec.chunks_sent) == ("client_closed", 1)
+    assert rec.keepalives_sent >= 4
+
+
+async def test_endless_fault_writes_one_line_that_never_ends(
+    mock: MockUpstream, session: aiohttp.ClientSession
+) -> None:
+    """fault=endless sends K chunks, then `data: xxx...` without a line end, as long as read."""
+    content = "hi [[mock chunks=3 fault=endless after=1 tag=en]]"
+    async with post(session, url(mock, "/perplexity"), content) as resp:
+        raw = b""
+        async with asyncio.timeout(10):
+            while len(raw) < 1_000_000:
+                raw += await resp.content.readany()
+        resp.close()
+    head, sep, line = raw.rpartition(CRLF * 2)
+    assert sep
+    assert len(chunks_json(head + sep, CRLF)) == 1
+    assert line.startswith(b"data: xxx")
+    assert set(line.removeprefix(b"data: ")) == {ord("x")}
+    rec = mock.record("en")
+    await asyncio.wait_for(rec.ended.wait(), 5)
+    assert (rec.outcome, rec.fault, rec.chunks_sent) == ("client_closed", "endless", 1)
+    assert rec.fault_fired.is_set()
+    assert rec.bytes_sent >= len(raw)
+
+
+async def test_endless_fault_is_paced_by_the_reader(
+    mock: MockUpstream, session: aiohttp.ClientSession
+) -> None:
+    """A client that stops reading stops the endless writer too (TCP backpressure), so the mock
+    itself never buffers without bound."""
+    async with post(session, url(mock, "/openai"), "hi [[mock fault=endless tag=ep]]") as resp:
+        assert resp.status == 200
+        rec = await mock.wait_request("ep")
+        await asyncio.wait_for(rec.fault_fired.wait(), 5)
+        await asyncio.sleep(0.3)
+        first = rec.bytes_sent
+        await asyncio.sleep(0.2)
+        assert rec.bytes_sent == first
+        # Client buffer + both kernel socket buffers on loopback: megabytes, not more.
+        assert first < 64 * 1024 * 1024
+        assert first > ENDLESS_WRITE_BYTES
+        resp.close()
+    await asyncio.wait_for(rec.ended.wait(), 5)
+    assert rec.outcome == "client_closed"
+
+
+async def test_ignore_close_keeps_the_handler_writing_until_a_write_fails(
+    mock: MockUpstream, session: aiohttp.ClientSession
+) -> None:
+    """With ignore_close=1 a disconnect does not end the handler; its next write does."""
+    content = "hi [[mock chunks=20 delay_ms=250 ignore_close=1 tag=ic]]"
+    async with post(session, url(mock, "/events"), content) as resp:
+        await read_until(resp, LF * 2, 1)
+        rec = mock.record("ic")
+        resp.close()
+    closed = time.monotonic()
+    await asyncio.sleep(0.1)
+    assert not rec.ended.is_set()
+    assert mock.open_requests == 1
+    assert rec.client_gone
+    await asyncio.wait_for(rec.ended.wait(), 5)
+    # It ended at its next write, one pause after the first chunk (not at the disconnect).
+    assert time.monotonic() - closed >= 0.1
+    assert (rec.outcome, rec.chunks_sent) == ("client_closed", 1)
+    assert mock.open_requests == 0
+    assert mock.stats()["client_closed"] == 1
+
+
+async def test_ignore_close_on_a_stall_ends_at_the_next_heartbeat(
+    mock: MockUpstream, session: aiohttp.ClientSession
+) -> None:
+    """An ignore_close stall notices the disconnect only when a heartbeat write fails."""
+    content = "hi [[mock fault=stall keepalive_ms=200 ignore_close=1 tag=is]]"
+    async with post(session, url(mock, "/perplexity"), content) as resp:
+        rec = await mock.wait_request("is")
+        await asyncio.wait_for(rec.fault_fired.wait(), 5)
+        await read_until(resp, CRLF * 2, 1)
+        resp.close()
+    await asyncio.sleep(0.05)
+    assert not rec.ended.is_set()
+    await asyncio.wait_for(rec.ended.wait(), 5)
+    assert rec.outcome == "client_closed"
+    assert rec.keepalives_sent >= 1
+
+
+async def test_stop_cuts_an_ignore_close_stream(session: aiohttp.ClientSession) -> None:
+    """stop() cancels a stream that ignores its client's close as promptly as any other."""
+    upstream = MockUpstream(default_delay_ms=0)
+    await upstream.start()
+    content = "hi [[mock fault=stall keepalive_ms=5000 ignore_close=1 tag=st]]"
+    async with post(session, url(upstream, "/openai"), content) as resp:
+        rec = await upstream.wait_request("st")
+        await asyncio.wait_for(rec.fault_fired.wait(), 5)
+        started = time.monotonic()
+        await asyncio.wait_for(upstream.stop(), 5)
+        assert time.monotonic() - started < 2
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    assert rec.outcome == "server_stopped"
+    assert not rec.client_gone
+
+
+async def test_times_errs_for_the_first_n_requests_of_a_tag_only(
+    mock: MockUpstream, session: aiohttp.ClientSession
+) -> None:
+    """status=429 times=2 answers 429 twice for a tag, then streams; tags count separately."""
+    content = "hi [[mock chunks=2 status=429 retry_after=1 times=2 tag=rt]]"
+    results = [await fetch(session, url(mock, "/openai"), content) for _ in range(3)]
+    assert [status for status, _, _ in results] == [429, 429, 200]
+    assert results[0][1]["Retry-After"] == "1"
+    assert datas(results[2][2], LF)[-1] == "[DONE]"
+    other = "hi [[mock chunks=2 status=429 times=2 tag=other]]"
+    status, _, _ = await fetch(session, url(mock, "/openai"), other)
+    assert status == 429
+    recs = [r for r in mock.records if r.tag == "rt"]
+    assert [(r.status, r.outcome) for r in recs] == [
+        (429, "error_status"),
+        (429, "error_status"),
+        (200, "completed"),
+    ]
+    async with session.post(url(mock, "/_mock/reset")) as r:
+        assert r.status == 200
+    status, _, _ = await fetch(session, url(mock, "/openai"), content)
+    assert status == 429  # reset forgets the counts
+
+
+async def test_stats_can_leave_records_out_or_filter_them_by_tag(
+    mock: MockUpstream, session: aiohttp.ClientSession
+) -> None:
+    """?records=0 answers the counters only; ?tag=T keeps the records tagged T."""
+    for tag in ("a", "b", "a"):
+        await fetch(session, url(mock, "/events"), f"hi [[mock chunks=1 tag={tag}]]")
+    async with session.get(url(mock, "/_mock/stats?records=0")) as r:
+        assert orjson.loads(await r.read()) == {
+            "open": 0,
+            "total": 3,
+            "completed": 3,
+            "client_closed": 0,
+        }
+    async with session.get(url(mock, "/_mock/stats?tag=a")) as r:
+        stats = orjson.loads(await r.read())
+    assert [rec["tag"] for rec in stats["records"]] == ["a", "a"]
+    assert {"bytes_sent", "keepalives_sent"} <= stats["records"][0].keys()
+    async with session.get(url(mock, "/_mock/stats?records=yes")) as r:
+        assert r.status == 400
+        assert orjson.loads(await r.read())["error"]["param"] == "records"

@@ -258,3 +258,18 @@ async def test_metrics_count_a_known_workload(stack: Stack) -> None:
     assert 'gateway_upstream_chunks_total{dialect="perplexity"} 30.0' in text
     assert "gateway_open_sockets 1.0" in text
     assert "process_open_fds" in text
+
+
+async def test_keepalive_comments_reset_the_read_gap_and_are_not_relayed(
+    make_stack: StackFactory,
+) -> None:
+    """An upstream pausing longer than --upstream-read-timeout between chunks, but sending
+    `: ping` comments meanwhile, is not timed out; the comments never reach the client."""
+    stack = await make_stack(upstream_read_timeout=0.3)
+    client = await stack.client()
+    prompt = "sky [[mock chunks=4 delay_ms=700 keepalive_ms=100]]"
+    await client.start("s", prompt)
+    frames = (await client.finish("s"))["s"]
+    assert frames[-1]["type"] == "done"
+    assert check_stream(frames) == expected_text(prompt)
+    assert {f["type"] for f in frames} == {"started", "text_chunk", "done"}
