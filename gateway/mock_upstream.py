@@ -141,6 +141,50 @@ def _answer(keywords: str, text: str, *sources: tuple[str, str, str]) -> Answer:
 
 ANSWERS: Final[tuple[Answer, ...]] = (
     _answer(
+        "sky blue sunset sunsets rayleigh scattering atmosphere daytime",
+        """Sunlight looks white but mixes every visible wavelength[1]. Air molecules scatter
+        short wavelengths far more strongly than long ones: this is Rayleigh scattering[2]. Blue
+        light is therefore spread across the whole sky and reaches our eyes from every
+        direction, while violet is partly absorbed high up and our eyes are less sensitive to
+        it[1][3]. At sunset the light crosses much more air, the blue is scattered away, and the
+        sky turns orange and red.""",
+        (
+            "Rayleigh scattering - Wikipedia",
+            "https://en.wikipedia.org/wiki/Rayleigh_scattering",
+            "2025-01-20",
+        ),
+        (
+            "Why is the sky blue? - NASA Space Place",
+            "https://spaceplace.nasa.gov/blue-sky/",
+            "2024-06-11",
+        ),
+        (
+            "Diffuse sky radiation - Wikipedia",
+            "https://en.wikipedia.org/wiki/Diffuse_sky_radiation",
+            "2024-11-02",
+        ),
+    ),
+    _answer(
+        "cat cats purr purring kitten kittens feline",
+        """Cats purr by rapidly twitching the muscles of the larynx, which open and close the
+        glottis about 25 to 150 times a second as they breathe[1]. A neural
+        oscillator in the brainstem drives the rhythm, so the sound continues through both
+        phases of breathing[2]. Cats purr when content, but also when stressed, injured or
+        giving birth, which suggests purring also soothes them; its
+        low frequencies have even been linked to bone and tissue healing[1][3].""",
+        ("Purr - Wikipedia", "https://en.wikipedia.org/wiki/Purr", "2025-03-02"),
+        (
+            "How do cats purr? - Scientific American",
+            "https://www.scientificamerican.com/article/how-do-cats-purr/",
+            "2023-10-05",
+        ),
+        (
+            "The felid purr: a healing mechanism? - JASA",
+            "https://pubs.aip.org/asa/jasa/article/110/5_Supplement/2666/555345",
+            "2001-11-01",
+        ),
+    ),
+    _answer(
         "websocket websockets ws socket sockets realtime handshake duplex rfc6455",
         """WebSockets provide a full-duplex channel over a single TCP connection[1]. A client starts
         with an HTTP/1.1 Upgrade request, and once the server answers 101 Switching Protocols both
