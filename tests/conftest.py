@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
 import pytest
+import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection, connect
 
 from gateway.config import Config
@@ -121,6 +123,23 @@ class Stack:
 
 
 StackFactory = Callable[..., Awaitable[Stack]]
+
+
+REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+
+
+async def require_redis() -> str:
+    """The test Redis URL; skip locally (fail in CI, which starts Redis) when none answers."""
+    probe = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        await probe.ping()
+    except OSError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("no Redis on 127.0.0.1:6379 (CI starts one)")
+    finally:
+        await probe.aclose()
+    return REDIS_URL
 
 
 @pytest.fixture

@@ -140,21 +140,13 @@ class Process:
         self.raw: list[bytes] = []
 
     async def wait_for(self, event: str, timeout: float = 15.0) -> dict[str, Any]:
+        """The first log line (already read or next) whose event is `event`."""
         for line in self.lines:
             if line.get("event") == event:
                 return line
-        assert self.proc.stderr is not None
         async with asyncio.timeout(timeout):
             while True:
-                raw = await self.proc.stderr.readline()
-                if not raw:
-                    raise AssertionError(f"process exited before logging {event!r}: {self.raw}")
-                self.raw.append(raw)
-                try:
-                    line = orjson.loads(raw)
-                except orjson.JSONDecodeError:
-                    continue
-                self.lines.append(line)
+                line = await self.wait_for_next(timeout)
                 if line.get("event") == event:
                     return line
 
@@ -165,14 +157,14 @@ class Process:
             while True:
                 raw = await self.proc.stderr.readline()
                 if not raw:
-                    raise AssertionError(f"process exited: {self.raw}")
+                    raise AssertionError(f"process exited: {b''.join(self.raw)!r}")
                 self.raw.append(raw)
                 try:
-                    line = orjson.loads(raw)
+                    line: dict[str, Any] = orjson.loads(raw)
                 except orjson.JSONDecodeError:
                     continue
                 self.lines.append(line)
-                return line  # type: ignore[no-any-return]
+                return line
 
     async def stop(self, sig: int = signal.SIGTERM) -> int:
         self.proc.send_signal(sig)

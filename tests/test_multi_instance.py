@@ -5,24 +5,20 @@ leaves its followers with stream_interrupted, never a hang, while the survivor k
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-import redis.asyncio as aioredis
 from websockets.asyncio.client import connect
 
 from gateway.mock_upstream import MockUpstream
-from tests.conftest import Client, check_stream
+from tests.conftest import Client, check_stream, require_redis
 from tests.test_cli import Process, spawn
 from tests.test_deploy import free_port, require_nginx, running_nginx
 from tests.test_e2e import expected_text
 from tests.test_resume import chunks_text, drop, resume_frame
-
-REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 
 
 class Cluster:
@@ -80,15 +76,7 @@ class Cluster:
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
     nginx = require_nginx()
-    probe = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        await probe.ping()
-    except OSError:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip("no Redis on 127.0.0.1:6379 (CI starts one)")
-    finally:
-        await probe.aclose()
+    redis_url = await require_redis()
     mock = MockUpstream(default_delay_ms=0)
     base = await mock.start()
     gateways: dict[int, Process] = {}
@@ -100,7 +88,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
                 "--port",
                 str(port),
                 "--redis-url",
-                REDIS_URL,
+                redis_url,
                 "--upstream-url",
                 f"{base}/perplexity",
                 "--log-format",

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
 from gateway.config import Config
 from gateway.mock_upstream import MockUpstream
 from gateway.server import Gateway
-from tests.conftest import Client, check_stream
+from tests.conftest import Client, check_stream, require_redis
 from tests.test_e2e import expected_text
 from tests.test_resume import chunks_text, drop, resume, resume_frame
-
-REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 
 
 class Pair:
@@ -38,20 +34,12 @@ class Pair:
 
 @pytest.fixture
 async def pair() -> AsyncIterator[Pair]:
-    probe = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        await probe.ping()
-    except OSError:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip("no Redis on 127.0.0.1:6379 (CI starts one)")
-    finally:
-        await probe.aclose()
+    redis_url = await require_redis()
     mock = MockUpstream(default_delay_ms=0)
     base = await mock.start()
     gateways = []
     for _ in range(2):
-        config = Config(port=0, redis_url=REDIS_URL, resume_retention=30)
+        config = Config(port=0, redis_url=redis_url, resume_retention=30)
         gateway = Gateway(config, f"{base}/perplexity")
         await gateway.start()
         gateways.append(gateway)
