@@ -256,9 +256,6 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._queue)
 
-    def set_notify(self, notify: Callable[[], None]) -> None:
-        self._notify = notify
-
     def _enqueue(self, entry: bytes | Stream) -> None:
         if not self._queue and self._notify is not None:
             self._notify()
@@ -714,14 +711,6 @@ class Session:
                     self._recent.popitem(last=False)
         if stream.owner is self:
             stream.owner = None
-
-    def interrupt(self, message: str) -> list[Stream]:
-        """End every active stream with a retryable stream_interrupted (the gateway is going
-        away); returns them so their upstream requests can be cancelled."""
-        streams = list(self.streams.values())
-        for stream in streams:
-            finish_fail(stream, ErrorCode.STREAM_INTERRUPTED, message, True)
-        return streams
 
     def close(self) -> list[Stream]:
         """The client closed the socket on purpose: every active stream ends now (no frame can
