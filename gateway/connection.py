@@ -421,18 +421,23 @@ class Connection:
                 frames = outbox.drain()
                 flow.drained()
                 if frames:
-                    try:
-                        async with asyncio.timeout(slow):
-                            if ws.protocol.state is WS_OPEN and not ws.paused:
-                                self._write_frames(frames)
-                                if ws.paused:  # over the high-water mark: wait for the client
+                    fast = ws.protocol.state is WS_OPEN and not ws.paused
+                    if fast:
+                        self._write_frames(frames)
+                    if not fast or ws.paused:
+                        # Behind (over the high-water mark) or closing: wait for the client,
+                        # for at most --slow-client-timeout. The common case above pays no
+                        # timer at all.
+                        try:
+                            async with asyncio.timeout(slow):
+                                if fast:
                                     await ws.drain()
-                            else:  # behind or closing: the documented, flow-controlled route
-                                for frame in frames:
-                                    await ws.send(frame, text=True)
-                    except TimeoutError:
-                        await self._close_slow_consumer(slow)
-                        return
+                                else:  # the documented, flow-controlled route
+                                    for frame in frames:
+                                        await ws.send(frame, text=True)
+                        except TimeoutError:
+                            await self._close_slow_consumer(slow)
+                            return
                 if self._close_request is not None and not len(outbox):
                     await ws.close(*self._close_request)
                     return
