@@ -24,7 +24,7 @@ retry_after; underscores become spaces; times=N with tag= errs only on the first
 that tag), fault=reset|stall|malformed|eof|giant|endless (+ after=K, size=BYTES for giant),
 keepalive_ms (``: ping`` comments while a started stream waits), ignore_close=1 (keep writing
 after the client left), words=N (words per chunk), crlf=0|1, bytewise=1, done=0|1, finish=0,
-comments=1, tag. See `Knobs`.
+comments=1, tag. Benchmarks: fast=1 (+ rate=R, stamp=1). See `Knobs`.
 
 ``GET /_mock/stats`` takes ``?records=0`` (counters only, cheap to poll) and ``?tag=T`` (only the
 records tagged T).
@@ -41,6 +41,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import heapq
+import itertools
 import math
 import re
 import time
@@ -439,6 +441,19 @@ class Knobs:
       the error status; later ones stream normally ("429, then success" for retry tests);
     * ``words=N``: N words per chunk instead of one, so that text (not SSE framing) dominates
       the bytes, as a slow-client test wants.
+
+    The benchmark knobs (bench/, ``make bench``), /openai and /events only:
+
+    * ``fast=1``: the events are pre-rendered (a text event is a cached prefix + text + suffix)
+      and written about 64 KiB at a time with no await per chunk, so that the upstream outruns
+      the gateway;
+    * ``rate=R`` (with fast=1): R chunks a second per stream, paced by one timer shared by every
+      paced stream, each tick writing whatever is due straight to the transport (1,000 streams
+      at 40 chunks/s cost about a thousand ticks a second, not 40,000 task wake-ups);
+    * ``stamp=1`` (with fast=1): each chunk's text starts with ``@<ns>;``, the
+      ``time.monotonic_ns()`` when it was written. CLOCK_MONOTONIC rather than wall time: a client
+      on the same machine reads the same clock (Node's process.hrtime.bigint()), at ns
+      resolution and immune to clock steps, to measure upstream-write-to-client latency.
     """
 
     chunks: int | None = None
@@ -460,6 +475,9 @@ class Knobs:
     ignore_close: bool = False
     times: int | None = None
     words: int = 1
+    fast: bool = False
+    rate: float | None = None
+    stamp: bool = False
 
 
 # ASCII only: int()/float() would also accept "+1", "1_000", " 1" and non-ASCII digits.
@@ -491,6 +509,12 @@ def _positive_millis(value: str) -> float:
     if millis == 0:
         raise ValueError("expected a positive number of milliseconds")
     return millis
+
+
+def _rate(value: str) -> float:
+    if not _DECIMAL_RE.fullmatch(value) or float(value) == 0:
+        raise ValueError("expected a positive number of chunks per second")
+    return float(value)
 
 
 def _status(value: str) -> int:
@@ -537,6 +561,9 @@ _KNOB_PARSERS: Final[Mapping[str, Callable[[str], object]]] = {
     "ignore_close": _flag,
     "times": _positive_int,
     "words": _positive_int,
+    "fast": _flag,
+    "rate": _rate,
+    "stamp": _flag,
 }
 
 
@@ -567,7 +594,27 @@ def parse_directive(text: str) -> tuple[str, Knobs]:
     return cleaned, dataclasses.replace(Knobs(), **values)
 
 
+#: Knobs that shape a slow, step-by-step stream; fast=1 has its own writer and refuses them.
+_NOT_FAST: Final = (
+    "fault",
+    "status",
+    "delay_ms",
+    "bytewise",
+    "comments",
+    "keepalive_ms",
+    "ignore_close",
+)
+
+
 def _check_combinations(values: Mapping[str, Any]) -> None:
+    if values.get("fast"):
+        for key in _NOT_FAST:
+            if key in values:
+                raise DirectiveError(key, f"mock directive key {key!r} does not apply to fast=1")
+    else:
+        for key in ("rate", "stamp"):
+            if key in values:
+                raise DirectiveError(key, f"mock directive key {key!r} needs fast=1")
     for key in ("body", "retry_after"):
         if key in values and "status" not in values:
             raise DirectiveError(key, f"mock directive key {key!r} needs status=NNN")
@@ -602,6 +649,9 @@ def validate_for_dialect(knobs: Knobs, dialect: Dialect) -> None:
     """Reject knobs that mean nothing for `dialect` (the events format has no finish chunk)."""
     if dialect == "events" and not knobs.finish:
         raise DirectiveError("finish", "finish=0 applies to /perplexity and /openai only")
+    if dialect == "perplexity" and knobs.fast:
+        # Every Perplexity chunk repeats the whole text so far: nothing to pre-render.
+        raise DirectiveError("fast", "fast=1 applies to /openai and /events only")
 
 
 # --------------------------------------------------------------------------------------------
@@ -959,6 +1009,157 @@ def _question_and_knobs(body: Mapping[str, Any]) -> tuple[str, Knobs, int]:
 # --------------------------------------------------------------------------------------------
 
 
+# -- fast mode (benchmarks) ------------------------------------------------------------------
+
+#: fast=1 without rate: bytes of pre-rendered events per write (one await per batch, and one
+#: yield to the other requests after it, instead of one per chunk).
+FAST_BATCH_BYTES: Final = 64 * 1024
+#: fast=1 with rate: a pacer tick also writes the chunks due within this many seconds.
+PACER_SLACK: Final = 0.0005
+_MARK: Final = "\x01"
+
+
+class _FastRender:
+    """The pre-rendered events of one fast=1 stream.
+
+    A text event is prefix + JSON-escaped text + suffix, cut once from the dialect's formatter,
+    so a chunk costs one bytes concatenation (plain chunks are cached per distinct piece, and a
+    stamped one is a small f-string). The preamble and the finale come from the formatter as is.
+    """
+
+    def __init__(self, spec: StreamSpec) -> None:
+        fmt = _FORMATTERS[spec.dialect](spec)
+        marked = fmt.text(_MARK)
+        fmt.text_parts.clear()
+        self.prefix, self.suffix = marked.split(_dumps(_MARK)[1:-1])
+        self.fmt = fmt
+        self.stamp = spec.knobs.stamp
+        self.preamble = b"".join(fmt.preamble())
+        self._cache: dict[str, bytes] = {}
+        #: Every chunk's text so far (the finale's usage count and `done` text).
+        self.texts: list[str] = []
+
+    def text(self, piece: str, stamp_ns: int) -> bytes:
+        if self.stamp:
+            text = f"@{stamp_ns};{piece}"
+            self.texts.append(text)
+            return self.prefix + _dumps(text)[1:-1] + self.suffix
+        self.texts.append(piece)
+        event = self._cache.get(piece)
+        if event is None:
+            event = self._cache[piece] = self.prefix + _dumps(piece)[1:-1] + self.suffix
+        return event
+
+    def finale(self) -> bytes:
+        self.fmt.text_parts = self.texts
+        return b"".join(data for data, _paced in self.fmt.finale())
+
+
+def _http_chunk(data: bytes) -> bytes:
+    """One HTTP/1.1 chunked-encoding frame (the pacer writes to the transport itself)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+class _PacedJob:
+    """One fast=1 rate=R stream: chunk i is due at t0 + i/R (monotonic seconds)."""
+
+    __slots__ = ("done", "fast", "finished", "next_due", "pieces", "rate", "rec", "sent", "t0")
+
+    def __init__(
+        self, fast: _FastRender, pieces: tuple[str, ...], rate: float, rec: RequestRecord
+    ) -> None:
+        self.fast = fast
+        self.pieces = pieces
+        self.rate = rate
+        self.rec = rec
+        self.t0 = time.monotonic()
+        self.next_due = self.t0
+        self.sent = 0
+        self.finished = False
+        #: Resolved when the last event is written, or failed when the client is gone.
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def run(self, now: float, transport: asyncio.Transport | None) -> None:
+        """Write every chunk due by `now` (at least one: it is called when one is due) and,
+        after the last, the finale, as one chunked-encoding frame."""
+        # (No isinstance check: uvloop's transports are not asyncio.Transport subclasses.)
+        if transport is None or transport.is_closing():
+            self.finish(ConnectionResetError("the client went away"))
+            return
+        total = len(self.pieces)
+        due = min(total, max(self.sent + 1, math.floor((now - self.t0) * self.rate + 1e-6) + 1))
+        stamp = time.monotonic_ns()
+        fast, pieces = self.fast, self.pieces
+        events = [fast.text(pieces[i], stamp) for i in range(self.sent, due)]
+        self.rec.chunks_sent += due - self.sent
+        self.sent = due
+        if due == total:
+            events.append(fast.finale())
+        data = b"".join(events)
+        self.rec.bytes_sent += len(data)
+        transport.write(_http_chunk(data))
+        if due == total:
+            self.finish(None)
+        else:
+            self.next_due = self.t0 + due / self.rate
+
+    def finish(self, exc: BaseException | None) -> None:
+        self.finished = True
+        if not self.done.done():
+            if exc is None:
+                self.done.set_result(None)
+            else:
+                self.done.set_exception(exc)
+
+
+class _Pacer:
+    """One timer for every paced fast=1 stream: each tick writes whatever is due (a heap of
+    (due time, job)), so pacing costs ticks rather than a sleeping task per stream."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, _PacedJob, asyncio.Transport | None]] = []
+        self._order = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._armed_for = math.inf
+
+    def add(self, job: _PacedJob, transport: asyncio.Transport | None) -> None:
+        """Write the first chunk now, then schedule the rest."""
+        job.run(job.t0, transport)
+        if not job.finished:
+            heapq.heappush(self._heap, (job.next_due, next(self._order), job, transport))
+            self._arm()
+
+    def _arm(self) -> None:
+        heap = self._heap
+        while heap and heap[0][2].finished:
+            heapq.heappop(heap)
+        if not heap:
+            return
+        due = heap[0][0]
+        if self._timer is not None:
+            if self._armed_for <= due:
+                return
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._armed_for = due
+        # The loop's clock may be coarser (uvloop: 1 ms); the wait is from time.monotonic().
+        self._timer = loop.call_at(loop.time() + max(0.0, due - time.monotonic()), self._tick)
+
+    def _tick(self) -> None:
+        self._timer, self._armed_for = None, math.inf
+        heap = self._heap
+        now = time.monotonic()
+        limit = now + PACER_SLACK
+        while heap and heap[0][0] <= limit:
+            _, _, job, transport = heapq.heappop(heap)
+            if job.finished:
+                continue
+            job.run(max(now, job.next_due), transport)
+            if not job.finished:
+                heapq.heappush(heap, (job.next_due, next(self._order), job, transport))
+        self._arm()
+
+
 @dataclass(eq=False)
 class RequestRecord:
     """What the mock saw of one streaming request, and how it ended."""
@@ -977,6 +1178,9 @@ class RequestRecord:
     keepalives_sent: int = 0
     #: Whether the client went away while the handler ran (seen through handler cancellation).
     client_gone: bool = False
+    #: time.monotonic_ns() when the handler finished (the benchmark joins it with the times its
+    #: clients cancelled, to measure cancel-to-upstream-close).
+    ended_ns: int | None = None
     #: Set when the handler finished for any reason (client disconnect included).
     ended: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     #: Set when the requested fault took effect (e.g. the stall began, the reset happened).
@@ -995,6 +1199,7 @@ class RequestRecord:
             "bytes_sent": self.bytes_sent,
             "keepalives_sent": self.keepalives_sent,
             "ended": self.ended.is_set(),
+            "ended_ns": self.ended_ns,
         }
 
 
@@ -1029,6 +1234,8 @@ class MockUpstream:
         self._stopping = False
         # Replaced on every change; waiters re-check their condition when it fires.
         self._changed = asyncio.Event()
+        #: Paces every fast=1 rate=R stream with one timer.
+        self._pacer = _Pacer()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -1196,6 +1403,8 @@ class MockUpstream:
                     request, rec, knobs.status, knobs.body, knobs.retry_after
                 )
             spec = self._spec(dialect, body, question, knobs, prompt_tokens)
+            if knobs.fast:
+                return await self._stream_fast(request, rec, spec)
             if knobs.ignore_close:
                 return await self._stream_ignoring_close(request, rec, spec)
             return await self._stream(request, rec, spec)
@@ -1214,6 +1423,7 @@ class MockUpstream:
                 self._handler_tasks.discard(task)
             self.open_requests -= 1
             self._outcomes[rec.outcome] += 1
+            rec.ended_ns = time.monotonic_ns()
             rec.ended.set()
             self._notify()
 
@@ -1364,6 +1574,72 @@ class MockUpstream:
         except ConnectionResetError:  # aiohttp: "Cannot write to closing transport"
             rec.outcome = "client_closed"
         return resp
+
+    async def _stream_fast(
+        self, request: web.Request, rec: RequestRecord, spec: StreamSpec
+    ) -> web.StreamResponse:
+        """fast=1: pre-rendered events in big writes (no rate), or paced by the shared pacer
+        (rate=R). A client that goes away cancels the handler, as on the slow path."""
+        resp = web.StreamResponse(
+            status=200,
+            headers={
+                hdrs.CONTENT_TYPE: "text/event-stream; charset=utf-8",
+                hdrs.CACHE_CONTROL: "no-cache",
+                "X-Request-Id": spec.request_id,
+            },
+        )
+        fast = _FastRender(spec)
+        try:
+            await resp.prepare(request)
+            rec.status = 200
+            if spec.knobs.rate is None:
+                await self._write_fast(resp, rec, fast, spec.pieces)
+            else:
+                # Headers and preamble through aiohttp; then the pacer writes chunked-encoding
+                # frames to the transport itself, and write_eof() ends the body as usual.
+                if fast.preamble:
+                    await resp.write(fast.preamble)
+                    rec.bytes_sent += len(fast.preamble)
+                else:
+                    request.writer.send_headers()
+                job = _PacedJob(fast, spec.pieces, spec.knobs.rate, rec)
+                try:
+                    self._pacer.add(job, request.transport)
+                    await job.done
+                finally:
+                    job.finished = True
+            await resp.write_eof()
+            rec.outcome = "completed"
+        except ConnectionResetError:
+            rec.outcome = "client_closed"
+        return resp
+
+    @staticmethod
+    async def _write_fast(
+        resp: web.StreamResponse, rec: RequestRecord, fast: _FastRender, pieces: tuple[str, ...]
+    ) -> None:
+        batch = [fast.preamble]
+        size = len(fast.preamble)
+        stamp = time.monotonic_ns()
+        for piece in pieces:
+            if size >= FAST_BATCH_BYTES:
+                data = b"".join(batch)
+                await resp.write(data)
+                rec.bytes_sent += len(data)
+                batch.clear()
+                size = 0
+                # write() does not suspend while the transport takes the data: yield, so the
+                # other streams (and the pacer) get their turn.
+                await asyncio.sleep(0)
+                stamp = time.monotonic_ns()
+            event = fast.text(piece, stamp)
+            batch.append(event)
+            size += len(event)
+            rec.chunks_sent += 1
+        batch.append(fast.finale())
+        data = b"".join(batch)
+        await resp.write(data)
+        rec.bytes_sent += len(data)
 
     @staticmethod
     async def _pause(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import time
 from collections.abc import AsyncIterator
@@ -1148,3 +1149,194 @@ async def test_stats_can_leave_records_out_or_filter_them_by_tag(
     async with session.get(url(mock, "/_mock/stats?records=yes")) as r:
         assert r.status == 400
         assert orjson.loads(await r.read())["error"]["param"] == "records"
+
+
+# --------------------------------------------------------------------------------------------
+# fast=1: the benchmark's upstream (bench/, `make bench`)
+# --------------------------------------------------------------------------------------------
+
+STAMP_RE = re.compile(r"@([0-9]+);")
+
+
+def test_parse_directive_reads_the_benchmark_knobs() -> None:
+    """fast, rate and stamp parse; rate takes decimals."""
+    _, knobs = parse_directive("q [[mock fast=1 chunks=9 rate=12.5 stamp=1 words=2 tag=b]]")
+    assert (knobs.fast, knobs.rate, knobs.stamp, knobs.chunks, knobs.words) == (
+        True,
+        12.5,
+        True,
+        9,
+        2,
+    )
+    assert (Knobs().fast, Knobs().rate, Knobs().stamp) == (False, None, False)
+
+
+@pytest.mark.parametrize(
+    ("directive", "key"),
+    [
+        ("[[mock rate=10]]", "rate"),
+        ("[[mock stamp=1]]", "stamp"),
+        ("[[mock fast=1 rate=0]]", "rate"),
+        ("[[mock fast=1 rate=-3]]", "rate"),
+        ("[[mock fast=2]]", "fast"),
+        ("[[mock fast=1 fault=reset]]", "fault"),
+        ("[[mock fast=1 status=500]]", "status"),
+        ("[[mock fast=1 delay_ms=5]]", "delay_ms"),
+        ("[[mock fast=1 bytewise=1]]", "bytewise"),
+        ("[[mock fast=1 comments=1]]", "comments"),
+    ],
+)
+def test_parse_directive_rejects_bad_benchmark_knobs(directive: str, key: str) -> None:
+    """rate and stamp need fast=1; fast=1 refuses the knobs of the step-by-step writer."""
+    with pytest.raises(DirectiveError) as err:
+        parse_directive(directive)
+    assert err.value.key == key
+
+
+async def test_fast_stream_is_the_same_answer_as_the_slow_one(
+    mock: MockUpstream, session: aiohttp.ClientSession
+) -> None:
+    """fast=1 writes the same events as the normal writer (role chunk, deltas, finish, [DONE])."""
+    _, _, slow = await fetch(session, url(mock, "/openai"), f"{MARS} [[mock chunks=40]]")
+    status, headers, fast = await fetch(
+        session, url(mock, "/openai"), f"{MARS} [[mock fast=1 chunks=40 tag=f]]"
+    )
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/event-stream")
+
+    def shape(raw: bytes) -> list[Any]:
+        return [e["choices"] for e in chunks_json(raw, LF)]
+
+    assert shape(fast) == shape(slow)
+    assert datas(fast, LF)[-1] == "[DONE]"
+    rec = mock.record("f")
+    assert (rec.outcome, rec.chunks_sent, rec.bytes_sent) == ("completed", 40, len(fast))
+
+
+async def test_fast_events_stream_ends_with_the_full_text(
+    mock: MockUpstream, session: aiohttp.ClientSession
+) -> None:
+    """On /events the done event carries the concatenation of the fast chunks (stamps too)."""
+    _, _, raw = await fetch(session, url(mock, "/events"), "hi [[mock fast=1 chunks=5 stamp=1]]")
+    bodies = [orjson.loads(d) for d in datas(raw, LF)]
+    texts = [b["text"] for b in bodies[:-1]]
+    assert len(texts) == 5
+    assert all(STAMP_RE.match(t) for t in texts)
+    assert bodies[-1]["type"] == "done"
+    assert bodies[-1]["text"] == "".join(texts)
+    assert bodies[-1]["usage"]["completion_tokens"] == 5
+
+
+async def test_fast_stream_of_many_chunks_is_written_in_big_batches(
+    mock: MockUpstream, session: aiohttp.ClientSession
+) -> None:
+    """100,000 chunks arrive complete and in order, in far fewer reads than chunks."""
+    reads = 0
+    raw = b""
+    async with post(session, url(mock, "/openai"), "hi [[mock fast=1 chunks=100000]]") as resp:
+        async for data in resp.content.iter_any():
+            reads += 1
+            raw += data
+    deltas = [e["choices"][0]["delta"].get("content") for e in chunks_json(raw, LF)[1:-1]]
+    assert deltas == text_chunks(choose_answer("hi").text, 100_000)
+    assert reads < 100_000 / 50
+
+
+async def test_stamp_is_the_monotonic_time_of_the_write(
+    mock: MockUpstream, session: aiohttp.ClientSession
+) -> None:
+    """stamp=1 prefixes each text with @<time.monotonic_ns()>; the word follows unchanged."""
+    before = time.monotonic_ns()
+    _, _, raw = await fetch(
+        session, url(mock, "/openai"), f"{MARS} [[mock fast=1 chunks=3 stamp=1]]"
+    )
+    after = time.monotonic_ns()
+    texts = [e["choices"][0]["delta"]["content"] for e in chunks_json(raw, LF)[1:-1]]
+    for text, piece in zip(texts, text_chunks(MARS_ANSWER.text, 3), strict=True):
+        match = STAMP_RE.match(text)
+        assert match is not None
+        assert before <= int(match.group(1)) <= after
+        assert text[match.end() :] == piece
+
+
+async def test_rate_paces_the_chunks_by_the_monotonic_clock(
+    mock: MockUpstream, session: aiohttp.ClientSession
+) -> None:
+    """rate=50: chunk i is written about i/50 s after the first, and the stream ends normally."""
+    _, _, raw = await fetch(
+        session, url(mock, "/openai"), "hi [[mock fast=1 chunks=6 rate=50 stamp=1 tag=p]]"
+    )
+    events = chunks_json(raw, LF)
+    texts = [e["choices"][0]["delta"]["content"] for e in events[1:-1]]
+    stamps = [int(STAMP_RE.match(t).group(1)) for t in texts]  # type: ignore[union-attr]
+    gaps_ms = [(b - a) / 1e6 for a, b in itertools.pairwise(stamps)]
+    assert len(gaps_ms) == 5
+    assert all(10 <= g <= 60 for g in gaps_ms), gaps_ms
+    assert 80 <= (stamps[-1] - stamps[0]) / 1e6 <= 200
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+    assert datas(raw, LF)[-1] == "[DONE]"
+    assert mock.record("p").outcome == "completed"
+
+
+async def test_many_paced_streams_share_one_timer_and_all_finish(
+    mock: MockUpstream, session: aiohttp.ClientSession
+) -> None:
+    """Thirty paced streams at once (staggered by the pacer's heap) all complete in time."""
+
+    async def one(i: int) -> list[str]:
+        _, _, raw = await fetch(
+            session, url(mock, "/events"), f"hi [[mock fast=1 chunks=5 rate=100 tag=m{i}]]"
+        )
+        return [orjson.loads(d)["text"] for d in datas(raw, LF)[:-1]]
+
+    started = time.monotonic()
+    results = await asyncio.gather(*(one(i) for i in range(30)))
+    assert time.monotonic() - started < 2.0
+    assert all(r == text_chunks(choose_answer("hi").text, 5) for r in results)
+    assert all(mock.record(f"m{i}").outcome == "completed" for i in range(30))
+
+
+async def test_a_client_leaving_a_paced_stream_ends_it_and_records_when(
+    mock: MockUpstream, session: aiohttp.ClientSession
+) -> None:
+    """Closing the connection mid-stream ends the handler (client_closed) and stamps ended_ns,
+    which the benchmark joins with its cancel times."""
+    async with post(
+        session, url(mock, "/openai"), "hi [[mock fast=1 chunks=1000 rate=20 tag=gone]]"
+    ) as resp:
+        await read_until(resp, b'"content":"', 2)
+        left = time.monotonic_ns()
+        resp.close()
+    await mock.wait_idle(timeout=5)
+    rec = mock.record("gone")
+    assert rec.outcome == "client_closed"
+    assert 1 <= rec.chunks_sent < 1000
+    assert rec.ended_ns is not None
+    assert rec.ended_ns >= left
+    assert rec.to_json()["ended_ns"] == rec.ended_ns
+
+
+@pytest.mark.parametrize("path", ["/perplexity", "/chat/completions"])
+async def test_fast_is_refused_on_perplexity_routes(
+    mock: MockUpstream, session: aiohttp.ClientSession, path: str
+) -> None:
+    """Perplexity chunks repeat the whole text so far: fast=1 is a 400 naming the key there."""
+    status, _, raw = await fetch(session, url(mock, path), "hi [[mock fast=1]]")
+    assert status == 400
+    assert orjson.loads(raw)["error"]["param"] == "fast"
+
+
+def test_paced_fast_stream_works_on_uvloop() -> None:
+    """The pacer writes to the transport itself; uvloop's transports (what the benchmark and the
+    gateway run on) are not asyncio.Transport subclasses, so check them for real."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> list[str]:
+        async with MockUpstream(default_delay_ms=0) as upstream, aiohttp.ClientSession() as client:
+            _, _, raw = await fetch(
+                client, url(upstream, "/openai"), "hi [[mock fast=1 chunks=3 rate=100 tag=u]]"
+            )
+            assert upstream.record("u").outcome == "completed"
+            return [e["choices"][0]["delta"].get("content") for e in chunks_json(raw, LF)[1:-1]]
+
+    assert uvloop.run(main()) == text_chunks(choose_answer("hi").text, 3)
