@@ -322,3 +322,33 @@ async def test_workers_share_the_port_and_drain_on_sigterm() -> None:
         if process.proc.returncode is None:
             process.proc.kill()
             await process.proc.wait()
+
+
+async def test_second_signal_exits_at_once() -> None:
+    """SIGTERM starts a drain that waits for streams in flight; a second SIGTERM ends the
+    process at once with status 130 instead of waiting for the drain."""
+    process = await spawn(
+        "serve",
+        "--port",
+        "0",
+        "--log-format",
+        "json",
+        "--drain-timeout",
+        "60",
+        env={"GATEWAY_MOCK_DELAY_MS": "0"},
+    )
+    try:
+        listening = await process.wait_for("gateway.listening")
+        async with connect(listening["url"]) as ws:
+            client = Client(ws)
+            await client.recv()
+            await client.start("s", "sky [[mock chunks=500 delay_ms=100]]")
+            await client.recv_until(lambda f: f["type"] == "text_chunk")
+            process.proc.send_signal(signal.SIGTERM)
+            await process.wait_for("gateway.draining")
+            process.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(process.proc.wait(), 10) == 130
+    finally:
+        if process.proc.returncode is None:
+            process.proc.kill()
+            await process.proc.wait()
