@@ -48,6 +48,7 @@ import re
 import time
 import uuid
 import zlib
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -717,7 +718,7 @@ def keepalive_offsets(wait: float, interval: float) -> list[float]:
     return [interval * (i + 1) for i in range(count)]
 
 
-class _Formatter:
+class _Formatter(ABC):
     """One dialect's events. Stateful (running text, token count): call in stream order."""
 
     def __init__(self, spec: StreamSpec) -> None:
@@ -750,18 +751,20 @@ class _Formatter:
     def preamble(self) -> Iterator[bytes]:
         return iter(())
 
+    @abstractmethod
     def text(self, piece: str) -> bytes:
-        raise NotImplementedError
+        """The event carrying one text piece."""
 
+    @abstractmethod
     def finale(self) -> Iterator[tuple[bytes, bool]]:
         """Terminal events as (bytes, paced)."""
-        raise NotImplementedError
 
     def malformed(self) -> bytes:
         return b'data: {"choices": [' + self.eol + self.eol
 
+    @abstractmethod
     def giant(self, size: int) -> bytes:
-        raise NotImplementedError
+        """One event of about `size` bytes that is still valid for the dialect."""
 
 
 class _PerplexityFormatter(_Formatter):
