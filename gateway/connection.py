@@ -421,7 +421,11 @@ class Connection:
                 frames = outbox.drain()
                 flow.drained()
                 if frames:
-                    fast = ws.protocol.state is WS_OPEN and not ws.paused
+                    fast = (
+                        ws.protocol.state is WS_OPEN
+                        and not ws.paused
+                        and not ws.transport.is_closing()
+                    )
                     if fast:
                         self._write_frames(frames)
                     if not fast or ws.paused:
