@@ -47,20 +47,28 @@ class FlowControl:
 
     A reader checks `congested()` after each upstream read (a plain attribute read on the hot
     path) and only then awaits `wait()`: it stops reading (and aiohttp stops reading the
-    upstream socket) until the writer has drained the outbox.
+    upstream socket) until the writer has drained the outbox. The future readers wait on is
+    created only when one has to wait, so an idle socket pays nothing for it.
     """
 
-    __slots__ = ("_outbox", "_space", "limit", "stalled", "stalls")
+    __slots__ = ("_outbox", "_space", "_stalled", "limit", "stalls")
 
     def __init__(self, limit: int, outbox: Outbox) -> None:
         self.limit = limit
         self._outbox = outbox
-        self._space = asyncio.Event()
-        self._space.set()
+        self._space: asyncio.Future[None] | None = None
         #: How many times a reader had to wait (a slow-client signal for logs and metrics).
         self.stalls = 0
-        #: Set once any reader has had to wait.
-        self.stalled = asyncio.Event()
+        self._stalled: asyncio.Event | None = None
+
+    @property
+    def stalled(self) -> asyncio.Event:
+        """Set once any reader has had to wait (created on first use)."""
+        if self._stalled is None:
+            self._stalled = asyncio.Event()
+            if self.stalls:
+                self._stalled.set()
+        return self._stalled
 
     def congested(self) -> bool:
         return self._outbox.buffered > self.limit
@@ -68,13 +76,19 @@ class FlowControl:
     async def wait(self) -> None:
         while self._outbox.buffered > self.limit:
             self.stalls += 1
-            self.stalled.set()
-            self._space.clear()
-            await self._space.wait()
+            if self._stalled is not None:
+                self._stalled.set()
+            if self._space is None or self._space.done():
+                self._space = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._space)
 
     def drained(self) -> None:
         """The writer emptied the outbox: paused readers may go on."""
-        self._space.set()
+        space = self._space
+        if space is not None:
+            self._space = None
+            if not space.done():
+                space.set_result(None)
 
 
 class Upstream:
