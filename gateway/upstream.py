@@ -18,6 +18,7 @@ from typing import Final
 import aiohttp
 import orjson
 import structlog
+import yarl
 
 from gateway import __version__
 from gateway.config import Config
@@ -97,6 +98,7 @@ class Upstream:
     def __init__(self, config: Config, url: str, metrics: Metrics | None = None) -> None:
         self.config = config
         self.url = url
+        self._url = yarl.URL(url)  # parsed once, not on every request
         self.dialect = config.dialect
         self.metrics = metrics if metrics is not None else Metrics()
         self.retry = RetryPolicy(config.upstream_retries, config.upstream_retry_budget)
@@ -131,6 +133,9 @@ class Upstream:
             timeout=timeout,
             headers=self._headers,
             raise_for_status=False,
+            # Never keep upstream cookies: one principal's Set-Cookie must not ride along on
+            # another principal's request (and the jar costs time on every response).
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     async def close(self) -> None:
@@ -212,7 +217,7 @@ class Upstream:
             retry_after: float | None = None
             try:
                 async with asyncio.timeout(self.config.upstream_first_byte_timeout):
-                    resp = await self._session.post(self.url, data=body)
+                    resp = await self._session.post(self._url, data=body)
                     self.metrics.upstream_responses.labels(f"{resp.status // 100}xx").inc()
                     try:
                         if 200 <= resp.status < 300:

@@ -394,3 +394,40 @@ async def test_logs_never_contain_prompts_answers_or_keys(make_stack: StackFacto
         assert planted not in quiet
     assert "PLANTED-PROMPT" in verbose
     assert key not in verbose
+
+
+async def test_upstream_cookies_are_never_replayed(make_stack: StackFactory) -> None:
+    """A Set-Cookie from the upstream is not stored: the next request (maybe another
+    principal's) carries no Cookie header. (The URL uses a host name: aiohttp's default jar
+    would keep a cookie for it, not for a bare IP.)"""
+    from aiohttp import web
+
+    seen: list[str | None] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        seen.append(request.headers.get("Cookie"))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        resp.set_cookie("sid", "alice-session-secret")
+        await resp.prepare(request)
+        chunk = {"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]}
+        await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\ndata: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        stack = await make_stack(
+            url=f"http://localhost:{port}/v1/chat/completions", dialect="openai"
+        )
+        client = await stack.client()
+        for sid in ("a", "b"):
+            await client.start(sid, "hello")
+            assert (await client.finish(sid))[sid][-1]["type"] == "done"
+        assert seen == [None, None]
+    finally:
+        await runner.cleanup()
