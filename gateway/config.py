@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -387,55 +387,13 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
         raise SystemExit("--workers > 1 needs a fixed --port (the workers share it)")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("--tls-cert and --tls-key go together")
-    return Config(
-        host=args.host,
-        port=args.port,
+    # Every flag is named like its Config field; the derived values above take precedence.
+    values = {f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)}
+    values.update(
         upstream_url=upstream_url,
         dialect=dialect,
-        api_key_env=args.api_key_env,
         api_key=api_key,
-        default_model=args.default_model,
-        upstream_read_timeout=args.upstream_read_timeout,
-        upstream_connect_timeout=args.upstream_connect_timeout,
-        upstream_first_byte_timeout=args.upstream_first_byte_timeout,
-        upstream_retries=args.upstream_retries,
-        upstream_retry_budget=args.upstream_retry_budget,
-        max_streams=args.max_streams,
-        max_message_bytes=args.max_message_bytes,
-        max_active_streams=args.max_active_streams,
-        send_buffer_bytes=args.send_buffer_bytes,
-        slow_client_timeout=args.slow_client_timeout,
-        ping_interval=args.ping_interval,
-        ping_timeout=args.ping_timeout,
-        idle_timeout=args.idle_timeout,
-        close_timeout=args.close_timeout,
-        drain_timeout=args.drain_timeout,
-        auth_tokens_file=args.auth_tokens_file,
-        jwt_secret_env=args.jwt_secret_env,
         jwt_secret=jwt_secret,
-        jwt_public_key=args.jwt_public_key,
-        jwt_audience=args.jwt_audience,
-        jwt_issuer=args.jwt_issuer,
-        auth_timeout=args.auth_timeout,
-        insecure_no_auth=args.insecure_no_auth,
-        allowed_origins=args.allowed_origins,
-        max_sockets_per_principal=args.max_sockets_per_principal,
-        max_streams_per_principal=args.max_streams_per_principal,
-        starts_per_minute=args.starts_per_minute,
-        max_prompt_chars=args.max_prompt_chars,
-        allowed_models=args.allowed_models,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        log_content=args.log_content,
-        resume_grace=args.resume_grace,
-        resume_retention=args.resume_retention,
-        resume_max_bytes=args.resume_max_bytes,
-        resume_total_bytes=args.resume_total_bytes,
-        redis_url=args.redis_url,
-        loop=args.loop,
-        compression=args.compression,
-        workers=args.workers,
         log_format=log_format,
-        log_level=args.log_level,
-        mock_delay_ms=args.mock_delay_ms,
     )
+    return Config(**values)

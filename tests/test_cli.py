@@ -352,3 +352,22 @@ async def test_second_signal_exits_at_once() -> None:
         if process.proc.returncode is None:
             process.proc.kill()
             await process.proc.wait()
+
+
+def test_every_flag_is_a_config_field() -> None:
+    """Each `serve` flag lands in the Config field of the same name (config_from_args relies on
+    it); only the secrets read from env vars have no flag."""
+    import dataclasses
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser, {})
+    flags = set(vars(parser.parse_args([])))
+    names = {f.name for f in dataclasses.fields(Config)}
+    assert flags - names == set()
+    assert names - flags == {"api_key", "jwt_secret"}
+    config = parse(["--idle-timeout", "7", "--resume-grace", "3", "--allowed-models", "a,b"])
+    assert (config.idle_timeout, config.resume_grace, config.allowed_models) == (
+        7.0,
+        3.0,
+        ("a", "b"),
+    )

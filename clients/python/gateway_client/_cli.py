@@ -127,6 +127,8 @@ def _citations(answer: Answer) -> str:
 async def _ask(args: argparse.Namespace, token: str | None) -> int:
     loop = asyncio.get_running_loop()
     interrupted = asyncio.Event()
+    # Signal handlers are unavailable on some platforms and event loops (NotImplementedError)
+    # and off the main thread (RuntimeError); Ctrl-C then falls back to KeyboardInterrupt.
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGINT, interrupted.set)
     try:
