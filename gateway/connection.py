@@ -1,15 +1,17 @@
 """One accepted WebSocket: its session, its writer, auth and quotas, and remote followers.
 
 Part of the WebSocket shell (with server.py, which accepts sockets and owns the relays). Per
-socket there are two kinds of task, each named and owned: the handler (reads client frames,
-carries out the session's commands) and one writer (drains the outbox into the socket, so a slow
-client blocks only its own writer). Relay tasks belong to the gateway, because a stream may
-outlive its socket (resume).
+socket there is one handler task (reads client frames, carries out the session's commands). The
+outbox is written by a callback run once per loop iteration while the client keeps up (no task
+switch per chunk); only a client that falls behind, or a close, gets a writer task of its own,
+so a slow client blocks nothing but itself. Relay tasks belong to the gateway, because a stream
+may outlive its socket (resume).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from collections.abc import Coroutine
@@ -62,8 +64,15 @@ class Connection:
         self.gateway = gateway
         self.ws = ws
         self.id = secrets.token_urlsafe(12)
-        self._wake = asyncio.Event()
-        outbox = Outbox(self._wake.set)
+        self._loop = asyncio.get_running_loop()
+        #: A flush is scheduled for this loop iteration (see `_wakeup`).
+        self._flush_scheduled = False
+        #: The writer task while one is needed: catching up with a slow client, or closing.
+        #: While it exists, it alone writes to the socket.
+        self._writer: asyncio.Task[None] | None = None
+        #: The handler has finished: nothing is written any more.
+        self._stopped = False
+        outbox = Outbox(self._wakeup)
         #: Who is connected: from the upgrade's Authorization header, a first-message `auth`,
         #: or (auth off) the peer address, so per-principal quotas still mean something.
         self.principal: Principal | None = gateway.take_principal(ws)
@@ -85,7 +94,7 @@ class Connection:
         self.session.accepting = not gateway.draining
         self._socket_counted = False
         self._expiry: asyncio.TimerHandle | None = None
-        self._opened_at = asyncio.get_running_loop().time()
+        self._opened_at = self._loop.time()
         self.outbox = outbox
         self.flow = FlowControl(gateway.config.send_buffer_bytes, outbox)
         #: Streams whose output this socket receives (their relays belong to the gateway).
@@ -106,7 +115,6 @@ class Connection:
                 return
             self.session.welcome()
             self._arm_expiry()
-        writer = spawn(self._write(), f"writer {self.id}")
         try:
             await self._read()
         except ConnectionClosed:
@@ -121,9 +129,13 @@ class Connection:
                 await asyncio.wait(self._remote_pending)
             if self._socket_counted and self.principal is not None:
                 self.gateway.quotas.close_socket(self.principal.name, time.monotonic())
-            if not writer.done() and self._close_request is None:
-                writer.cancel()
-            await asyncio.wait([writer])
+            # The socket is closed by now (or the handler failed): stop writing; a writer
+            # finishing a requested close is let finish, any other is cancelled.
+            self._stopped = True
+            while (writer := self._writer) is not None and not writer.done():
+                if self._close_request is None:
+                    writer.cancel()
+                await asyncio.wait([writer])
             log.info(
                 "socket.close",
                 principal=self.principal.name if self.principal else None,
@@ -311,7 +323,7 @@ class Connection:
         if self._close_request is None:
             self._close_request = (code, reason)
             self.closing.set()
-            self._wake.set()
+            self._wakeup()
 
     def _follow(self, stream: Stream, resumed: bool = False) -> None:
         """This socket now receives `stream`'s output (its writer paces the relay)."""
@@ -415,51 +427,69 @@ class Connection:
         self._arm_idle()
         self._close_if_expired_and_idle()
 
-    async def _write(self) -> None:
-        """Drain the outbox into the socket; `send` blocks while the client is behind.
+    def _wakeup(self) -> None:
+        """The outbox got its first entry: flush it once this loop iteration's relays have
+        pushed theirs (so deltas and streams that arrive together share one frame and one
+        write), unless the writer task owns the socket right now."""
+        if not self._flush_scheduled and self._writer is None and not self._stopped:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Write everything queued (the hot path: a plain callback, no task switch).
 
         Slow consumers (docs/reliability.md): frames that wait together are already coalesced
-        by the outbox; a batch the client cannot take within --slow-client-timeout closes the
-        socket with 4408.
+        by the outbox. When the socket is over its high-water mark after this write (or is not
+        open), a writer task takes over and waits for the client, at most
+        --slow-client-timeout, then closes it with 4408.
         """
-        wake, outbox, flow, ws = self._wake, self.outbox, self.flow, self.ws
+        self._flush_scheduled = False
+        if self._writer is not None or self._stopped:
+            return
+        frames = self.outbox.drain()
+        self.flow.drained()
+        ws = self.ws
+        if frames:
+            if ws.protocol.state is WS_OPEN and not ws.paused and not ws.transport.is_closing():
+                self._write_frames(frames)
+                if ws.paused:  # behind now: wait for the client before writing more
+                    self._writer = spawn(self._catch_up(None), f"writer {self.id}")
+            else:  # behind or closing: the documented, flow-controlled route
+                self._writer = spawn(self._catch_up(frames), f"writer {self.id}")
+            # An idle socket must not pin its last batch (orjson keeps a 4 KiB block per
+            # frame): measured as 4 KiB per idle socket before this line.
+            del frames
+            if self._writer is not None:
+                return
+        if self._close_request is not None and not len(self.outbox):
+            self._writer = spawn(self._close(*self._close_request), f"closer {self.id}")
+
+    async def _catch_up(self, frames: list[bytes] | None) -> None:
+        """The client is behind: wait until it takes `frames` (or, if None, what was written
+        already), for at most --slow-client-timeout; then go back to flushing."""
+        ws = self.ws
         slow = self.gateway.config.slow_client_timeout
         try:
-            while True:
-                await wake.wait()
-                wake.clear()
-                frames = outbox.drain()
-                flow.drained()
-                if frames:
-                    fast = (
-                        ws.protocol.state is WS_OPEN
-                        and not ws.paused
-                        and not ws.transport.is_closing()
-                    )
-                    if fast:
-                        self._write_frames(frames)
-                    if not fast or ws.paused:
-                        # Behind (over the high-water mark) or closing: wait for the client,
-                        # for at most --slow-client-timeout. The common case above pays no
-                        # timer at all.
-                        try:
-                            async with asyncio.timeout(slow):
-                                if fast:
-                                    await ws.drain()
-                                else:  # the documented, flow-controlled route
-                                    for frame in frames:
-                                        await ws.send(frame, text=True)
-                        except TimeoutError:
-                            await self._close_slow_consumer(slow)
-                            return
-                # An idle writer must not pin its last batch (orjson keeps a 4 KiB block per
-                # frame): measured as 4 KiB per idle socket before this line.
-                del frames
-                if self._close_request is not None and not len(outbox):
-                    await ws.close(*self._close_request)
-                    return
+            try:
+                async with asyncio.timeout(slow):
+                    if frames is None:
+                        await ws.drain()
+                    else:
+                        for frame in frames:
+                            await ws.send(frame, text=True)
+            except TimeoutError:
+                await self._close_slow_consumer(slow)
+                return  # the writer slot stays taken: nothing more is written
+            del frames
         except (ConnectionClosed, OSError):
             return
+        self._writer = None
+        self._flush()
+
+    async def _close(self, code: int, reason: str) -> None:
+        """Close the socket after every queued frame (the writer slot stays taken)."""
+        with contextlib.suppress(ConnectionClosed, OSError):
+            await self.ws.close(code, reason)
 
     def _write_frames(self, frames: list[bytes]) -> None:
         """The hot path: frame every message with websockets' sans-I/O protocol and hand the
