@@ -441,7 +441,9 @@ class Knobs:
     * ``times=N`` (with ``status`` and ``tag``): only the first N requests carrying the tag get
       the error status; later ones stream normally ("429, then success" for retry tests);
     * ``words=N``: N words per chunk instead of one, so that text (not SSE framing) dominates
-      the bytes, as a slow-client test wants.
+      the bytes, as a slow-client test wants;
+    * ``linger_ms``: after the last event, wait that long before ending the body (a chunked
+      terminator that comes late, or an upstream that holds its connection after ``[DONE]``).
 
     The benchmark knobs (bench/, ``make bench``), /openai and /events only:
 
@@ -479,6 +481,7 @@ class Knobs:
     fast: bool = False
     rate: float | None = None
     stamp: bool = False
+    linger_ms: float | None = None
 
 
 # ASCII only: int()/float() would also accept "+1", "1_000", " 1" and non-ASCII digits.
@@ -565,6 +568,7 @@ _KNOB_PARSERS: Final[Mapping[str, Callable[[str], object]]] = {
     "fast": _flag,
     "rate": _rate,
     "stamp": _flag,
+    "linger_ms": _positive_millis,
 }
 
 
@@ -604,6 +608,7 @@ _NOT_FAST: Final = (
     "comments",
     "keepalive_ms",
     "ignore_close",
+    "linger_ms",
 )
 
 
@@ -1184,6 +1189,9 @@ class RequestRecord:
     #: time.monotonic_ns() when the handler finished (the benchmark joins it with the times its
     #: clients cancelled, to measure cancel-to-upstream-close).
     ended_ns: int | None = None
+    #: The client's address ("host:port"): requests that share it came over one kept-alive
+    #: connection (tests check that the gateway pools its upstream connections).
+    peer: str | None = None
     #: Set when the handler finished for any reason (client disconnect included).
     ended: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     #: Set when the requested fault took effect (e.g. the stall began, the reset happened).
@@ -1203,6 +1211,7 @@ class RequestRecord:
             "keepalives_sent": self.keepalives_sent,
             "ended": self.ended.is_set(),
             "ended_ns": self.ended_ns,
+            "peer": self.peer,
         }
 
 
@@ -1378,6 +1387,7 @@ class MockUpstream:
             body=body,
             authorization=request.headers.get(hdrs.AUTHORIZATION),
             fault=knobs.fault,
+            peer=_peer(request),
         )
         task = asyncio.current_task()
         self.records.append(rec)
@@ -1572,6 +1582,8 @@ class MockUpstream:
                     rec.chunks_sent += 1
                 elif step.kind == "fault":
                     rec.fault_fired.set()
+            if spec.knobs.linger_ms is not None:
+                await asyncio.sleep(spec.knobs.linger_ms / 1000)
             await resp.write_eof()
             rec.outcome = "completed"
         except ConnectionResetError:  # aiohttp: "Cannot write to closing transport"
@@ -1745,3 +1757,8 @@ async def serve_forever(
         await asyncio.Event().wait()
     finally:
         await mock.stop()
+
+
+def _peer(request: web.Request) -> str | None:
+    peername = request.transport.get_extra_info("peername") if request.transport else None
+    return f"{peername[0]}:{peername[1]}" if peername else None

@@ -9,6 +9,7 @@ generating (and billing) at once.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections.abc import Callable
@@ -41,6 +42,10 @@ ERROR_BODY_LIMIT: Final = 16 * 1024
 #: Largest single SSE event accepted from the upstream (Perplexity's last chunk with search
 #: results is tens of KB; a runaway event must not grow memory without bound).
 MAX_EVENT_BYTES: Final = 4 * 1024 * 1024
+#: After the last event: how long, and for how many bytes, the rest of the body is read so the
+#: connection can be pooled (normally a 5-byte chunked terminator, there at once).
+TAIL_TIMEOUT: Final = 0.5
+TAIL_LIMIT: Final = 64 * 1024
 
 
 class FlowControl:
@@ -113,20 +118,24 @@ class Upstream:
             self._headers["Authorization"] = f"Bearer {config.api_key}"
         #: Upstream responses currently open (a leak check for tests and a gauge for metrics).
         self.open_responses = 0
+        #: The read-gap watchdog's view: each streaming body -> when its last bytes arrived
+        #: (monotonic; inf while its reader is paused by flow control, which is our doing).
+        self._last_read: dict[aiohttp.StreamReader, float] = {}
+        self._watchdog: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         self._connector = aiohttp.TCPConnector(
             limit=self.config.max_active_streams,
             limit_per_host=0,
         )
-        # No total timeout: answers stream for minutes. sock_read is the longest allowed
-        # silence between upstream bytes (STYLE.md, "Facts about our libraries that bite");
-        # the first byte has its own deadline (_first_response).
+        # No total timeout: answers stream for minutes. No sock_read either: aiohttp would
+        # cancel and re-arm a timer on every read (a TimerHandle per chunk); the longest
+        # allowed silence between upstream bytes is checked by one watchdog for every stream
+        # instead (_check_read_gaps). The first byte has its own deadline (_first_response).
         timeout = aiohttp.ClientTimeout(
             total=None,
             connect=self.config.upstream_connect_timeout,
             sock_connect=self.config.upstream_connect_timeout,
-            sock_read=self.config.upstream_read_timeout,
         )
         self._session = aiohttp.ClientSession(
             connector=self._connector,
@@ -137,11 +146,35 @@ class Upstream:
             # another principal's request (and the jar costs time on every response).
             cookie_jar=aiohttp.DummyCookieJar(),
         )
+        if self.config.upstream_read_timeout:
+            self._watchdog = asyncio.get_running_loop().call_later(
+                self._watch_period(), self._check_read_gaps
+            )
 
     async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    def _watch_period(self) -> float:
+        """How often the watchdog looks: a stream fails between 1 and 1.25 times
+        --upstream-read-timeout after its last bytes (at most a second late)."""
+        return min(1.0, self.config.upstream_read_timeout / 4)
+
+    def _check_read_gaps(self) -> None:
+        """Fail every streaming read that has waited longer than --upstream-read-timeout: its
+        `read()` raises TimeoutError, which the relay reports as `upstream_timeout`."""
+        limit = self.config.upstream_read_timeout
+        deadline = time.monotonic() - limit
+        for content, last in self._last_read.items():
+            if last < deadline and content.exception() is None:
+                content.set_exception(TimeoutError(f"no upstream bytes for {limit:g} s"))
+        self._watchdog = asyncio.get_running_loop().call_later(
+            self._watch_period(), self._check_read_gaps
+        )
 
     def pool_idle(self) -> int:
         """Idle keep-alive connections in the pool (each holds a file descriptor)."""
@@ -287,8 +320,11 @@ class Upstream:
             feed_events = decoder.feed
             translate = translator.feed
             emit = stream.push
-            read = resp.content.readany
-            first_chunk_seen = False
+            content = resp.content
+            read = content.readany
+            last_read, clock = self._last_read, time.monotonic
+            last_read[content] = clock()
+            first_chunk_seen = at_eof = False
             try:
                 # The hot path: one upstream read -> its events -> deltas into the outbox.
                 while data:
@@ -308,10 +344,14 @@ class Upstream:
                         break
                     flow = flow_for(stream)
                     if flow is not None and flow.congested():
+                        last_read[content] = math.inf  # our pause, not the upstream's silence
                         await flow.wait()
+                        last_read[content] = clock()
                     data = await read()
+                    last_read[content] = clock()
                 else:
                     translator.end_of_stream()  # b"": a clean EOF
+                    at_eof = True
             except TimeoutError:
                 raise UpstreamFailure(
                     ErrorCode.UPSTREAM_TIMEOUT,
@@ -328,15 +368,39 @@ class Upstream:
                     "the upstream connection broke off; the chunks already sent stand",
                 ) from None
             finish_done(stream, translator.meta, translator.final_text)
-            finished_cleanly = True
+            # After the last event ([DONE], `done`) the body usually has a few bytes left (the
+            # chunked-encoding terminator, often in a later segment). Reading them, after the
+            # client already has its `done`, lets the connection go back to the pool: without
+            # this, most streams paid for a new TCP (and TLS) connection.
+            finished_cleanly = at_eof or (translator.finished and await _read_tail(content))
         finally:
             self.open_responses -= 1
+            self._last_read.pop(resp.content, None)
             if finished_cleanly:
                 # Returned to the pool only when the body was read to its end; aiohttp closes
                 # a connection whose payload is unfinished.
                 resp.release()
             else:
                 resp.close()
+
+
+async def _read_tail(content: aiohttp.StreamReader) -> bool:
+    """Read the rest of a finished answer's body; whether it ended (within TAIL_TIMEOUT and
+    TAIL_LIMIT bytes). An upstream that keeps talking after its last event is not waited for:
+    its connection is closed instead of pooled."""
+    if content.is_eof():
+        return True
+    left = TAIL_LIMIT
+    try:
+        async with asyncio.timeout(TAIL_TIMEOUT):
+            while left > 0:
+                data = await content.readany()
+                if not data:
+                    return True
+                left -= len(data)
+    except (TimeoutError, aiohttp.ClientError):
+        pass
+    return False
 
 
 async def _status_failure(resp: aiohttp.ClientResponse, api_key: str | None) -> UpstreamFailure:

@@ -16,7 +16,7 @@ from websockets.exceptions import ConnectionClosed
 
 from gateway.mock_upstream import choose_answer, parse_directive, text_chunks
 from gateway.protocol import ErrorCode
-from tests.conftest import Stack, StackFactory, check_stream, is_terminal
+from tests.conftest import TIMEOUT, Stack, StackFactory, check_stream, is_terminal
 
 
 def expected_text(prompt: str) -> str:
@@ -410,6 +410,44 @@ async def test_upstream_read_timeout(make_stack: StackFactory) -> None:
     assert stack.mock.record("t").outcome == "client_closed"
 
 
+@pytest.mark.parametrize("dialect", ["perplexity", "openai", "events"])
+async def test_upstream_connections_are_pooled(make_stack: StackFactory, dialect: str) -> None:
+    """After an answer's last event the gateway reads the rest of the body (here the chunked
+    terminator comes 30 ms after `[DONE]`/`done`), so the connection goes back to the pool:
+    three streams in a row use one upstream connection. The client's `done` does not wait."""
+    stack = await make_stack(dialect=dialect)
+    client = await stack.client()
+    for i in range(3):
+        await client.start(f"s{i}", f"sky [[mock chunks=3 linger_ms=30 tag=p{i}]]")
+        frames = (await client.finish(f"s{i}"))[f"s{i}"]
+        assert frames[-1]["type"] == "done"
+        if dialect != "perplexity":  # Perplexity's body ends with the last event: no tail
+            assert not stack.mock.record(f"p{i}").ended.is_set()  # done came first
+        await asyncio.wait_for(stack.gateway.idle.wait(), TIMEOUT)
+    assert len({stack.mock.record(f"p{i}").peer for i in range(3)}) == 1
+    assert stack.gateway.upstream.pool_idle() == 1
+    await stack.assert_no_leaks()
+
+
+async def test_upstream_that_lingers_after_its_last_event_is_not_pooled(
+    make_stack: StackFactory,
+) -> None:
+    """An upstream that holds its body open after `[DONE]` is not waited for beyond
+    TAIL_TIMEOUT: the client has its `done` at once, the connection is closed (not pooled) and
+    the next stream gets a new one."""
+    stack = await make_stack(dialect="openai")
+    client = await stack.client()
+    await client.start("a", "sky [[mock chunks=3 linger_ms=60000 tag=a]]")
+    assert (await client.finish("a"))["a"][-1]["type"] == "done"
+    record = stack.mock.record("a")
+    await asyncio.wait_for(record.ended.wait(), TIMEOUT)
+    assert record.outcome == "client_closed"
+    await client.start("b", "sky [[mock chunks=3 tag=b]]")
+    assert (await client.finish("b"))["b"][-1]["type"] == "done"
+    assert stack.mock.record("b").peer != record.peer
+    await stack.assert_no_leaks()
+
+
 @pytest.mark.parametrize("knobs", ["bytewise=1", "crlf=0", "comments=1", "done=1"])
 async def test_perplexity_framing_variants(stack: Stack, knobs: str) -> None:
     """Byte-by-byte delivery, LF framing, keep-alive comments and [DONE] all relay exactly."""
@@ -471,4 +509,29 @@ async def test_slow_reader_pauses_the_upstream_then_gets_everything(
     frames = (await client.finish("s", timeout=60))["s"]
     assert check_stream(frames) == expected_text(prompt)
     assert len(frames) - 2 < chunks  # coalesced: fewer frames than upstream chunks
+    await stack.assert_no_leaks()
+
+
+async def test_flow_control_pause_is_not_an_upstream_timeout(make_stack: StackFactory) -> None:
+    """A relay paused because its client is behind is not reading, by our choice: the read-gap
+    watchdog must not fail it, however long the pause lasts beyond --upstream-read-timeout."""
+    stack = await make_stack(
+        dialect="openai", send_buffer_bytes=16 * 1024, upstream_read_timeout=0.2
+    )
+    for listener in stack.gateway.sockets:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", stack.gateway.port))
+    client = await stack.client(max_queue=4, sock=sock)
+    prompt = "ocean salty [[mock chunks=20000 tag=paused]]"
+    await client.start("s", prompt)
+    connection = next(iter(stack.gateway.connections))
+    await asyncio.wait_for(connection.flow.stalled.wait(), 10)
+    # The condition under test is time itself: stay paused for 4x the read timeout (the
+    # watchdog looks every 50 ms here).
+    await asyncio.sleep(0.8)
+    frames = (await client.finish("s", timeout=60))["s"]
+    assert frames[-1]["type"] == "done", frames[-1]
+    assert check_stream(frames) == expected_text(prompt)
     await stack.assert_no_leaks()

@@ -225,7 +225,7 @@ def test_parse_directive_rejects_knobs_that_would_do_nothing(directive: str, key
 
 
 def test_parse_directive_reads_the_reliability_knobs() -> None:
-    """keepalive_ms, ignore_close and times (with status and tag) are parsed into knobs."""
+    """keepalive_ms, ignore_close, times (with status and tag) and linger_ms are parsed."""
     _, knobs = parse_directive("[[mock fault=stall keepalive_ms=25.5 ignore_close=1]]")
     assert (knobs.fault, knobs.keepalive_ms, knobs.ignore_close) == ("stall", 25.5, True)
     _, knobs = parse_directive("[[mock fault=endless after=2]]")
@@ -235,6 +235,9 @@ def test_parse_directive_reads_the_reliability_knobs() -> None:
     assert Knobs().keepalive_ms is None
     assert Knobs().ignore_close is False
     assert Knobs().times is None
+    _, knobs = parse_directive("[[mock linger_ms=30]]")
+    assert knobs.linger_ms == 30.0
+    assert Knobs().linger_ms is None
 
 
 @pytest.mark.parametrize(
@@ -252,6 +255,9 @@ def test_parse_directive_reads_the_reliability_knobs() -> None:
         ("words=0", "words"),
         ("words=two", "words"),
         ("fault=endlessly", "fault"),
+        ("linger_ms=0", "linger_ms"),
+        ("linger_ms=soon", "linger_ms"),
+        ("fast=1 linger_ms=5", "linger_ms"),
     ],
 )
 def test_parse_directive_rejects_bad_reliability_values(directive: str, key: str) -> None:
