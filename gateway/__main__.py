@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Final
 from urllib.parse import urlsplit, urlunsplit
 
 import structlog
@@ -81,6 +83,7 @@ async def serve(config: Config) -> None:
         )
     gateway = Gateway(config, url)
     await gateway.start()
+    tune_gc()
     log.info(
         "gateway.listening",
         url=f"{gateway.scheme}://{config.host}:{gateway.port}/v1/ws",
@@ -111,6 +114,21 @@ async def serve(config: Config) -> None:
         if mock is not None:
             await mock.stop()
         log.info("gateway.stopped")
+
+
+#: Young-generation threshold (CPython's default is 700). Every relayed chunk allocates a few
+#: short-lived objects; at the default, collections of the young generation (and the full
+#: collections they trigger over every socket's objects, pauses of tens of ms at 20k sockets)
+#: cost about 7% of the CPU of a paced relay, measured with gc.callbacks; at 10,000 about 1%.
+GC_THRESHOLD: Final = (10_000, 20, 20)
+
+
+def tune_gc() -> None:
+    """Move everything allocated while starting (modules, config, the gateway) out of the
+    collector's sight for good, and collect the young generation less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
 
 
 def run(config: Config) -> None:
