@@ -818,6 +818,19 @@ class Bench:
 
     # 6. CPU per paced chunk ---------------------------------------------------------------
 
+    def _paced_cfg(self, url: str) -> dict[str, Any]:
+        s, rate = self.s, 20
+        chunks = int(rate * s.cpu_seconds)
+        return {
+            "mode": "ws",
+            "url": url,
+            "sockets": s.cpu_streams // 5,
+            "streams": 5,
+            "chunks": chunks,
+            "stagger_ms": 1000 / rate,
+            "prompt": f"[[mock fast=1 chunks={chunks} rate={rate}]] bench cpu",
+        }
+
     def cpu(self, mock: Mock) -> None:
         s = self.s
         rate = 20
@@ -827,17 +840,7 @@ class Bench:
         with running(gw):
             self._warmup(gw, s.cpu_streams // 5, 5)
             for i in range(s.repeats):
-                load = Load(
-                    {
-                        "mode": "ws",
-                        "url": gw.url,
-                        "sockets": s.cpu_streams // 5,
-                        "streams": 5,
-                        "chunks": chunks,
-                        "stagger_ms": 1000 / rate,
-                        "prompt": f"[[mock fast=1 chunks={chunks} rate={rate}]] bench cpu",
-                    }
-                )
+                load = Load(self._paced_cfg(gw.url))
                 cpu0 = gw.cpu_seconds()
                 r = load.run()
                 cpu = gw.cpu_seconds() - cpu0
@@ -858,8 +861,9 @@ class Bench:
 
     # py-spy -------------------------------------------------------------------------------
 
-    def profile(self, mock: Mock, out: Path) -> None:
-        """Record the gateway with py-spy during repeated throughput runs; keep the raw
+    def profile(self, mock: Mock, out: Path, workload: str) -> None:
+        """Record the gateway with py-spy during repeated runs of one workload (`throughput`:
+        unpaced, or `paced`: the cpu scenario's tokens one read at a time); keep the raw
         (collapsed) stacks and print the hottest frames."""
         pyspy = shutil.which("py-spy") or str(Path(PYTHON).parent / "py-spy")
         if not Path(pyspy).exists():
@@ -868,7 +872,9 @@ class Bench:
         gw = Gateway(mock.url)
         with running(gw):
             self._warmup(gw)
-            raw = out.with_suffix(".pyspy.txt")
+            stem = out.with_suffix("") if workload == "throughput" else out.with_suffix(".paced")
+            raw = stem.with_suffix(stem.suffix + ".pyspy.txt")
+            top = stem.with_suffix(stem.suffix + ".pyspy-top.txt")
             spy = subprocess.Popen(
                 taskset(
                     LOAD_CORES,
@@ -893,23 +899,27 @@ class Bench:
             )
             time.sleep(1.0)
             for _ in range(max(2, self.s.repeats)):
-                check(Load(self._throughput_cfg("ws", gw.url)).run(), "profile")
+                cfg = (
+                    self._throughput_cfg("ws", gw.url)
+                    if workload == "throughput"
+                    else self._paced_cfg(gw.url)
+                )
+                check(Load(cfg).run(), "profile")
             spy.send_signal(signal.SIGINT)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 spy.wait(20)
             if spy.poll() is None:
                 spy.kill()
         if raw.exists():
-            report = top_frames(raw.read_text())
-            out.with_suffix(".pyspy-top.txt").write_text(report)
+            report = top_frames(raw.read_text(), workload)
+            top.write_text(report)
             self.notes.append(
-                f"py-spy profile of the throughput scenario: {raw.name}, top "
-                f"frames in {out.with_suffix('.pyspy-top.txt').name}"
+                f"py-spy profile of the {workload} workload: {raw.name}, top frames in {top.name}"
             )
             self.log(report)
 
 
-def top_frames(collapsed: str, limit: int = 25) -> str:
+def top_frames(collapsed: str, workload: str, limit: int = 25) -> str:
     """Self and inclusive sample shares from py-spy's collapsed stacks: per function (line
     numbers dropped) and per line for the self time."""
     by_func_self: dict[str, int] = {}
@@ -939,7 +949,7 @@ def top_frames(collapsed: str, limit: int = 25) -> str:
         rows = sorted(counts.items(), key=lambda kv: -kv[1])[:limit]
         return ["", title, *(f"{100 * n / total:6.1f}%  {f}" for f, n in rows)]
 
-    lines = [f"py-spy: {total} samples of the gateway process during throughput runs"]
+    lines = [f"py-spy: {total} samples of the gateway process during {workload} runs"]
     lines += table("self time by function", by_func_self)
     lines += table("inclusive time by function", by_func_incl)
     lines += table("self time by line", by_line_self)
@@ -1014,7 +1024,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--profile",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="py-spy the throughput scenario (default: on in full runs)",
+        help="py-spy the throughput and the paced (cpu) workloads (default: on in full runs)",
     )
     parser.add_argument("--output", type=Path, help="table file (default bench/results/<date>.md)")
     args = parser.parse_args(argv)
@@ -1032,7 +1042,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / ".gateway.log").write_text("")
     fds = raise_fd_limit()
-    profile = (not args.quick and "throughput" in only) if args.profile is None else args.profile
+    profile = (
+        (not args.quick and len(only) == len(SCENARIOS)) if args.profile is None else args.profile
+    )
     date = f"{dt.datetime.now(dt.UTC):%Y-%m-%d}"
     out = args.output or HERE / "results" / (f"{date}-quick.md" if args.quick else f"{date}.md")
 
@@ -1068,8 +1080,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bench.notes.append(f"scenario {name} FAILED: {exc}")
             log(f"   ({time.monotonic() - t0:.0f} s)")
         if profile:
-            log("== py-spy profile (throughput)")
-            bench.profile(mock, out)
+            for workload in ("throughput", "paced"):
+                log(f"== py-spy profile ({workload})")
+                bench.profile(mock, out, workload)
     bench.notes.append(f"total bench time {time.monotonic() - started:.0f} s")
     table = render(bench.rows, machine_header(sizes, args.quick, only), bench.notes)
     out.write_text(table)
