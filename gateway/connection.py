@@ -60,6 +60,32 @@ class Connection:
     """One accepted socket: its session and its writer. The streams' relay tasks belong to the
     gateway, because a stream may outlive its socket (resume)."""
 
+    # Slots: one of these per socket, 20,000 sockets per process (an instance dict costs
+    # about 1 KiB with this many attributes).
+    __slots__ = (
+        "_close_request",
+        "_closing",
+        "_expiry",
+        "_flush_scheduled",
+        "_idle_timer",
+        "_loop",
+        "_opened_at",
+        "_remote_pending",
+        "_socket_counted",
+        "_stopped",
+        "_writer",
+        "close_reason",
+        "flow",
+        "following",
+        "gateway",
+        "id",
+        "outbox",
+        "principal",
+        "remote",
+        "session",
+        "ws",
+    )
+
     def __init__(self, gateway: Gateway, ws: ServerConnection) -> None:
         self.gateway = gateway
         self.ws = ws
@@ -76,6 +102,11 @@ class Connection:
         #: Who is connected: from the upgrade's Authorization header, a first-message `auth`,
         #: or (auth off) the peer address, so per-principal quotas still mean something.
         self.principal: Principal | None = gateway.take_principal(ws)
+        # Origin and auth were checked before the upgrade; nothing reads the handshake's
+        # headers again, and websockets would keep them (about 2 KiB) for the socket's life.
+        for message in (ws.request, ws.response):
+            if message is not None:
+                message.headers.clear()
         awaiting_auth = gateway.auth.enabled and self.principal is None
         if not gateway.auth.enabled:
             self.principal = Principal("ip:" + _peer(ws).rsplit(":", 1)[0])
@@ -170,6 +201,9 @@ class Connection:
         if dropped:
             for stream in self.session.detach():
                 gateway.detach(stream)
+            # Relays paused because this socket was behind must not wait for it any longer:
+            # its outbox is gone, and a resume elsewhere picks their streams up.
+            self.flow.wake()
             return
         cancelled = self.session.close()
         for stream in cancelled:
@@ -447,7 +481,7 @@ class Connection:
         if self._writer is not None or self._stopped:
             return
         frames = self.outbox.drain()
-        self.flow.drained()
+        self.flow.wake()
         ws = self.ws
         if frames:
             if ws.protocol.state is WS_OPEN and not ws.paused and not ws.transport.is_closing():

@@ -284,6 +284,7 @@ class Gateway:
         previous = self.followers.pop(stream, None)
         if previous is not None and previous is not connection:
             previous.following.discard(stream)
+            previous.flow.wake()  # its relay may be paused for the old socket: re-check
         log.info("stream.resumed", stream=stream.id, seq=stream.seq)
 
     def _grace_over(self, stream: Stream) -> None:

@@ -80,16 +80,22 @@ class FlowControl:
         return self._outbox.buffered > self.limit
 
     async def wait(self) -> None:
+        """Wait until the outbox is under the limit."""
         while self._outbox.buffered > self.limit:
-            self.stalls += 1
-            if self._stalled is not None:
-                self._stalled.set()
-            if self._space is None or self._space.done():
-                self._space = asyncio.get_running_loop().create_future()
-            await asyncio.shield(self._space)
+            await self.next_wake()
 
-    def drained(self) -> None:
-        """The writer emptied the outbox: paused readers may go on."""
+    async def next_wake(self) -> None:
+        """Wait for the next `wake()`; the caller checks again what it waits for."""
+        self.stalls += 1
+        if self._stalled is not None:
+            self._stalled.set()
+        if self._space is None or self._space.done():
+            self._space = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._space)
+
+    def wake(self) -> None:
+        """Paused readers check again: the writer emptied the outbox, a stream moved to
+        another socket, or the socket is gone."""
         space = self._space
         if space is not None:
             self._space = None
@@ -345,7 +351,11 @@ class Upstream:
                     flow = flow_for(stream)
                     if flow is not None and flow.congested():
                         last_read[content] = math.inf  # our pause, not the upstream's silence
-                        await flow.wait()
+                        # Re-asked after every wake: a resume may have moved the stream to
+                        # another socket, or its socket may be gone.
+                        while flow is not None and flow.congested():
+                            await flow.next_wake()
+                            flow = flow_for(stream)
                         last_read[content] = clock()
                     data = await read()
                     last_read[content] = clock()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from gateway.resume import GONE, Registry
 from gateway.session import Limits, OpenUpstream, Session, Stream
-from tests.conftest import Client, Stack, StackFactory, is_terminal
+from tests.conftest import TIMEOUT, Client, Stack, StackFactory, is_terminal
 from tests.test_e2e import expected_text
 
 ALICE = "alice-token-0123456789abcdef"
@@ -250,4 +253,32 @@ async def test_cancel_after_resume_stops_at_once(stack: Stack) -> None:
     frames = (await client.finish("s"))["s"]
     assert frames[-1]["type"] == "cancelled"
     await asyncio.wait_for(stack.mock.record("x").ended.wait(), 5)
+    await stack.assert_no_leaks()
+
+
+@pytest.mark.parametrize("old_socket", ["dropped", "open"])
+async def test_stream_paused_by_a_slow_socket_goes_on_after_a_resume(
+    make_stack: StackFactory, old_socket: str
+) -> None:
+    """A relay paused by flow control because its socket fell behind is let go when the stream
+    leaves that socket (dropped, or still open but not reading): a resume on a new socket gets
+    the whole answer."""
+    stack = await make_stack(dialect="openai", send_buffer_bytes=16 * 1024)
+    for listener in stack.gateway.sockets:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", stack.gateway.port))
+    client = await stack.client(max_queue=4, sock=sock)
+    prompt = "ocean salty [[mock chunks=20000 tag=paused]]"
+    await client.start("s", prompt)
+    started = await client.recv_until(lambda f: f["type"] == "started")
+    connection = next(iter(stack.gateway.connections))
+    await asyncio.wait_for(connection.flow.stalled.wait(), TIMEOUT)
+    if old_socket == "dropped":
+        await drop(client)
+    fresh = await stack.client()
+    frames = await resume(fresh, started["resume_token"], 0)
+    assert frames[-1]["type"] == "done", frames[-1]
+    assert chunks_text(frames) == expected_text(prompt)
     await stack.assert_no_leaks()
