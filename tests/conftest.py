@@ -20,6 +20,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from gateway.config import Config
 from gateway.mock_upstream import MockUpstream
 from gateway.server import Gateway
+from gateway.upstream import _FEEDS as upstream_feeds
 from tests.schema import validate_server_frame
 
 TIMEOUT = 10.0
@@ -120,6 +121,7 @@ class Stack:
         assert self.mock.open_requests == 0
         assert self.gateway.active_streams == 0
         assert self.gateway.upstream.open_responses == 0
+        assert self.gateway.upstream.live_bodies == 0
 
 
 StackFactory = Callable[..., Awaitable[Stack]]
@@ -166,6 +168,8 @@ async def make_stack() -> AsyncIterator[StackFactory]:
             await client.ws.close()
         await stack.gateway.stop()
         await stack.mock.stop()
+    # No upstream body is still attached to a relay feed (gateway.upstream._FEEDS).
+    assert not upstream_feeds, upstream_feeds
     # Nothing the servers started may outlive them (tasks are owned and awaited).
     leftover = {t for t in asyncio.all_tasks() - baseline if not t.done()}
     leftover.discard(asyncio.current_task())  # type: ignore[arg-type]
