@@ -51,6 +51,27 @@ CLOSE_SLOW_CONSUMER: Final = 4408
 CLOSE_TOO_MANY_CONNECTIONS: Final = 4429
 
 
+#: Headers of unmasked, final text frames with a payload under 126 bytes (most tokens).
+_SHORT_HEADERS: Final = tuple(bytes((0x81, size)) for size in range(126))
+
+
+def text_frames(messages: list[bytes]) -> bytes:
+    """`messages` (UTF-8 JSON) as consecutive unmasked, final WebSocket text frames, the way
+    a server without extensions sends them."""
+    parts: list[bytes] = []
+    append = parts.append
+    for message in messages:
+        size = len(message)
+        if size < 126:
+            append(_SHORT_HEADERS[size])
+        elif size < 65536:
+            append(b"\x81\x7e" + size.to_bytes(2, "big"))
+        else:
+            append(b"\x81\x7f" + size.to_bytes(8, "big"))
+        append(message)
+    return b"".join(parts)
+
+
 def spawn(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
     """Create a named task; the caller owns it and must await or cancel it."""
     return asyncio.get_running_loop().create_task(coro, name=name)
@@ -526,16 +547,23 @@ class Connection:
             await self.ws.close(code, reason)
 
     def _write_frames(self, frames: list[bytes]) -> None:
-        """The hot path: frame every message with websockets' sans-I/O protocol and hand the
-        whole batch to the transport in one write, one syscall instead of one per frame
-        (measured here: 12 us -> 2 to 4 us of CPU per frame). Only while the socket is open
-        and not behind; websockets' own pings and close go through the same protocol."""
+        """The hot path: frame every message and hand the whole batch to the transport in one
+        write, one syscall instead of one per frame (measured here: 12 us -> 2 to 4 us of CPU
+        per frame). Only while the socket is open and not behind.
+
+        Without extensions a server's text frame is two to ten header bytes before the payload
+        (RFC 6455, 5.2: FIN, opcode 1, no mask), written here directly; with permessage-deflate
+        websockets' sans-I/O protocol frames them (it owns the compression context). Whole
+        frames only, so websockets' own pings and close interleave safely."""
         protocol = self.ws.protocol
-        send_text = protocol.send_text
-        for frame in frames:
-            send_text(frame)
-        data = protocol.data_to_send()
-        self.ws.transport.write(data[0] if len(data) == 1 else b"".join(data))
+        if protocol.extensions:
+            send_text = protocol.send_text
+            for frame in frames:
+                send_text(frame)
+            data = protocol.data_to_send()
+            self.ws.transport.write(data[0] if len(data) == 1 else b"".join(data))
+            return
+        self.ws.transport.write(text_frames(frames))
 
     async def _close_slow_consumer(self, waited: float) -> None:
         """Give up on a client that cannot keep up: close with 4408 behind the frames it has not

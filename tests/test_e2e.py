@@ -24,7 +24,7 @@ from tests.conftest import TIMEOUT, Stack, StackFactory, check_stream, is_termin
 def expected_text(prompt: str) -> str:
     """What the mock upstream streams for `prompt` (deterministic)."""
     question, knobs = parse_directive(prompt)
-    return "".join(text_chunks(choose_answer(question).text, knobs.chunks))
+    return "".join(text_chunks(choose_answer(question).text, knobs.chunks, knobs.words))
 
 
 async def test_welcome_announces_protocol_session_and_limits(make_stack: StackFactory) -> None:
@@ -545,4 +545,24 @@ async def test_flow_control_pause_is_not_an_upstream_timeout(make_stack: StackFa
     frames = (await client.finish("s", timeout=60))["s"]
     assert frames[-1]["type"] == "done", frames[-1]
     assert check_stream(frames) == expected_text(prompt)
+    await stack.assert_no_leaks()
+
+
+@pytest.mark.parametrize("compression", [False, True])
+async def test_frames_with_and_without_permessage_deflate(
+    make_stack: StackFactory, compression: bool
+) -> None:
+    """Without extensions the writer frames messages itself; with --compression (and a client
+    that offers permessage-deflate) websockets compresses them. Both read back exactly, a
+    100 KB chunk (a 64-bit length) included."""
+    stack = await make_stack(compression=compression)
+    client = await stack.client()  # websockets' client offers permessage-deflate by default
+    assert bool(client.ws.protocol.extensions) is compression
+    prompt = "sky [[mock chunks=2 words=20000]]"
+    await client.start("s", "sky [[mock chunks=6]]")
+    await client.start("g", prompt)
+    frames = await client.finish("s", "g")
+    assert check_stream(frames["s"]) == expected_text("sky [[mock chunks=6]]")
+    assert check_stream(frames["g"]) == expected_text(prompt)
+    assert max(len(f["text"]) for f in frames["g"] if f["type"] == "text_chunk") > 65536
     await stack.assert_no_leaks()

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from websockets.client import ClientProtocol
+from websockets.frames import Opcode
+from websockets.protocol import State
+from websockets.uri import parse_uri
 
+from gateway.connection import text_frames
 from gateway.protocol import (
     PONG,
     Cancel,
@@ -189,3 +194,16 @@ def test_server_frames_are_the_documented_json() -> None:
     }
     assert orjson.loads(encode_error(ErrorCode.BAD_JSON, "m"))["retryable"] is False
     assert orjson.loads(PONG) == {"type": "pong"}
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 200_000])
+def test_text_frames_parse_as_websocket_frames(size: int) -> None:
+    """The writer's own framing (no extensions) is what a WebSocket client reads: every length
+    class (7-bit, 16-bit, 64-bit) and several frames in one write, in order."""
+    messages = [b"a" * size, b'{"type":"pong"}', "é".encode() * (size // 2)]
+    client = ClientProtocol(parse_uri("ws://gateway/v1/ws"), state=State.OPEN, max_size=None)
+    client.receive_data(text_frames(messages))
+    frames = client.events_received()
+    assert [(f.opcode, f.fin, f.data) for f in frames] == [(Opcode.TEXT, True, m) for m in messages]
+    assert client.state is State.OPEN
+    assert client.parser_exc is None
