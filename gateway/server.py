@@ -241,7 +241,7 @@ class Gateway:
                 stream.sink = DETACHED
             connection = self.followers.pop(stream, None)
             if connection is not None:
-                connection.following.discard(stream)
+                connection.following.pop(stream, None)
             timer = self._grace.pop(stream, None)
             if timer is not None:
                 timer.cancel()
@@ -283,7 +283,7 @@ class Gateway:
             timer.cancel()
         previous = self.followers.pop(stream, None)
         if previous is not None and previous is not connection:
-            previous.following.discard(stream)
+            previous.following.pop(stream, None)
             previous.flow.wake()  # its relay may be paused for the old socket: re-check
         log.info("stream.resumed", stream=stream.id, seq=stream.seq)
 

@@ -471,6 +471,24 @@ class Session:
     With a `registry`, streams get a resume token and can outlive the socket (resume.py).
     """
 
+    __slots__ = (
+        "_admit",
+        "_new_token",
+        "_recent",
+        "accepting",
+        "authorized",
+        "awaiting_auth",
+        "frames_in",
+        "id",
+        "limits",
+        "outbox",
+        "principal",
+        "registry",
+        "remote",
+        "streams",
+        "streams_started",
+    )
+
     def __init__(
         self,
         session_id: str,
