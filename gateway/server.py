@@ -258,6 +258,7 @@ class Gateway:
         task = self.relays.get(stream)
         if task is not None and not task.done():
             stream.cancelled_at = time.monotonic()
+            self.upstream.abort(stream)
             task.cancel()
 
     async def join(self, streams: list[Stream]) -> None:

@@ -140,8 +140,9 @@ class Upstream:
             self._headers["Authorization"] = f"Bearer {config.api_key}"
         #: Upstream responses currently open (a leak check for tests and a gauge for metrics).
         self.open_responses = 0
-        #: The bodies being relayed now (the read-gap watchdog looks at them).
-        self._live: set[_BodyFeed] = set()
+        #: The bodies being relayed now, by stream (the read-gap watchdog looks at them; a
+        #: cancel closes their connections).
+        self._live: dict[Stream, _BodyFeed] = {}
         self._watchdog: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
@@ -190,11 +191,19 @@ class Upstream:
         `read()` raises TimeoutError, which the relay reports as `upstream_timeout`."""
         limit = self.config.upstream_read_timeout
         deadline = time.monotonic() - limit
-        for feed in [f for f in self._live if f.last_read < deadline]:
+        for feed in [f for f in self._live.values() if f.last_read < deadline]:
             feed.fail(TimeoutError(f"no upstream bytes for {limit:g} s"))
         self._watchdog = asyncio.get_running_loop().call_later(
             self._watch_period(), self._check_read_gaps
         )
+
+    def abort(self, stream: Stream) -> None:
+        """Close `stream`'s upstream connection now (a cancel): the upstream sees it before the
+        relay task has even run its cancellation, which under load is a loop iteration later.
+        A request still waiting for its response is closed by that cancellation."""
+        feed = self._live.get(stream)
+        if feed is not None:
+            feed.close()
 
     @property
     def live_bodies(self) -> int:
@@ -365,7 +374,7 @@ class Upstream:
                 )
             content = resp.content
             feed = _BodyFeed(self, stream, translator, flow_for, started, resp)
-            self._live.add(feed)
+            self._live[stream] = feed
             # The first bytes came with the response; then aiohttp hands each piece of body
             # to the feed as it is parsed (the hot path, see _BodyFeed.data).
             feed.data(data)
@@ -388,7 +397,7 @@ class Upstream:
             self.open_responses -= 1
             if feed is not None:
                 feed.detach()
-                self._live.discard(feed)
+                self._live.pop(stream, None)
             if finished_cleanly:
                 # Returned to the pool only when the body was read to its end; aiohttp closes
                 # a connection whose payload is unfinished.
@@ -453,6 +462,7 @@ class _BodyFeed:
         "_first_seen",
         "_flow_for",
         "_paused",
+        "_resp",
         "_started",
         "_stream",
         "_translator",
@@ -478,6 +488,7 @@ class _BodyFeed:
         self._translator = translator
         self._flow_for = flow_for
         self._started = started
+        self._resp = resp
         self._content = resp.content
         self._connection = resp.connection
         self.events = SSEDecoder(MAX_EVENT_BYTES).feed
@@ -506,6 +517,11 @@ class _BodyFeed:
             self.data(buffered)
         if not self.done.done() and content.is_eof():
             self.eof()
+
+    def close(self) -> None:
+        """Close the connection at once (not pooled): no more bytes come, none are read."""
+        self.detach()
+        self._resp.close()
 
     def detach(self) -> None:
         content = self._content

@@ -566,3 +566,29 @@ async def test_frames_with_and_without_permessage_deflate(
     assert check_stream(frames["g"]) == expected_text(prompt)
     assert max(len(f["text"]) for f in frames["g"] if f["type"] == "text_chunk") > 65536
     await stack.assert_no_leaks()
+
+
+async def test_cancel_closes_the_upstream_connection_at_once(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel closes the upstream connection in the call that decides it, not when the relay
+    task later runs its cancellation (under load, a loop iteration later)."""
+    gateway = stack.gateway
+    closed_on_return: list[bool] = []
+    cancel_stream = gateway.cancel_stream
+
+    def spy(stream: Any) -> None:
+        response = gateway.upstream._live[stream]._resp  # white box: the stream's response
+        cancel_stream(stream)
+        closed_on_return.append(response.closed)
+
+    monkeypatch.setattr(gateway, "cancel_stream", spy)
+    client = await stack.client()
+    await client.start("s", "sky [[mock chunks=200 delay_ms=20 tag=c]]")
+    await client.recv_until(lambda f: f["type"] == "text_chunk")
+    await client.cancel("s")
+    assert (await client.finish("s"))["s"][-1]["type"] == "cancelled"
+    assert closed_on_return == [True]
+    await asyncio.wait_for(stack.mock.record("c").ended.wait(), TIMEOUT)
+    assert stack.mock.record("c").outcome == "client_closed"
+    await stack.assert_no_leaks()
