@@ -382,8 +382,8 @@ class Gateway:
 
         Refuse new sockets (503) and new starts (`shutting_down`), let streams in flight finish
         for up to `grace` seconds (default --drain-timeout), end the rest with a retryable
-        `stream_interrupted`, close every socket with 1001 after its last frames, then stop
-        listening.
+        `stream_interrupted`, stop listening, then close every socket with 1001 after its last
+        frames.
         """
         timeout = self.config.drain_timeout if grace is None else grace
         self.draining = True
@@ -402,6 +402,12 @@ class Gateway:
                     True,
                 )
                 self.cancel_stream(stream)
+        # Stop listening before the 1001s go out: the clients reconnect at once, and should
+        # find this instance gone (and try the next one), not be accepted as it closes (an
+        # accept racing asyncio's Server.close() leaks its socket: CPython gh-109564).
+        if self._server is not None:
+            self._server.close(close_connections=False)
+            await asyncio.sleep(0)  # its close task stops the listener in its first step
         for connection in list(self.connections):
             connection.close_reason = "shutdown"
             connection.request_close(1001, "going away")

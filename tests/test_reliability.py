@@ -273,3 +273,19 @@ async def test_keepalive_comments_reset_the_read_gap_and_are_not_relayed(
     assert frames[-1]["type"] == "done"
     assert check_stream(frames) == expected_text(prompt)
     assert {f["type"] for f in frames} == {"started", "text_chunk", "done"}
+
+
+async def test_drain_stops_listening_before_the_1001s(make_stack: StackFactory) -> None:
+    """When a client gets its 1001 from a drain, the instance no longer accepts connections:
+    the client's reconnect is refused (and goes to the next instance) instead of racing the
+    listener's close, where an accepted socket would leak (CPython gh-109564)."""
+    stack = await make_stack(drain_timeout=5)
+    client = await stack.client()
+    port = stack.gateway.port
+    drain = asyncio.get_running_loop().create_task(stack.gateway.drain(), name="drain")
+    with pytest.raises(ConnectionClosed):
+        await client.recv_until(lambda f: False)
+    assert client.ws.close_code == 1001
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection("127.0.0.1", port)
+    await drain
