@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -113,6 +114,17 @@ class Stack:
         assert client.welcome["type"] == "welcome"
         self.clients.append(client)
         return client
+
+    async def slow_client(self, **kwargs: Any) -> Client:
+        """A client on a slow link: 4 KiB kernel buffers on both ends (accepted sockets inherit
+        SO_SNDBUF from the listening socket), so a backlog cannot hide in the kernel and a
+        client that stops reading makes the gateway's flow control act."""
+        for listener in self.gateway.sockets:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", self.gateway.port))
+        return await self.client(sock=sock, **{"max_queue": 4, **kwargs})
 
     async def assert_no_leaks(self) -> None:
         """Every upstream request ended at the mock, and the gateway holds no stream state."""

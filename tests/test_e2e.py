@@ -497,14 +497,7 @@ async def test_slow_reader_pauses_the_upstream_then_gets_everything(
     when it reads again, every word arrives, coalesced into fewer frames."""
     # OpenAI-shaped events stay small (Perplexity's repeat the whole text so far).
     stack = await make_stack(dialect="openai", send_buffer_bytes=16 * 1024)
-    # Tiny kernel buffers on both ends, as on a slow phone link, so that the backlog cannot hide
-    # in the kernel (accepted sockets inherit SO_SNDBUF from the listening socket).
-    for listener in stack.gateway.sockets:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", stack.gateway.port))
-    client = await stack.client(max_queue=4, sock=sock)
+    client = await stack.slow_client()  # 4 KiB kernel buffers, as on a slow phone link
     chunks = 100_000
     prompt = f"ocean salty [[mock chunks={chunks} tag=slow]]"
     await client.start("s", prompt)
@@ -529,12 +522,7 @@ async def test_flow_control_pause_is_not_an_upstream_timeout(make_stack: StackFa
     stack = await make_stack(
         dialect="openai", send_buffer_bytes=16 * 1024, upstream_read_timeout=0.2
     )
-    for listener in stack.gateway.sockets:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", stack.gateway.port))
-    client = await stack.client(max_queue=4, sock=sock)
+    client = await stack.slow_client()
     prompt = "ocean salty [[mock chunks=20000 tag=paused]]"
     await client.start("s", prompt)
     connection = next(iter(stack.gateway.connections))

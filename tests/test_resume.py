@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -264,12 +263,7 @@ async def test_stream_paused_by_a_slow_socket_goes_on_after_a_resume(
     leaves that socket (dropped, or still open but not reading): a resume on a new socket gets
     the whole answer."""
     stack = await make_stack(dialect="openai", send_buffer_bytes=16 * 1024)
-    for listener in stack.gateway.sockets:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", stack.gateway.port))
-    client = await stack.client(max_queue=4, sock=sock)
+    client = await stack.slow_client()
     prompt = "ocean salty [[mock chunks=20000 tag=paused]]"
     await client.start("s", prompt)
     started = await client.recv_until(lambda f: f["type"] == "started")
