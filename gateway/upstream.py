@@ -454,7 +454,8 @@ class _PushReader(aiohttp.StreamReader):
 
 class _BodyFeed:
     """One upstream body, relayed from aiohttp's data callbacks: SSE events -> text deltas ->
-    the stream's socket, then `done` resolves (or fails with what went wrong)."""
+    the stream's socket; `done` resolves when the body is over, with `error` set if it ended
+    badly."""
 
     __slots__ = (
         "_connection",
