@@ -81,25 +81,22 @@ class FlowControl:
     def congested(self) -> bool:
         return self._outbox.buffered > self.limit
 
-    async def wait(self) -> None:
-        """Wait until the outbox is under the limit."""
-        while self._outbox.buffered > self.limit:
-            await self.next_wake()
-
-    async def next_wake(self) -> None:
-        """Wait for the next `wake()`; the caller checks again what it waits for."""
+    def _stall(self) -> None:
         self.stalls += 1
         if self._stalled is not None:
             self._stalled.set()
-        if self._space is None or self._space.done():
-            self._space = asyncio.get_running_loop().create_future()
-        await asyncio.shield(self._space)
+
+    async def wait(self) -> None:
+        """Wait until the outbox is under the limit (a remote follower's pacing)."""
+        while self._outbox.buffered > self.limit:
+            self._stall()
+            if self._space is None or self._space.done():
+                self._space = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._space)
 
     def on_wake(self, callback: Callable[[], None]) -> None:
         """Call `callback` once, at the next `wake()` (a paused upstream body feed)."""
-        self.stalls += 1
-        if self._stalled is not None:
-            self._stalled.set()
+        self._stall()
         if self._parked is None:
             self._parked = []
         self._parked.append(callback)
@@ -187,8 +184,8 @@ class Upstream:
         return min(1.0, self.config.upstream_read_timeout / 4)
 
     def _check_read_gaps(self) -> None:
-        """Fail every streaming read that has waited longer than --upstream-read-timeout: its
-        `read()` raises TimeoutError, which the relay reports as `upstream_timeout`."""
+        """Fail every body that has been silent longer than --upstream-read-timeout (not
+        counting our own flow-control pauses): the relay reports `upstream_timeout`."""
         limit = self.config.upstream_read_timeout
         deadline = time.monotonic() - limit
         for feed in [f for f in self._live.values() if f.last_read < deadline]:
