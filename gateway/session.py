@@ -754,10 +754,15 @@ class Session:
         Everything produced for it but not yet sent is produced now (and retained), so a resume
         replays it; the active streams are returned for the grace timer.
         """
-        self.outbox.abandon()
+        outbox = self.outbox
+        outbox.abandon()
         detached = list(self.streams.values())
         for stream in detached:
             stream.owner = None
+            # A stream with nothing queued at this moment still points at this outbox: its
+            # later output must be produced too (the retained log, other instances' replay).
+            if stream.sink is outbox:
+                stream.sink = DETACHED
         self.streams.clear()
         return detached
 

@@ -244,6 +244,35 @@ def test_close_ends_all_active_streams() -> None:
     assert a.outcome == "client_gone"
 
 
+def test_detached_streams_produce_their_later_output_whether_queued_or_not() -> None:
+    """A drop detaches every stream, also one with nothing queued at that moment: what it
+    receives afterwards is produced at once (retained, mirrored to other instances), not left
+    in the dead socket's outbox. (Found when client frames moved into callbacks: the drop
+    then often came between two chunks, and a finished stream's `done` never reached Redis.)"""
+    s = make()
+    s.welcome()
+    idle, busy = start(s, "idle"), start(s, "busy")
+    s.text(idle, "a")
+    s.text(busy, "b")
+    frames(s)  # sent: neither stream is queued now
+    s.text(busy, "c")  # queued at the drop
+    produced: list[tuple[str, int, str]] = []
+    terminals: list[str] = []
+    for stream in (idle, busy):
+        stream.on_chunk = lambda st, seq, text: produced.append((st.id, seq, text))
+        stream.on_terminal = lambda st, frame: terminals.append(st.id)
+    assert s.detach() == [idle, busy]
+    s.text(idle, "x")
+    s.done(idle, {})
+    s.text(busy, "y")
+    s.done(busy, {})
+    assert produced == [("busy", 2, "c"), ("idle", 2, "x"), ("busy", 3, "y")]
+    assert terminals == ["idle", "busy"]
+    assert idle.terminal_sent
+    assert busy.terminal_sent
+    assert s.outbox.drain() == []
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     st.lists(
