@@ -1,7 +1,8 @@
 """The server: accept sockets (HTTP routes, origin and credential checks before the upgrade),
 own every stream's relay task, and drain on shutdown.
 
-With connection.py, the WebSocket shell (the only modules that import websockets). Relay tasks
+With connection.py and websocket.py, the WebSocket shell (the only modules that import
+websockets). Relay tasks
 are owned here rather than by a socket because a stream may outlive its socket (resume): a
 deliberate close cancels them at once, a drop keeps them for --resume-grace, and `stop()` awaits
 every one of them, so nothing outlives the server.
@@ -10,10 +11,10 @@ every one of them, so nothing outlives the server.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import socket
 import ssl
 import time
-import weakref
 from collections.abc import Coroutine
 from http import HTTPStatus
 from pathlib import Path
@@ -21,7 +22,6 @@ from typing import Any, Final
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
-from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
@@ -35,7 +35,7 @@ from gateway.auth import (
     query_has_token,
 )
 from gateway.config import Config
-from gateway.connection import Connection, spawn
+from gateway.connection import Connection, Deadlines, spawn
 from gateway.observability import Metrics
 from gateway.protocol import ErrorCode
 from gateway.quotas import Quotas
@@ -49,6 +49,7 @@ from gateway.session import (
     finish_fail,
 )
 from gateway.upstream import FlowControl, Upstream
+from gateway.websocket import Handler, Listener, WebSocket
 
 log = structlog.get_logger("gateway.server")
 
@@ -58,6 +59,8 @@ WS_PATH: Final = "/v1/ws"
 HARD_FRAME_LIMIT_MIN: Final = 1 << 20
 #: How long a drain waits for sockets to flush their last frames and close.
 CLOSE_GRACE: Final = 10.0
+#: A client must send its upgrade request within this after connecting (websockets' default).
+OPEN_TIMEOUT: Final = 10.0
 
 
 _HERE = Path(__file__).resolve().parent
@@ -132,10 +135,8 @@ class Gateway:
             # Open mode: only pages served from this machine may connect, so a site the
             # developer visits cannot spend their key (cross-site WebSocket hijacking).
             self.allowed_origins = () if self.auth.enabled else LOOPBACK_ORIGINS
-        #: Principals authenticated from the upgrade's header, until the handler takes them.
-        self._principals: weakref.WeakKeyDictionary[ServerConnection, Principal] = (
-            weakref.WeakKeyDictionary()
-        )
+        #: Principals authenticated from the upgrade's header, until the socket opens.
+        self._principals: dict[WebSocket, Principal] = {}
         self.metrics = Metrics()
         self.upstream = Upstream(config, upstream_url, self.metrics)
         self.connections: set[Connection] = set()
@@ -148,16 +149,24 @@ class Gateway:
         self.store: RedisStore | None = (
             RedisStore(config.redis_url, config.resume_retention) if config.redis_url else None
         )
-        #: Fire-and-forget is banned: control messages to other instances are owned here.
+        #: Fire-and-forget is banned: control messages to other instances, remote follows and
+        #: writers of closed sockets finishing are owned here.
         self._control_tasks: set[asyncio.Task[None]] = set()
         #: Grace timers of detached streams and retention timers of ended ones.
         self._grace: dict[Stream, asyncio.TimerHandle] = {}
         self._retention: dict[Stream, asyncio.TimerHandle] = {}
         self.active_streams = 0
         self.draining = False
-        self._server: Server | None = None
+        self._listener: Listener | None = None
+        #: The context the gateway was started in (a worker's index is bound there): socket
+        #: callbacks and relays run in copies of it, so no stream's or socket's bindings leak
+        #: into another's log lines.
+        self.context = contextvars.copy_context()
         #: Set while no stream runs in this process (drains and tests wait on it).
         self.idle = asyncio.Event()
+        #: The sockets' idle (--idle-timeout) and authentication (--auth-timeout) deadlines.
+        self.idle_deadlines = Deadlines(config.idle_timeout)
+        self.auth_deadlines = Deadlines(config.auth_timeout)
         self.idle.set()
         #: Set when the last connection handler has returned.
         self._no_connections = asyncio.Event()
@@ -180,13 +189,21 @@ class Gateway:
         stream.started_at = time.monotonic()
         if self.store is not None:
             self.store.register(stream)
-        task = spawn(self._relay(stream), f"stream {stream.id}")
+        # The relay's log lines (and its end's, in the done callback) say which stream,
+        # socket and principal they are about: bound in a context of their own, because a
+        # socket's callbacks run in whatever context scheduled them.
+        context = self.context.copy()
+        context.run(
+            structlog.contextvars.bind_contextvars,
+            stream=stream.id,
+            session=stream.owner.id if stream.owner is not None else None,
+            principal=stream.principal,
+        )
+        task = asyncio.get_running_loop().create_task(
+            self.upstream.relay(stream, self.flow_for), name=f"stream {stream.id}", context=context
+        )
         self.relays[stream] = task
-        task.add_done_callback(lambda _t: self._relay_done(stream))
-
-    async def _relay(self, stream: Stream) -> None:
-        structlog.contextvars.bind_contextvars(stream=stream.id)
-        await self.upstream.relay(stream, self.flow_for)
+        task.add_done_callback(lambda _t: self._relay_done(stream), context=context)
 
     def flow_for(self, stream: Stream) -> FlowControl | None:
         """Backpressure: the flow control of the socket following `stream` (none: go on)."""
@@ -217,7 +234,10 @@ class Gateway:
 
     def control(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a control message to another instance as an owned task."""
-        task = spawn(coro, "redis control message")
+        self.own(spawn(coro, "redis control message"))
+
+    def own(self, task: asyncio.Task[None]) -> None:
+        """Keep `task` until it is done; stop() awaits it."""
         self._control_tasks.add(task)
         task.add_done_callback(self._control_tasks.discard)
 
@@ -297,9 +317,23 @@ class Gateway:
             log.info("stream.abandoned", stream=stream.id)
             self.cancel_stream(stream)
 
-    def take_principal(self, ws: ServerConnection) -> Principal | None:
-        """The principal authenticated during `ws`'s handshake, if any."""
-        return self._principals.pop(ws, None)
+    def _on_open(self, ws: WebSocket) -> Connection:
+        """A socket finished its handshake: it becomes a Connection."""
+        connection = Connection(self, ws, self._principals.pop(ws, None))
+        self.connections.add(connection)
+        self._no_connections.clear()
+        connection.start()
+        return connection
+
+    def _on_reject(self, ws: WebSocket) -> None:
+        self._principals.pop(ws, None)
+
+    def _on_closed(self, handler: Handler) -> None:
+        """An open socket is gone (its Connection has released everything)."""
+        assert isinstance(handler, Connection)
+        self.connections.discard(handler)
+        if not self.connections:
+            self._no_connections.set()
 
     def reload_tokens(self) -> None:
         """SIGHUP: re-read --auth-tokens-file; a bad file keeps the tokens in force."""
@@ -317,8 +351,8 @@ class Gateway:
     @property
     def sockets(self) -> list[socket.socket]:
         """The listening sockets (for the actual port, and for tests that tune them)."""
-        assert self._server is not None
-        return list(self._server.sockets)
+        assert self._listener is not None
+        return self._listener.sockets
 
     @property
     def port(self) -> int:
@@ -357,24 +391,28 @@ class Gateway:
             await self.store.start()
             self.store.on_control = self._on_control
         await self.upstream.start()
-        self._server = await serve(
-            self._handle,
-            self.config.host,
-            self.config.port,
+        self.context = contextvars.copy_context()
+        self._listener = Listener(
             process_request=self._process_request,
-            # Off by default (--compression): tiny token frames gain little and every socket
-            # would pay about 40 KiB of zlib state (STYLE.md).
-            compression="deflate" if self.config.compression else None,
-            # Workers share the port; the kernel spreads new connections across them.
-            reuse_port=self.config.workers > 1 or None,
+            on_open=self._on_open,
+            on_reject=self._on_reject,
+            closed=self._on_closed,
+            context=self.context,
             max_size=max(4 * self.config.max_message_bytes, HARD_FRAME_LIMIT_MIN),
-            ping_interval=self.config.ping_interval or None,
-            ping_timeout=self.config.ping_timeout,
+            compression=self.config.compression,
+            open_timeout=OPEN_TIMEOUT,
             # A peer that does not answer our close (dead network, ping timeout) is dropped
             # after this; websockets' default of 10 s keeps its streams running for nothing.
             close_timeout=self.config.close_timeout,
-            server_header=None,
-            ssl=self._ssl_context(),
+            ping_interval=self.config.ping_interval,
+            ping_timeout=self.config.ping_timeout,
+        )
+        await self._listener.start(
+            self.config.host,
+            self.config.port,
+            self._ssl_context(),
+            # Workers share the port; the kernel spreads new connections across them.
+            reuse_port=self.config.workers > 1,
         )
 
     async def drain(self, grace: float | None = None) -> None:
@@ -403,11 +441,9 @@ class Gateway:
                 )
                 self.cancel_stream(stream)
         # Stop listening before the 1001s go out: the clients reconnect at once, and should
-        # find this instance gone (and try the next one), not be accepted as it closes (an
-        # accept racing asyncio's Server.close() leaks its socket: CPython gh-109564).
-        if self._server is not None:
-            self._server.close(close_connections=False)
-            await asyncio.sleep(0)  # its close task stops the listener in its first step
+        # find this instance gone (and try the next one), not be accepted as it closes.
+        if self._listener is not None:
+            self._listener.close()
         for connection in list(self.connections):
             connection.close_reason = "shutdown"
             connection.request_close(1001, "going away")
@@ -421,9 +457,27 @@ class Gateway:
         """Close every remaining socket with 1001, wait for their handlers, stop every relay
         (detached ones too), close the upstream."""
         self.draining = True
-        if self._server is not None:
-            self._server.close(close_connections=True)
-            await self._server.wait_closed()
+        listener = self._listener
+        if listener is not None:
+            listener.close()
+            listener.abort_handshakes()
+            for connection in list(self.connections):
+                connection.close_reason = "shutdown"
+                connection.request_close(1001, "going away")
+            # A socket is aborted after --close-timeout if its client does not answer the close;
+            # one whose writer is still waiting for a slow client is aborted here.
+            if self.connections:
+                try:
+                    await asyncio.wait_for(
+                        self._no_connections.wait(), self.config.close_timeout + 1
+                    )
+                except TimeoutError:
+                    for connection in list(self.connections):
+                        connection.ws.abort()
+                    await self._no_connections.wait()
+            listener.keepalive.stop()
+        self.idle_deadlines.stop()
+        self.auth_deadlines.stop()
         for timer in [*self._grace.values(), *self._retention.values()]:
             timer.cancel()
         self._grace.clear()
@@ -438,16 +492,16 @@ class Gateway:
             await self.store.close()
         await self.upstream.close()
 
-    def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+    def _process_request(self, conn: WebSocket, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         if path == WS_PATH:
             return self._check_upgrade(conn, request)
         if path == "/healthz":
-            return conn.respond(HTTPStatus.OK, "ok\n")
+            return conn.protocol.reject(HTTPStatus.OK, "ok\n")
         if path == "/readyz":
             if self.draining:
-                return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
-            return conn.respond(HTTPStatus.OK, "ready\n")
+                return conn.protocol.reject(HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
+            return conn.protocol.reject(HTTPStatus.OK, "ready\n")
         if path in STATIC_FILES:
             return _static(path)
         if path == "/metrics":
@@ -460,19 +514,19 @@ class Gateway:
                 ]
             )
             return Response(HTTPStatus.OK, "OK", headers, body)
-        return conn.respond(HTTPStatus.NOT_FOUND, "not found; the WebSocket endpoint is /v1/ws\n")
+        return conn.protocol.reject(
+            HTTPStatus.NOT_FOUND, "not found; the WebSocket endpoint is /v1/ws\n"
+        )
 
-    def _refuse(
-        self, conn: ServerConnection, status: HTTPStatus, reason: str, text: str
-    ) -> Response:
+    def _refuse(self, conn: WebSocket, status: HTTPStatus, reason: str, text: str) -> Response:
         self.metrics.rejected.labels(reason).inc()
         log.info("upgrade.refused", reason=reason, status=int(status))
-        response = conn.respond(status, text + "\n")
+        response = conn.protocol.reject(status, text + "\n")
         if status == HTTPStatus.UNAUTHORIZED:
             response.headers["WWW-Authenticate"] = 'Bearer realm="llm-ws-gateway"'
         return response
 
-    def _check_upgrade(self, conn: ServerConnection, request: Request) -> Response | None:
+    def _check_upgrade(self, conn: WebSocket, request: Request) -> Response | None:
         """Everything decided before the upgrade: drain, credentials, origin (security.md)."""
         if self.draining:
             return self._refuse(conn, HTTPStatus.SERVICE_UNAVAILABLE, "draining", "draining")
@@ -503,14 +557,3 @@ class Gateway:
                 return self._refuse(conn, HTTPStatus.UNAUTHORIZED, "unauthorized", str(exc))
             self._principals[conn] = principal
         return None
-
-    async def _handle(self, ws: ServerConnection) -> None:
-        connection = Connection(self, ws)
-        self.connections.add(connection)
-        self._no_connections.clear()
-        try:
-            await connection.run()
-        finally:
-            self.connections.discard(connection)
-            if not self.connections:
-                self._no_connections.set()

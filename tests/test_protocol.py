@@ -9,7 +9,6 @@ from websockets.frames import Opcode
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
-from gateway.connection import text_frames
 from gateway.protocol import (
     PONG,
     Cancel,
@@ -26,6 +25,7 @@ from gateway.protocol import (
     encode_welcome,
     parse_client_frame,
 )
+from gateway.websocket import text_frames
 
 MAX = 65536
 

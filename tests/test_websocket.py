@@ -1,0 +1,126 @@
+"""The socket layer (gateway/websocket.py) against real websockets clients and raw TCP: what
+websockets' asyncio server used to do for us and this module now does itself."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+from websockets.asyncio.client import connect
+from websockets.frames import Frame, Opcode
+
+from tests.conftest import TIMEOUT, Stack, StackFactory
+
+
+async def test_fragmented_message_is_handled_as_one(stack: Stack) -> None:
+    """A text message sent in several frames (continuations) is one client message."""
+    client = await stack.client()
+    message = orjson.dumps({"type": "start", "id": "f", "prompt": "sky"}).decode()
+    await client.ws.send([message[:5], message[5:17], message[17:]])
+    frames = (await client.finish("f"))["f"]
+    assert frames[0]["type"] == "started"
+    assert frames[-1]["type"] == "done"
+    await stack.assert_no_leaks()
+
+
+async def test_invalid_utf8_closes_with_1007(stack: Stack) -> None:
+    """A text frame that is not UTF-8 fails the socket with 1007 (RFC 6455, 8.1)."""
+    client = await stack.client()
+    async with client.ws.send_context():
+        client.ws.protocol.send_frame(Frame(Opcode.TEXT, b'{"type":"ping","x":"\xff"}'))
+    await asyncio.wait_for(client.ws.wait_closed(), TIMEOUT)
+    assert client.ws.close_code == 1007
+    assert not stack.gateway.connections
+
+
+async def test_keepalive_pings_every_socket_and_keeps_answering_ones_open(
+    make_stack: StackFactory,
+) -> None:
+    """The keepalive wheel pings each socket about once per --ping-interval; a client that
+    answers stays open well past --ping-timeout, and nothing waits on it afterwards."""
+    stack = await make_stack(ping_interval=0.1, ping_timeout=0.1)
+    clients = [await stack.client() for _ in range(3)]
+    seen: dict[int, int] = {}
+    enough = asyncio.Event()
+
+    for i, client in enumerate(clients):
+        original = client.ws.process_event
+
+        def counting(event: Any, i: int = i, original: Any = original) -> None:
+            if isinstance(event, Frame) and event.opcode is Opcode.PING:
+                seen[i] = seen.get(i, 0) + 1
+                if len(seen) == len(clients) and min(seen.values()) >= 4:
+                    enough.set()
+            original(event)
+
+        client.ws.process_event = counting  # type: ignore[method-assign]
+    started = time.monotonic()
+    await asyncio.wait_for(enough.wait(), TIMEOUT)
+    # Four pings at 0.1 s apart: not a burst, and spread over the interval.
+    assert time.monotonic() - started >= 0.3
+    assert len(stack.gateway.connections) == 3
+    await clients[0].start("k", "sky")
+    frames = (await clients[0].finish("k"))["k"]
+    assert frames[-1]["type"] == "done"
+
+
+async def test_stop_does_not_wait_for_a_silent_handshake(stack: Stack) -> None:
+    """A TCP connection that never sends its upgrade request (a slowloris) does not hold a
+    shutdown up: stop() drops it instead of waiting out the 10 s handshake timeout."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.gateway.port)
+    open_client = await stack.client()
+    started = time.monotonic()
+    await asyncio.wait_for(stack.gateway.stop(), 5)
+    assert time.monotonic() - started < 2
+    assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""  # dropped
+    await asyncio.wait_for(open_client.ws.wait_closed(), TIMEOUT)
+    assert open_client.ws.close_code == 1001
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_handshake_timeout_drops_a_silent_connection(stack: Stack, monkeypatch: Any) -> None:
+    """A connection that sends no request within the handshake timeout is dropped."""
+    assert stack.gateway._listener is not None
+    monkeypatch.setattr(stack.gateway._listener, "open_timeout", 0.2)
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.gateway.port)
+    assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+    assert not stack.gateway._listener.handshaking
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_plain_http_gets_an_answer_and_the_connection_ends(stack: Stack) -> None:
+    """Routes other than the upgrade are answered (healthz), then the connection is closed
+    by the gateway after the client's EOF, leaving no handshake state behind."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.gateway.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    response = await asyncio.wait_for(reader.read(), TIMEOUT)
+    assert response.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert response.endswith(b"ok\n")
+    writer.close()
+    await writer.wait_closed()
+    assert stack.gateway._listener is not None
+    assert not stack.gateway._listener.handshaking
+    assert not stack.gateway.connections
+
+
+async def test_close_frame_from_client_cancels_at_once_and_is_answered(stack: Stack) -> None:
+    """A client's close frame is answered with a close (the closing handshake completes with
+    the client's code) and its streams are cancelled, not kept for a resume."""
+    async with connect(f"ws://127.0.0.1:{stack.gateway.port}/v1/ws") as ws:
+        await ws.recv()  # welcome
+        await ws.send(
+            '{"type":"start","id":"c","prompt":"sky [[mock chunks=500 delay_ms=20 tag=c]]"}'
+        )
+        while orjson.loads(await ws.recv())["type"] != "text_chunk":
+            pass
+        await ws.close(4000, "bye")
+    assert ws.close_code == 4000
+    record = stack.mock.record("c")
+    await asyncio.wait_for(record.ended.wait(), TIMEOUT)
+    assert record.outcome == "client_closed"
+    await stack.assert_no_leaks()
