@@ -201,6 +201,9 @@ class Upstream:
         feed = self._live.get(stream)
         if feed is not None:
             feed.close()
+            if stream.cancelled_at is not None:
+                self.metrics.cancel_latency.observe(time.monotonic() - stream.cancelled_at)
+                stream.cancelled_at = None  # observed: the relay's cancellation does not again
 
     @property
     def live_bodies(self) -> int:
@@ -238,7 +241,8 @@ class Upstream:
             finish_fail(stream, ErrorCode.INTERNAL, "internal gateway error")
         finally:
             if stream.cancelled_at is not None:
-                # By now the upstream connection is closed (resp.close() ran in _relay).
+                # Cancelled before its body was live (connecting, or waiting for the response
+                # headers): the connection is closed by now, by the cancellation in _relay.
                 self.metrics.cancel_latency.observe(time.monotonic() - stream.cancelled_at)
 
     def stream_ended(self, stream: Stream, started: float) -> None:
