@@ -262,6 +262,7 @@ class Gateway:
             connection = self.followers.pop(stream, None)
             if connection is not None:
                 connection.following.pop(stream, None)
+                connection.flow.wake()  # its relay may be paused for this socket: re-check
             timer = self._grace.pop(stream, None)
             if timer is not None:
                 timer.cancel()

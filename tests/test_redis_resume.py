@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -132,3 +133,56 @@ async def test_other_principal_and_unknown_tokens(pair: Pair) -> None:
     client = await pair.client(pair.b)
     await client.send(resume_frame("s", "no-such-token-anywhere-123", 0))
     assert (await client.recv())["code"] == "unknown_id"
+
+
+async def test_stream_paused_by_a_slow_socket_goes_on_when_resumed_on_another_instance() -> None:
+    """A relay paused because its socket (still open, not reading) fell behind is let go when
+    the stream is resumed on another instance ("moved"): the follower there gets the whole
+    answer without waiting for the old socket to time out as a slow consumer."""
+    from websockets.asyncio.client import connect
+
+    redis_url = await require_redis()
+    mock = MockUpstream(default_delay_ms=0)
+    base = await mock.start()
+    gateways: list[Gateway] = []
+    clients: list[Client] = []
+    try:
+        for _ in range(2):
+            config = Config(
+                port=0,
+                dialect="openai",
+                redis_url=redis_url,
+                resume_retention=30,
+                send_buffer_bytes=4 * 1024,
+                slow_client_timeout=60,
+            )
+            gateway = Gateway(config, f"{base}/openai")
+            await gateway.start()
+            gateways.append(gateway)
+        a, b = gateways
+        for listener in a.sockets:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", a.port))
+        slow = Client(await connect(f"ws://127.0.0.1:{a.port}/v1/ws", sock=sock, max_queue=4))
+        clients.append(slow)
+        slow.welcome = await slow.recv()
+        prompt = "ocean salty [[mock chunks=6000 tag=moved]]"
+        await slow.start("s", prompt)
+        started = await slow.recv_until(lambda f: f["type"] == "started")
+        connection = next(iter(a.connections))
+        await asyncio.wait_for(connection.flow.stalled.wait(), 10)
+        fresh = Client(await connect(f"ws://127.0.0.1:{b.port}/v1/ws"))
+        clients.append(fresh)
+        fresh.welcome = await fresh.recv()
+        frames = await asyncio.wait_for(resume(fresh, started["resume_token"], 0), 20)
+        assert frames[-1]["type"] == "done", frames[-1]
+        assert chunks_text(frames) == expected_text(prompt)
+        slow.ws.transport.abort()  # its unread backlog would hold a closing handshake up
+    finally:
+        for client in clients:
+            await client.ws.close()
+        for gateway in gateways:
+            await gateway.stop()
+        await mock.stop()
