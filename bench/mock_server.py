@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 
 from gateway.mock_upstream import MockUpstream
@@ -28,18 +27,7 @@ async def main(port: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument(
-        "--nice",
-        type=int,
-        default=0,
-        help="scheduling priority increment (negative: ahead of the load generator on its core)",
-    )
     args = parser.parse_args()
-    if args.nice:
-        try:
-            os.nice(args.nice)
-        except PermissionError:
-            print(f"mock upstream: nice {args.nice} not permitted; running at 0", flush=True)
     try:
         import uvloop
 

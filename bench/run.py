@@ -42,10 +42,6 @@ PYTHON = sys.executable
 NODE = shutil.which("node") or "node"
 GATEWAY_CORES = "0"
 LOAD_CORES = "1"
-#: The mock upstream stands for a remote service with CPUs of its own; on the shared load core
-#: it runs ahead of the load generator, so its reactions (seeing a cancelled connection close,
-#: writing a due chunk) do not queue behind the Node processes' time slices.
-MOCK_NICE = -10
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 #: Warm-up streams last two seconds (two chunks at 0.5/s), so that N staggered ones hold N
@@ -179,10 +175,8 @@ class Mock(Proc):
     def __init__(self) -> None:
         self.port = free_port()
         self.log = open(HERE / "results" / ".mock.log", "w")  # noqa: SIM115
-        script = str(HERE / "mock_server.py")
-        argv = [PYTHON, script, "--port", str(self.port), "--nice", str(MOCK_NICE)]
         super().__init__(
-            taskset(LOAD_CORES, argv),
+            taskset(LOAD_CORES, [PYTHON, str(HERE / "mock_server.py"), "--port", str(self.port)]),
             stdout=self.log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
@@ -1011,8 +1005,7 @@ def machine_header(sizes: Sizes, quick: bool, only: Sequence[str]) -> list[str]:
         f"- commit {rev}{' + local changes' if dirty else ''}; Python {platform.python_version()}, "
         f"Node {node}; {os.cpu_count()} cores ({cpu})",
         f"- gateway pinned to core {GATEWAY_CORES} (uvloop, one worker unless stated); mock "
-        f"upstream (fast mode, nice {MOCK_NICE}: it stands for a remote service) and Node load "
-        f"generators pinned to core {LOAD_CORES}",
+        f"upstream (fast mode) and Node load generators pinned to core {LOAD_CORES}",
         f"- each row: median of {sizes.repeats} runs (memory: {sizes.mem_repeats}, 1 at "
         f"{sizes.mem_large:,} sockets) and the "
         "min .. max spread; every stream checked (seq contiguous, done.text == chunks, chunk "
@@ -1069,12 +1062,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     started = time.monotonic()
     mock = Mock()
-    with contextlib.suppress(OSError):
-        if os.getpriority(os.PRIO_PROCESS, mock.pid) != MOCK_NICE:
-            bench.notes.append(
-                f"the mock upstream could not run at nice {MOCK_NICE} (needs CAP_SYS_NICE): "
-                "its reactions queue behind the load generator on the shared core"
-            )
     with running(mock):
         for name in SCENARIOS:
             if name not in only:
