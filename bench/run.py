@@ -557,6 +557,7 @@ class Bench:
             }
             gw_p: dict[str, list[float]] = {"p50": [], "p99": [], "max": []}
             dr_p: dict[str, list[float]] = {"p50": [], "p99": [], "max": []}
+            cpu_per: list[float] = []
             gw = Gateway(mock.url)
             with running(gw):
                 # Fill the gateway's upstream pool with as many connections as streams (opened
@@ -569,8 +570,12 @@ class Bench:
                         ("ws", gw.url, gw_p),
                     ):
                         load = Load(dict(base, mode=mode, url=url, warm_prompt=WARM_PROMPT))
+                        cpu0 = gw.cpu_seconds()
                         r = load.run()
                         check(r, f"latency {mode}")
+                        if mode == "ws":
+                            used = gw.cpu_seconds() - cpu0
+                            cpu_per.append(used / r["upstream_chunks"] * 1e6)
                         lat = [x / 1000 for x in r["latency_us"]]
                         acc["p50"].append(pct(lat, 50))
                         acc["p99"].append(pct(lat, 99))
@@ -590,6 +595,13 @@ class Bench:
                 if key == "p99":
                     target = ("<=", direct_p99 * factor, f"{factor}x direct p99")
                 self.row("2 latency", f"{label}: through gateway {key}", "ms", gw_p[key], target)
+            self.row(
+                "2 latency",
+                f"{label}: gateway CPU per chunk",
+                "us",
+                cpu_per,
+                note="compare row 6: the busier the loop, the more chunks share each wakeup",
+            )
 
     # 3. time to first chunk ---------------------------------------------------------------
 
@@ -729,8 +741,8 @@ class Bench:
                         self._warmup(gw)
                         time.sleep(0.3)
                         before = gw.rss_bytes()
-                        # At most ~100 handshakes in flight: the gateway's listen backlog
-                        # is asyncio's default of 100.
+                        # At most ~100 handshakes in flight (the gateway's listen backlog
+                        # is 4096, but a burst of handshakes all time out together).
                         procs = 2 if n >= 2000 else 1
                         load = Load(
                             {
