@@ -82,7 +82,7 @@ def test_document_is_an_asyncapi_3_description_of_the_socket() -> None:
     assert names("receiveClientFrames") == set(CLIENT_FRAMES)
     assert names("sendServerFrames") == set(SERVER_FRAMES)
     codes = [c["code"] for c in doc["info"]["x-close-codes"]]
-    assert codes == [1000, 1001, 1009, 1011, 4401, 4408, 4429]
+    assert codes == [1000, 1001, 1002, 1007, 1009, 1011, 4401, 4408, 4429]
     table = re.findall(r"^\| (\d{4}) \|", PROTOCOL_MD.read_text(encoding="utf-8"), re.MULTILINE)
     assert [int(c) for c in table] == codes
 
