@@ -49,7 +49,7 @@ from gateway.session import (
     finish_fail,
 )
 from gateway.upstream import FlowControl, Upstream
-from gateway.websocket import Handler, Listener, WebSocket
+from gateway.websocket import WRITE_LIMIT, Handler, Listener, WebSocket
 
 log = structlog.get_logger("gateway.server")
 
@@ -400,6 +400,9 @@ class Gateway:
             closed=self._on_closed,
             context=self.context,
             max_size=max(4 * self.config.max_message_bytes, HARD_FRAME_LIMIT_MIN),
+            # What a socket legitimately has unsent: up to --send-buffer-bytes of frames
+            # flushed at once after a slow client caught up, over the transport's own buffer.
+            max_buffer=2 * self.config.send_buffer_bytes + 4 * WRITE_LIMIT,
             compression=self.config.compression,
             open_timeout=OPEN_TIMEOUT,
             # A peer that does not answer our close (dead network, ping timeout) is dropped

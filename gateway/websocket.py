@@ -132,6 +132,18 @@ class WebSocket(asyncio.Protocol):
         protocol.receive_data(data)
         events = protocol.events_received()
         self._send_data()  # pongs and close replies that websockets queued itself
+        transport = self.transport
+        assert transport is not None
+        if self.paused and transport.get_write_buffer_size() > self.listener.max_buffer:
+            # A client that sends pings but reads nothing would have us buffer its pongs
+            # without end: its own frames are flow-controlled, these are not.
+            log.warning(
+                "socket.write_buffer_overflow",
+                peer=self.peer,
+                buffered=transport.get_write_buffer_size(),
+            )
+            transport.abort()
+            return
         for event in events:
             if type(event) is Frame:
                 self._frame(event)
@@ -451,6 +463,7 @@ class Listener:
         closed: Callable[[Handler], None],
         context: contextvars.Context,
         max_size: int,
+        max_buffer: int,
         compression: bool,
         open_timeout: float,
         close_timeout: float,
@@ -464,6 +477,9 @@ class Listener:
         self.closed = closed
         self.context = context
         self.max_size = max_size
+        #: A socket whose unsent bytes exceed this while its client sends (pings, say) and
+        #: reads nothing is dropped: see data_received.
+        self.max_buffer = max_buffer
         # Off by default (--compression): tiny token frames gain little and every socket
         # would pay about 40 KiB of zlib state (STYLE.md).
         self.extensions = enable_server_permessage_deflate(None) if compression else None

@@ -4,11 +4,13 @@ websockets' asyncio server used to do for us and this module now does itself."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
 import orjson
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 
 from tests.conftest import TIMEOUT, Stack, StackFactory
@@ -124,3 +126,25 @@ async def test_close_frame_from_client_cancels_at_once_and_is_answered(stack: St
     await asyncio.wait_for(record.ended.wait(), TIMEOUT)
     assert record.outcome == "client_closed"
     await stack.assert_no_leaks()
+
+
+async def test_ping_flood_from_a_client_that_reads_nothing_is_dropped(
+    make_stack: StackFactory,
+) -> None:
+    """Pongs are not flow-controlled like the gateway's own frames: a client that keeps
+    sending pings but reads nothing is dropped once its unsent pongs pass the bound (twice
+    --send-buffer-bytes plus 128 KiB), instead of growing the gateway's memory without end."""
+    stack = await make_stack(send_buffer_bytes=16 * 1024)
+    client = await stack.slow_client()
+    client.ws.transport.pause_reading()  # reads nothing from now on
+    payload = b"p" * 125
+    with contextlib.suppress(ConnectionError, ConnectionClosed):
+        for i in range(20_000):
+            if client.ws.transport.is_closing():
+                break
+            async with client.ws.send_context():
+                client.ws.protocol.send_ping(payload[:121] + i.to_bytes(4, "big"))
+    # The gateway dropped the socket (its pongs stay unread): no connection is left.
+    await asyncio.wait_for(stack.gateway._no_connections.wait(), TIMEOUT)
+    assert not stack.gateway.connections
+    client.ws.transport.abort()
