@@ -78,19 +78,18 @@ _static_cache: dict[str, tuple[bytes, str]] = {}
 
 
 def _static(path: str) -> Response:
-    """The demo page and the JS client it imports (read once, then served from memory)."""
+    """The demo page and the JS client it imports (read once, then served from memory; a
+    missing file is looked for again on the next request, not remembered as missing)."""
     cached = _static_cache.get(path)
     if cached is None:
         file, content_type = STATIC_FILES[path]
         try:
             body = file.read_bytes()
         except OSError:
-            body = b""
+            headers = Headers([("Content-Type", "text/plain; charset=utf-8")])
+            return Response(HTTPStatus.NOT_FOUND, "Not Found", headers, b"not installed\n")
         cached = _static_cache[path] = (body, content_type)
     body, content_type = cached
-    if not body:
-        headers = Headers([("Content-Type", "text/plain; charset=utf-8")])
-        return Response(HTTPStatus.NOT_FOUND, "Not Found", headers, b"not installed\n")
     headers = Headers(
         [
             ("Content-Type", content_type),

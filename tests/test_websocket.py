@@ -148,3 +148,30 @@ async def test_ping_flood_from_a_client_that_reads_nothing_is_dropped(
     await asyncio.wait_for(stack.gateway._no_connections.wait(), TIMEOUT)
     assert not stack.gateway.connections
     client.ws.transport.abort()
+
+
+async def test_static_file_missing_then_present_is_served(
+    stack: Stack, tmp_path: Any, monkeypatch: Any
+) -> None:
+    """A static file that is missing answers 404 and is looked for again next time (it used to
+    be remembered as missing for the process's lifetime)."""
+    from gateway import server
+
+    page = tmp_path / "late.html"
+    monkeypatch.setitem(server.STATIC_FILES, "/", (page, "text/html; charset=utf-8"))
+    monkeypatch.setattr(server, "_static_cache", {})
+
+    async def get() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", stack.gateway.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        response = await asyncio.wait_for(reader.read(), TIMEOUT)
+        writer.close()
+        await writer.wait_closed()
+        return response
+
+    assert (await get()).startswith(b"HTTP/1.1 404 ")
+    page.write_bytes(b"<p>hello</p>")
+    response = await get()
+    assert response.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert response.endswith(b"<p>hello</p>")
