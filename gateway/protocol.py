@@ -360,6 +360,49 @@ def encode_chunk(prefix: bytes, seq: int, text: str) -> bytes:
     return b"".join((prefix, str(seq).encode(), b',"text":', _dumps(text), b"}"))
 
 
+#: `done` metadata lists whose items must have one type (docs/asyncapi.yaml, Done).
+_META_ITEMS: Final[dict[str, type]] = {
+    "citations": str,
+    "search_results": dict,
+    "related_questions": str,
+    "images": object,
+    "videos": object,
+}
+_USAGE_COUNTS: Final = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+def clean_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """The upstream's metadata held to the documented `done` schema (docs/asyncapi.yaml).
+
+    Lists keep only items of the documented type, `usage` keeps its token counts only as
+    non-negative integers (its other keys as they are), `finish_reason` only as a string; a
+    field of the wrong shape is left out. So an upstream that sends an odd shape cannot make a
+    client that validates `done` reject an answer that is otherwise whole.
+    """
+    out: dict[str, Any] = {}
+    for key, value in meta.items():
+        item_type = _META_ITEMS.get(key)
+        if item_type is not None:
+            if isinstance(value, list):
+                out[key] = (
+                    value if item_type is object else [x for x in value if isinstance(x, item_type)]
+                )
+        elif key == "usage":
+            if isinstance(value, dict):
+                out[key] = {
+                    k: v
+                    for k, v in value.items()
+                    if k not in _USAGE_COUNTS
+                    or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+                }
+        elif key == "finish_reason":
+            if isinstance(value, str):
+                out[key] = value
+        else:
+            out[key] = value
+    return out
+
+
 def encode_done(stream_id: str, seq: int, text: str, meta: dict[str, Any]) -> bytes:
     """`done`: the full answer plus whatever metadata the upstream sent (last value wins)."""
     msg: dict[str, Any] = {"type": "done", "id": stream_id, "seq": seq, "text": text}

@@ -31,6 +31,7 @@ from gateway.protocol import (
     Resume,
     Start,
     chunk_prefix,
+    clean_meta,
     encode_cancelled,
     encode_chunk,
     encode_done,
@@ -431,6 +432,8 @@ def finish_done(stream: Stream, meta: dict[str, Any], final_text: str | None = N
         so_far = stream.text()
         if len(final_text) > len(so_far) and final_text.startswith(so_far):
             stream.push(final_text[len(so_far) :])
+
+    meta = clean_meta(meta)
 
     def build(sid: str, seq: int) -> bytes:
         return encode_done(sid, seq, stream.text(), meta)

@@ -391,3 +391,42 @@ def test_admission_refusal_carries_retry_after() -> None:
     s.receive('{"type":"start","id":"a","prompt":"x"}')
     [err] = frames(s)
     assert (err["code"], err["retry_after_ms"], err["retryable"]) == ("rate_limited", 1500, True)
+
+
+def test_done_metadata_of_odd_shapes_is_held_to_the_documented_schema() -> None:
+    """Upstream metadata of the wrong shape (citations as objects, a negative or text token
+    count, a numeric finish_reason, usage as a list) is cleaned: the `done` frame matches
+    docs/asyncapi.yaml and the Python client accepts it, with every well-formed field kept."""
+    from gateway_client._frames import Done, parse_server_frame
+
+    from tests.schema import validate_server_frame
+
+    s = make()
+    s.welcome()
+    stream = start(s, "m")
+    s.text(stream, "answer")
+    s.done(
+        stream,
+        {
+            "citations": ["https://a", {"url": "https://b"}, 3],
+            "search_results": [{"title": "t", "url": "https://a"}, "https://c"],
+            "related_questions": ["why?", None],
+            "images": [{"image_url": "https://i"}],
+            "videos": "not a list",
+            "usage": {"prompt_tokens": 5, "completion_tokens": -1, "total_tokens": "7", "cost": 1},
+            "finish_reason": 1,
+        },
+    )
+    done = frames(s)[-1]
+    validate_server_frame(done)
+    assert done["citations"] == ["https://a"]
+    assert done["search_results"] == [{"title": "t", "url": "https://a"}]
+    assert done["related_questions"] == ["why?"]
+    assert done["images"] == [{"image_url": "https://i"}]
+    assert "videos" not in done
+    assert done["usage"] == {"prompt_tokens": 5, "cost": 1}
+    assert "finish_reason" not in done
+    parsed = parse_server_frame(done)
+    assert isinstance(parsed, Done)
+    assert parsed.answer.text == "answer"
+    assert parsed.answer.citations == ("https://a",)
