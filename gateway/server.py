@@ -96,6 +96,8 @@ def _static(path: str) -> Response:
             ("Content-Length", str(len(body))),
             ("Cache-Control", "no-cache"),
             ("X-Content-Type-Options", "nosniff"),
+            # Every plain HTTP answer ends its connection (this port speaks WebSocket).
+            ("Connection", "close"),
         ]
     )
     return Response(HTTPStatus.OK, "OK", headers, body)

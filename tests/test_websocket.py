@@ -174,4 +174,5 @@ async def test_static_file_missing_then_present_is_served(
     page.write_bytes(b"<p>hello</p>")
     response = await get()
     assert response.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"\r\nConnection: close\r\n" in response  # the gateway ends the connection
     assert response.endswith(b"<p>hello</p>")
