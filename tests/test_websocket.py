@@ -176,3 +176,35 @@ async def test_static_file_missing_then_present_is_served(
     assert response.startswith(b"HTTP/1.1 200 OK\r\n")
     assert b"\r\nConnection: close\r\n" in response  # the gateway ends the connection
     assert response.endswith(b"<p>hello</p>")
+
+
+async def test_deadlines_fire_in_order_and_a_restart_moves_one_to_the_back() -> None:
+    """Deadlines (one timer for the idle or auth timeouts of every socket) times each socket
+    out its delay after it was last started; a restart postpones it, a cancel drops it."""
+    from gateway.connection import Deadlines
+
+    fired: list[str] = []
+    done = asyncio.Event()
+
+    class Fake:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def timed_out(self) -> None:
+            fired.append(self.name)
+            if len(fired) == 3:
+                done.set()
+
+    deadlines = Deadlines(0.05)
+    a, b, c, d = Fake("a"), Fake("b"), Fake("c"), Fake("d")
+    for fake in (a, b, c, d):
+        deadlines.start(fake)
+    deadlines.start(a)  # restarted: now after d
+    deadlines.start(b, restart=False)  # kept its place
+    deadlines.cancel(c)
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait_for(done.wait(), TIMEOUT)
+    assert fired == ["b", "d", "a"]
+    assert asyncio.get_running_loop().time() - started >= 0.04
+    assert len(deadlines) == 0
+    deadlines.stop()
