@@ -2,10 +2,9 @@
 own every stream's relay task, and drain on shutdown.
 
 With connection.py and websocket.py, the WebSocket shell (the only modules that import
-websockets). Relay tasks
-are owned here rather than by a socket because a stream may outlive its socket (resume): a
-deliberate close cancels them at once, a drop keeps them for --resume-grace, and `stop()` awaits
-every one of them, so nothing outlives the server.
+websockets). Relay tasks are owned here rather than by a socket because a stream may outlive its
+socket (resume): a deliberate close cancels them at once, a drop keeps them for --resume-grace,
+and `stop()` awaits every one of them, so nothing outlives the server.
 """
 
 from __future__ import annotations
@@ -165,11 +164,11 @@ class Gateway:
         self.context = contextvars.copy_context()
         #: Set while no stream runs in this process (drains and tests wait on it).
         self.idle = asyncio.Event()
+        self.idle.set()
         #: The sockets' idle (--idle-timeout) and authentication (--auth-timeout) deadlines.
         self.idle_deadlines = Deadlines(config.idle_timeout)
         self.auth_deadlines = Deadlines(config.auth_timeout)
-        self.idle.set()
-        #: Set when the last connection handler has returned.
+        #: Set while no socket is open (after its handshake).
         self._no_connections = asyncio.Event()
         self._no_connections.set()
         m = self.metrics
