@@ -397,7 +397,7 @@ class Gateway:
             process_request=self._process_request,
             on_open=self._on_open,
             on_reject=self._on_reject,
-            closed=self._on_closed,
+            on_closed=self._on_closed,
             context=self.context,
             max_size=max(4 * self.config.max_message_bytes, HARD_FRAME_LIMIT_MIN),
             # What a socket legitimately has unsent: up to --send-buffer-bytes of frames

@@ -177,7 +177,7 @@ class WebSocket(asyncio.Protocol):
             try:
                 listener.context.copy().run(handler.on_close)
             finally:
-                listener.closed(handler)
+                listener.on_closed(handler)
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -361,15 +361,14 @@ class WebSocket(asyncio.Protocol):
         handler = self.handler
         if handler is None or self.protocol.state is not OPEN:
             return  # after a close, frames still in flight are discarded
-        message: str | bytes
+        raw = bytes(data)  # no copy when it is bytes already
+        message: str | bytes = raw
         if text:
             try:
-                message = bytes(data).decode() if not isinstance(data, bytes) else data.decode()
+                message = raw.decode()
             except UnicodeDecodeError as exc:
                 self.fail(1007, f"{exc.reason} at position {exc.start}")
                 return
-        else:
-            message = bytes(data)
         try:
             handler.on_message(message)
         except Exception:
@@ -451,7 +450,7 @@ class Listener:
 
     `process_request(ws, request)` answers a request (None: accept the upgrade); `on_open(ws)`
     returns the open socket's Handler; `on_reject(ws)` says a handshake ended without one;
-    `closed(handler)` follows an open socket's `on_close`.
+    `on_closed(handler)` follows an open socket's `on_close`.
     """
 
     def __init__(
@@ -460,7 +459,7 @@ class Listener:
         process_request: Callable[[WebSocket, Request], Response | None],
         on_open: Callable[[WebSocket], Handler],
         on_reject: Callable[[WebSocket], None],
-        closed: Callable[[Handler], None],
+        on_closed: Callable[[Handler], None],
         context: contextvars.Context,
         max_size: int,
         max_buffer: int,
@@ -474,7 +473,7 @@ class Listener:
         self.process_request = process_request
         self.on_open = on_open
         self.on_reject = on_reject
-        self.closed = closed
+        self.on_closed = on_closed
         self.context = context
         self.max_size = max_size
         #: A socket whose unsent bytes exceed this while its client sends (pings, say) and
