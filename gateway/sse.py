@@ -85,6 +85,30 @@ class SSEDecoder:
 
     def feed(self, data: bytes) -> list[SSEEvent]:
         """Consume the next bytes of the stream and return the events they complete, in order."""
+        if (
+            data.startswith(b"data: ")
+            and not (self._pending or self._data or self._event_type)
+            and not (self._skip_lf or self._at_start or self._failed)
+            and len(data) <= self._max
+        ):
+            # Fast path: exactly one `data: ` line and its blank line, with nothing open before
+            # it: how LLM APIs send a token when it arrives alone (one read per token). The same
+            # event, id and last_event_id as the general path below gives; anything else
+            # (another line, a CR inside an LF stream, a split) goes the general way.
+            end = len(data) - 2
+            if data.endswith(b"\n\n"):
+                if data.find(b"\n", 6) == end and data.find(b"\r", 6) < 0:
+                    self.last_event_id = self._id_buffer
+                    return [
+                        SSEEvent("message", data[6:end].decode("utf-8", "replace"), self._id_buffer)
+                    ]
+            elif data.endswith(b"\r\n\r\n"):
+                end -= 2
+                if data.find(b"\r", 6) == end and data.find(b"\n", 6) == end + 1:
+                    self.last_event_id = self._id_buffer
+                    return [
+                        SSEEvent("message", data[6:end].decode("utf-8", "replace"), self._id_buffer)
+                    ]
         if self._failed:
             raise SSEEventTooLarge("decoder already failed: an event exceeded max_event_bytes")
         if self._skip_lf and data:

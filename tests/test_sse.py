@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gateway.sse import SSEDecoder, SSEEvent, SSEEventTooLarge
@@ -183,6 +183,40 @@ def test_random_streams_match_reference_parser(raw: bytes, data: st.DataObject) 
     """Arbitrary streams, in arbitrary chunkings, decode exactly as the spec-literal parser."""
     cuts = data.draw(st.sets(st.integers(0, len(raw)), max_size=12), label="cuts")
     assert decode(split_at(raw, cuts)) == reference(raw)
+
+
+#: One `data:` line and what ends it, fed alone: the shape of a token read off an LLM API (the
+#: decoder's per-feed fast path), with near misses the fast path must leave to the general rules.
+TOKEN_FEEDS = st.tuples(
+    st.sampled_from(
+        [
+            b"data: x",
+            b"data: ",
+            b"data:  two",
+            b'data: {"a": "\xc3\xa9"}',
+            b"data: \xe6\x97",
+            b"data: a\x00b",
+            b"data: a\rb",
+            b"data: a\nb",
+            b"data: a\r\nid: 3",
+            b"data: \xef\xbb\xbfz",
+        ]
+    ),
+    st.sampled_from([b"\n\n", b"\r\n\r\n", b"\r\r", b"\n\r\n", b"\r\n\n", b"\n", b"\r\n", b""]),
+).map(b"".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(before=STREAMS, tokens=st.lists(TOKEN_FEEDS, max_size=8))
+@example(before=b"id: 7\n", tokens=[b"data: x\n\n"])  # the event carries the id, and sets it
+@example(before=b"id: 7\r\n", tokens=[b"data: x\r\n\r\n"])
+@example(before=b"data: a\r", tokens=[b"\ndata: x\n\n"])  # the LF that ends a split CRLF
+def test_token_sized_feeds_match_reference_parser(before: bytes, tokens: list[bytes]) -> None:
+    """Token-sized feeds, after any decoder state (an open block, a pending line, a CR that may
+    be half of a CRLF, a BOM not yet decided), decode exactly as the spec-literal parser."""
+    feeds = [before, *tokens]
+    assert decode(feeds) == reference(b"".join(feeds))
+    assert decode(tokens) == reference(b"".join(tokens))
 
 
 def test_reference_parser_agrees_with_vectors() -> None:
