@@ -1189,6 +1189,10 @@ class RequestRecord:
     #: time.monotonic_ns() when the handler finished (the benchmark joins it with the times its
     #: clients cancelled, to measure cancel-to-upstream-close).
     ended_ns: int | None = None
+    #: time.monotonic_ns() when the mock's server first heard that the connection was lost
+    #: (aiohttp's connection_lost, before the handler's cancellation is even scheduled): when
+    #: the upstream learned of a cancel, without the mock's own task switches after it.
+    closed_ns: int | None = None
     #: The client's address ("host:port"): requests that share it came over one kept-alive
     #: connection (tests check that the gateway pools its upstream connections).
     peer: str | None = None
@@ -1211,6 +1215,7 @@ class RequestRecord:
             "keepalives_sent": self.keepalives_sent,
             "ended": self.ended.is_set(),
             "ended_ns": self.ended_ns,
+            "closed_ns": self.closed_ns,
             "peer": self.peer,
         }
 
@@ -1243,6 +1248,8 @@ class MockUpstream:
         self.base_url: str | None = None
         self._runner: web.AppRunner | None = None
         self._handler_tasks: set[asyncio.Task[Any]] = set()
+        #: The record of each connection's request in flight (for `closed_ns`).
+        self._in_flight: dict[object, RequestRecord] = {}
         self._stopping = False
         # Replaced on every change; waiters re-check their condition when it fires.
         self._changed = asyncio.Event()
@@ -1266,6 +1273,7 @@ class MockUpstream:
         # handler_cancellation: a client disconnect cancels its handler, which is how we see it.
         runner = web.AppRunner(self.make_app(), handler_cancellation=True, shutdown_timeout=1.0)
         await runner.setup()
+        self._stamp_connection_lost(runner.server)
         try:
             await web.TCPSite(runner, host, port).start()
         except BaseException:
@@ -1276,6 +1284,23 @@ class MockUpstream:
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         self.base_url = f"http://{shown}:{bound_port}"
         return self.base_url
+
+    def _stamp_connection_lost(self, server: web.Server | None) -> None:
+        """Stamp `closed_ns` on the request in flight when its connection is lost. aiohttp has
+        no hook for it: its per-connection handler tells the server first thing in its own
+        connection_lost, so the server's method is wrapped (on this instance only)."""
+        if server is None:
+            return
+        lost = server.connection_lost
+        in_flight = self._in_flight
+
+        def connection_lost(handler: Any, exc: BaseException | None) -> None:
+            rec = in_flight.get(handler)
+            if rec is not None and rec.closed_ns is None:
+                rec.closed_ns = time.monotonic_ns()
+            lost(handler, exc)
+
+        server.connection_lost = connection_lost  # type: ignore[method-assign,assignment]
 
     async def stop(self) -> None:
         """Cut every open stream (outcome "server_stopped") and close the listener."""
@@ -1390,6 +1415,7 @@ class MockUpstream:
             peer=_peer(request),
         )
         task = asyncio.current_task()
+        self._in_flight[request.protocol] = rec
         self.records.append(rec)
         if len(self.records) > self.max_records:
             del self.records[: len(self.records) - self.max_records]
@@ -1434,6 +1460,8 @@ class MockUpstream:
         finally:
             if task is not None:
                 self._handler_tasks.discard(task)
+            if self._in_flight.get(request.protocol) is rec:
+                del self._in_flight[request.protocol]
             self.open_requests -= 1
             self._outcomes[rec.outcome] += 1
             rec.ended_ns = time.monotonic_ns()

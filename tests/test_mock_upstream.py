@@ -1305,8 +1305,9 @@ async def test_many_paced_streams_share_one_timer_and_all_finish(
 async def test_a_client_leaving_a_paced_stream_ends_it_and_records_when(
     mock: MockUpstream, session: aiohttp.ClientSession
 ) -> None:
-    """Closing the connection mid-stream ends the handler (client_closed) and stamps ended_ns,
-    which the benchmark joins with its cancel times."""
+    """Closing the connection mid-stream ends the handler (client_closed) and stamps closed_ns
+    (when the server heard of the loss) and ended_ns (when the handler finished), which the
+    benchmark joins with its cancel times."""
     async with post(
         session, url(mock, "/openai"), "hi [[mock fast=1 chunks=1000 rate=20 tag=gone]]"
     ) as resp:
@@ -1318,8 +1319,24 @@ async def test_a_client_leaving_a_paced_stream_ends_it_and_records_when(
     assert rec.outcome == "client_closed"
     assert 1 <= rec.chunks_sent < 1000
     assert rec.ended_ns is not None
-    assert rec.ended_ns >= left
+    assert rec.closed_ns is not None
+    assert left <= rec.closed_ns <= rec.ended_ns
     assert rec.to_json()["ended_ns"] == rec.ended_ns
+    assert rec.to_json()["closed_ns"] == rec.closed_ns
+
+
+async def test_a_completed_stream_has_no_closed_stamp(
+    mock: MockUpstream, session: aiohttp.ClientSession
+) -> None:
+    """closed_ns is for requests whose connection was lost mid-request; a connection that is
+    kept alive after a completed answer, or closed later, does not stamp it."""
+    async with post(session, url(mock, "/openai"), "hi [[mock fast=1 chunks=3 tag=whole]]") as resp:
+        await resp.read()
+    await mock.wait_idle(timeout=5)
+    rec = mock.record("whole")
+    assert rec.outcome == "completed"
+    assert rec.ended_ns is not None
+    assert rec.closed_ns is None
 
 
 @pytest.mark.parametrize("path", ["/perplexity", "/chat/completions"])
