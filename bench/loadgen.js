@@ -12,7 +12,7 @@
 //
 // Modes:
 //   ws    WebSocket clients of the gateway: `sockets` x `streams` stream slots, each running
-//         `rounds` streams one after another; every stream is checked (seq contiguous from 1,
+//         `rounds` streams one after another (`round_gap_ms` apart, if set); every stream is checked (seq contiguous from 1,
 //         done.seq == last seq, done.text == concatenation of the chunks, expected chunk count).
 //   sse   the same streams read directly from the upstream (HTTP POST + SSE), no gateway.
 //   idle  `sockets` WebSocket clients that only wait for `welcome` (memory per idle socket).
@@ -218,8 +218,9 @@ class Slot {
       problem(`${this.id}: ${msg.code}: ${msg.message}`);
     }
     this.round += 1;
-    if (this.round < (cfg.rounds || 1)) this.start();
-    else this.conn.run.slotDone();
+    if (this.round >= (cfg.rounds || 1)) this.conn.run.slotDone();
+    else if (cfg.round_gap_ms) setTimeout(() => this.start(), cfg.round_gap_ms);
+    else this.start();
   }
 }
 
