@@ -764,7 +764,8 @@ class Bench:
         gw = Gateway(mock.url)
         with running(gw):
             self._warmup(gw)
-            for shape, cfg in (("one at a time", quiet), ("500 over 1 s", busy)):
+            spread = f"{busy['sockets'] * busy['streams']} over 1 s"
+            for shape, cfg in (("one at a time", quiet), (spread, busy)):
                 self._cancel_runs(mock, gw, shape, cfg)
 
     def _cancel_runs(self, mock: Mock, gw: Gateway, shape: str, cfg: dict[str, Any]) -> None:
