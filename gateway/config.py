@@ -49,6 +49,7 @@ class Config:
     ping_timeout: float = 20.0
     idle_timeout: float = 300.0
     close_timeout: float = 3.0
+    open_timeout: float = 10.0
     drain_timeout: float = 30.0
     # security (docs/security.md)
     auth_tokens_file: str | None = None
@@ -268,6 +269,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, s
         "close-timeout",
         "how long a closing handshake may take before the TCP connection is dropped, seconds",
         d.close_timeout,
+        _positive(float),
+    )
+    flag(
+        "open-timeout",
+        "how long a new connection may take to send its WebSocket upgrade request (or any "
+        "HTTP request) before it is dropped, seconds",
+        d.open_timeout,
         _positive(float),
     )
     flag(

@@ -58,8 +58,6 @@ WS_PATH: Final = "/v1/ws"
 HARD_FRAME_LIMIT_MIN: Final = 1 << 20
 #: How long a drain waits for sockets to flush their last frames and close.
 CLOSE_GRACE: Final = 10.0
-#: A client must send its upgrade request within this after connecting (websockets' default).
-OPEN_TIMEOUT: Final = 10.0
 
 
 _HERE = Path(__file__).resolve().parent
@@ -404,7 +402,9 @@ class Gateway:
             # flushed at once after a slow client caught up, over the transport's own buffer.
             max_buffer=2 * self.config.send_buffer_bytes + 4 * WRITE_LIMIT,
             compression=self.config.compression,
-            open_timeout=OPEN_TIMEOUT,
+            # A client must send its request within this after connecting (a slowloris holds
+            # a file descriptor otherwise); 10 s is websockets' own default.
+            open_timeout=self.config.open_timeout,
             # A peer that does not answer our close (dead network, ping timeout) is dropped
             # after this; websockets' default of 10 s keeps its streams running for nothing.
             close_timeout=self.config.close_timeout,

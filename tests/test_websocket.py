@@ -83,13 +83,21 @@ async def test_stop_does_not_wait_for_a_silent_handshake(stack: Stack) -> None:
     await writer.wait_closed()
 
 
-async def test_handshake_timeout_drops_a_silent_connection(stack: Stack, monkeypatch: Any) -> None:
-    """A connection that sends no request within the handshake timeout is dropped."""
+async def test_handshake_timeout_drops_a_silent_connection(make_stack: StackFactory) -> None:
+    """A connection that sends no request within --open-timeout is dropped, and one that does
+    is not (the timer is cancelled by the handshake)."""
+    stack = await make_stack(open_timeout=0.3)
     assert stack.gateway._listener is not None
-    monkeypatch.setattr(stack.gateway._listener, "open_timeout", 0.2)
+    opened = asyncio.get_running_loop().time()
     reader, writer = await asyncio.open_connection("127.0.0.1", stack.gateway.port)
+    client = await stack.client()
     assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+    assert asyncio.get_running_loop().time() - opened >= 0.3
     assert not stack.gateway._listener.handshaking
+    # The client that finished its handshake outlives the timeout and still works.
+    await client.start("s", "hello [[mock chunks=2 delay_ms=0]]")
+    frames = (await client.finish("s"))["s"]
+    assert frames[-1]["type"] == "done"
     writer.close()
     await writer.wait_closed()
 
