@@ -265,10 +265,12 @@ async def test_cancel_latency_is_observed_once_per_cancel_when_the_upstream_clos
 ) -> None:
     """gateway_cancel_latency_seconds counts each cancel once, with the time until the upstream
     connection was closed: for a stream whose body is live that is the same call that handles
-    the `cancel` (under 0.1 ms here), and one still waiting for its response headers is
-    counted when its cancellation has closed the request."""
+    the `cancel`, and one still waiting for its response headers is counted when its
+    cancellation has closed the request. Neither waits for the upstream's next event (0.5 s
+    and 5 s away): both are under 0.1 s. (How fast the close is, is `make bench`'s business:
+    a threshold of 0.1 ms here failed once on a loaded VM under asyncio debug mode.)"""
     client = await stack.client()
-    await client.start("live", "sky [[mock chunks=500 delay_ms=20 tag=live]]")
+    await client.start("live", "sky [[mock chunks=500 delay_ms=500 tag=live]]")
     await client.recv_until(lambda f: f["type"] == "text_chunk")
     await client.start("waiting", "sky [[mock header_delay_ms=5000 tag=waiting]]")
     await stack.mock.wait_request("waiting")
@@ -279,7 +281,7 @@ async def test_cancel_latency_is_observed_once_per_cancel_when_the_upstream_clos
         await asyncio.wait_for(stack.mock.record(tag).ended.wait(), 5)
     await stack.assert_no_leaks()
     assert metric(stack, "gateway_cancel_latency_seconds_count") == 2
-    assert metric(stack, "gateway_cancel_latency_seconds_bucket", le="0.0001") >= 1
+    assert metric(stack, "gateway_cancel_latency_seconds_bucket", le="0.1") == 2
 
 
 async def test_keepalive_comments_reset_the_read_gap_and_are_not_relayed(
