@@ -35,7 +35,7 @@ from gateway.auth import (
 )
 from gateway.config import Config
 from gateway.connection import Connection, Deadlines, spawn
-from gateway.observability import Metrics
+from gateway.observability import LoopLag, Metrics
 from gateway.protocol import ErrorCode
 from gateway.quotas import Quotas
 from gateway.redis_store import RedisStore
@@ -136,6 +136,7 @@ class Gateway:
         #: Principals authenticated from the upgrade's header, until the socket opens.
         self._principals: dict[WebSocket, Principal] = {}
         self.metrics = Metrics()
+        self.loop_lag = LoopLag(self.metrics.loop_lag)
         self.upstream = Upstream(config, upstream_url, self.metrics)
         self.connections: set[Connection] = set()
         #: Every running relay task, by stream: owned here because streams outlive sockets.
@@ -418,6 +419,7 @@ class Gateway:
             # Workers share the port; the kernel spreads new connections across them.
             reuse_port=self.config.workers > 1,
         )
+        self.loop_lag.start()
 
     async def drain(self, grace: float | None = None) -> None:
         """Graceful shutdown (docs/reliability.md, "Graceful drain").
@@ -495,6 +497,7 @@ class Gateway:
         if self.store is not None:
             await self.store.close()
         await self.upstream.close()
+        self.loop_lag.stop()
 
     def _process_request(self, conn: WebSocket, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 
 import aiohttp
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from gateway.observability import LoopLag
 from gateway.retry import RetryPolicy
-from tests.conftest import Stack, StackFactory, check_stream
+from tests.conftest import TIMEOUT, Stack, StackFactory, check_stream
 from tests.test_e2e import expected_text, free_port
 
 
@@ -258,6 +260,40 @@ async def test_metrics_count_a_known_workload(stack: Stack) -> None:
     assert 'gateway_upstream_chunks_total{dialect="perplexity"} 30.0' in text
     assert "gateway_open_sockets 1.0" in text
     assert "process_open_fds" in text
+    assert "gateway_event_loop_lag_seconds_count" in text
+
+
+class _Observed:
+    """Stands in for a Histogram: keeps what is observed and says when."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+        self.seen = asyncio.Event()
+
+    def observe(self, value: float) -> None:
+        self.values.append(value)
+        self.seen.set()
+
+
+async def test_loop_lag_measures_how_long_the_loop_was_held() -> None:
+    """The lag probe's timer runs on time on an idle loop, and about as late as a callback held
+    the loop (a CPU-bound burst, here a blocking sleep: the fault under test); stop() ends it."""
+    observed = _Observed()
+    lag = LoopLag(observed, interval=0.05)  # type: ignore[arg-type]
+    lag.start()
+    try:
+        await asyncio.wait_for(observed.seen.wait(), TIMEOUT)
+        idle = observed.values[-1]
+        observed.seen.clear()
+        # Blocking the loop is the fault under test; the tick falls due at most 0.05 s in.
+        time.sleep(0.3)  # noqa: ASYNC251
+        await asyncio.wait_for(observed.seen.wait(), TIMEOUT)
+        held = observed.values[-1]
+    finally:
+        lag.stop()
+    assert 0 <= idle < 0.2
+    assert 0.2 <= held < 0.3 + 0.2
+    assert lag._timer is None  # its pending timer was cancelled: no tick, no new timer
 
 
 async def test_cancel_latency_is_observed_once_per_cancel_when_the_upstream_closes(
