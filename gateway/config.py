@@ -51,6 +51,8 @@ class Config:
     close_timeout: float = 3.0
     open_timeout: float = 10.0
     drain_timeout: float = 30.0
+    #: 0 = readiness never depends on load.
+    max_loop_lag: float = 0.0
     # security (docs/security.md)
     auth_tokens_file: str | None = None
     jwt_secret_env: str | None = None
@@ -282,6 +284,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, s
         "drain-timeout",
         "on SIGTERM, how long in-flight streams may finish, seconds",
         d.drain_timeout,
+        _non_negative(float),
+    )
+    flag(
+        "max-loop-lag",
+        "answer /readyz with 503 'overloaded' while the event loop has run this late (the worst "
+        "of the last 2 s), so a load balancer sends new sockets elsewhere, seconds (0: never)",
+        d.max_loop_lag,
         _non_negative(float),
     )
     flag("auth-tokens-file", "file of 'token principal' lines (reloaded on SIGHUP)", None)

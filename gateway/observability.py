@@ -11,6 +11,7 @@ import asyncio
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import BinaryIO, Final
 
 import orjson
@@ -145,6 +146,11 @@ class Metrics:
         self.rejected = Counter(
             "gateway_rejected_connections", "Upgrades refused, by reason", ["reason"], registry=r
         )
+        self.overloaded = Gauge(
+            "gateway_overloaded",
+            "1 while the event-loop lag is over --max-loop-lag (/readyz then answers 503)",
+            registry=r,
+        )
         self.loop_lag = Histogram(
             "gateway_event_loop_lag_seconds",
             "How late a timer due every 0.25 s ran: the wait every chunk and first token adds "
@@ -160,6 +166,9 @@ class Metrics:
 
 #: How often the loop-lag probe runs (four timer callbacks a second cost nothing measurable).
 LOOP_LAG_INTERVAL: Final = 0.25
+#: --max-loop-lag judges the worst lag of this many recent ticks (2 s at the interval above):
+#: one slow tick does not flip readiness, and it recovers once the loop has kept up that long.
+LOOP_LAG_WINDOW: Final = 8
 
 
 class LoopLag:
@@ -169,13 +178,32 @@ class LoopLag:
     about one loop iteration and a new stream's first chunk about three; the relay's own
     metrics do not show that, this does (`gateway_event_loop_lag_seconds`). Lag is read with
     time.monotonic(), finer than uvloop's 1 ms timer clock.
+
+    With a `limit` (--max-loop-lag), `overloaded` is set while the worst lag of the last
+    LOOP_LAG_WINDOW ticks is over it, and `on_change` hears each change (the gateway then
+    answers /readyz with 503, so that a load balancer sends new sockets elsewhere).
     """
 
-    def __init__(self, histogram: Histogram, interval: float = LOOP_LAG_INTERVAL) -> None:
+    def __init__(
+        self,
+        histogram: Histogram,
+        interval: float = LOOP_LAG_INTERVAL,
+        limit: float = 0.0,
+        on_change: Callable[[bool, float], None] | None = None,
+    ) -> None:
         self._histogram = histogram
         self._interval = interval
+        self._limit = limit
+        self.on_change = on_change
+        self._recent = [0.0] * LOOP_LAG_WINDOW
+        self._slot = 0
+        self.overloaded = False
         self._due = 0.0
         self._timer: asyncio.TimerHandle | None = None
+
+    def worst(self) -> float:
+        """The largest lag of the recent ticks, seconds."""
+        return max(self._recent)
 
     def start(self) -> None:
         self._schedule()
@@ -191,5 +219,14 @@ class LoopLag:
 
     def _tick(self) -> None:
         # uvloop rounds timers to its 1 ms clock, so a timer on time can run up to 1 ms early.
-        self._histogram.observe(max(0.0, time.monotonic() - self._due))
+        lag = max(0.0, time.monotonic() - self._due)
+        self._histogram.observe(lag)
+        self._recent[self._slot] = lag
+        self._slot = (self._slot + 1) % LOOP_LAG_WINDOW
+        if self._limit > 0:
+            over = self.worst() > self._limit
+            if over is not self.overloaded:
+                self.overloaded = over
+                if self.on_change is not None:
+                    self.on_change(over, self.worst())
         self._schedule()

@@ -136,7 +136,9 @@ class Gateway:
         #: Principals authenticated from the upgrade's header, until the socket opens.
         self._principals: dict[WebSocket, Principal] = {}
         self.metrics = Metrics()
-        self.loop_lag = LoopLag(self.metrics.loop_lag)
+        self.loop_lag = LoopLag(
+            self.metrics.loop_lag, limit=config.max_loop_lag, on_change=self._on_overload
+        )
         self.upstream = Upstream(config, upstream_url, self.metrics)
         self.connections: set[Connection] = set()
         #: Every running relay task, by stream: owned here because streams outlive sockets.
@@ -177,6 +179,7 @@ class Gateway:
         m.upstream_pool_idle.set_function(self.upstream.pool_idle)
         m.tasks.set_function(lambda: len(asyncio.all_tasks()))
         m.draining.set_function(lambda: int(self.draining))
+        m.overloaded.set_function(lambda: int(self.loop_lag.overloaded))
 
     # ------------------------------------------------------------------ stream lifecycle
 
@@ -499,6 +502,14 @@ class Gateway:
         await self.upstream.close()
         self.loop_lag.stop()
 
+    def _on_overload(self, overloaded: bool, lag: float) -> None:
+        """--max-loop-lag: readiness follows the loop's lag; say so when it changes."""
+        limit_ms = round(self.config.max_loop_lag * 1000, 1)
+        if overloaded:
+            log.warning("gateway.overloaded", loop_lag_ms=round(lag * 1000, 1), limit_ms=limit_ms)
+        else:
+            log.info("gateway.recovered", loop_lag_ms=round(lag * 1000, 1), limit_ms=limit_ms)
+
     def _process_request(self, conn: WebSocket, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         if path == WS_PATH:
@@ -508,6 +519,8 @@ class Gateway:
         if path == "/readyz":
             if self.draining:
                 return conn.protocol.reject(HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
+            if self.loop_lag.overloaded:
+                return conn.protocol.reject(HTTPStatus.SERVICE_UNAVAILABLE, "overloaded\n")
             return conn.protocol.reject(HTTPStatus.OK, "ready\n")
         if path in STATIC_FILES:
             return _static(path)

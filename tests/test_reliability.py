@@ -294,6 +294,66 @@ async def test_loop_lag_measures_how_long_the_loop_was_held() -> None:
     assert 0 <= idle < 0.2
     assert 0.2 <= held < 0.3 + 0.2
     assert lag._timer is None  # its pending timer was cancelled: no tick, no new timer
+    assert not lag.overloaded  # no limit: readiness never depends on load
+
+
+async def test_loop_lag_limit_flips_once_each_way_over_its_window() -> None:
+    """With a limit, one late tick makes the loop overloaded; it recovers once the window of
+    recent ticks (LOOP_LAG_WINDOW) is on time again, and each change is reported once."""
+    changes: asyncio.Queue[tuple[bool, float]] = asyncio.Queue()
+    lag = LoopLag(
+        _Observed(),  # type: ignore[arg-type]
+        interval=0.02,
+        limit=0.1,
+        on_change=lambda over, worst: changes.put_nowait((over, worst)),
+    )
+    lag.start()
+    try:
+        time.sleep(0.3)  # noqa: ASYNC251 -- the fault under test: a loop held for 0.3 s
+        over, worst = await asyncio.wait_for(changes.get(), TIMEOUT)
+        assert over
+        assert lag.overloaded
+        assert worst >= 0.2
+        over, worst = await asyncio.wait_for(changes.get(), TIMEOUT)
+        assert not over
+        assert not lag.overloaded
+        assert worst <= 0.1
+    finally:
+        lag.stop()
+    assert changes.empty()
+
+
+async def test_readyz_says_overloaded_while_the_loop_lags(make_stack: StackFactory) -> None:
+    """--max-loop-lag: /readyz answers 503 "overloaded" (and gateway_overloaded is 1) while the
+    event loop runs late, then 200 again once it has kept up for the window; streams and
+    sockets are not touched (readiness only steers new sockets)."""
+    stack = await make_stack(max_loop_lag=0.1)
+    client = await stack.client()
+    lag = stack.gateway.loop_lag
+    changes: asyncio.Queue[bool] = asyncio.Queue()
+    report = lag.on_change
+    assert report is not None
+
+    def on_change(over: bool, worst: float) -> None:
+        report(over, worst)  # the gateway's own log line
+        changes.put_nowait(over)
+
+    lag.on_change = on_change
+    url = f"http://127.0.0.1:{stack.gateway.port}/readyz"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url) as resp:
+            assert (resp.status, await resp.text()) == (200, "ready\n")
+        time.sleep(0.4)  # noqa: ASYNC251 -- the fault under test: a loop held for 0.4 s
+        assert await asyncio.wait_for(changes.get(), TIMEOUT) is True
+        async with http.get(url) as resp:
+            assert (resp.status, await resp.text()) == (503, "overloaded\n")
+        assert metric(stack, "gateway_overloaded") == 1
+        await client.start("s", "sky [[mock chunks=3 delay_ms=0]]")
+        assert check_stream((await client.finish("s"))["s"])
+        assert await asyncio.wait_for(changes.get(), TIMEOUT) is False
+        async with http.get(url) as resp:
+            assert (resp.status, await resp.text()) == (200, "ready\n")
+    assert metric(stack, "gateway_overloaded") == 0
 
 
 async def test_cancel_latency_is_observed_once_per_cancel_when_the_upstream_closes(
