@@ -142,6 +142,15 @@ def _nn_int(text: str) -> int:
     return value
 
 
+def _loop_lag_limit(text: str) -> float:
+    """--max-loop-lag: 0 (off) or at least 10 ms; the lag probe's timer runs on uvloop's 1 ms
+    clock, so a smaller limit would flip readiness on timer jitter alone."""
+    value = float(text)
+    if value != 0 and not value >= 0.01:
+        raise argparse.ArgumentTypeError(f"must be 0 (off) or >= 0.01 seconds, got {text}")
+    return value
+
+
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
@@ -291,7 +300,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, s
         "answer /readyz with 503 'overloaded' while the event loop has run this late (the worst "
         "of the last 2 s), so a load balancer sends new sockets elsewhere, seconds (0: never)",
         d.max_loop_lag,
-        _non_negative(float),
+        _loop_lag_limit,
     )
     flag("auth-tokens-file", "file of 'token principal' lines (reloaded on SIGHUP)", None)
     flag("jwt-secret-env", "env var holding an HS256 JWT secret", None)

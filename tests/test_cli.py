@@ -111,7 +111,16 @@ def test_env_vars_set_flags_and_flags_win() -> None:
 
 @pytest.mark.parametrize(
     "argv",
-    [["--port", "70000"], ["--max-streams", "0"], ["--dialect", "soap"], ["--log-level", "loud"]],
+    [
+        ["--port", "70000"],
+        ["--max-streams", "0"],
+        ["--dialect", "soap"],
+        ["--log-level", "loud"],
+        ["--open-timeout", "0"],
+        ["--max-loop-lag", "0.002"],
+        ["--max-loop-lag", "-1"],
+        ["--max-loop-lag", "nan"],
+    ],
 )
 def test_bad_values_are_refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     """Invalid flag values exit with status 2 and say what is wrong."""
@@ -119,6 +128,13 @@ def test_bad_values_are_refused(argv: list[str], capsys: pytest.CaptureFixture[s
         parse(argv)
     assert info.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_max_loop_lag_is_off_by_default_and_takes_seconds() -> None:
+    """--max-loop-lag: 0 (readiness never depends on load) unless set, in seconds."""
+    assert parse([]).max_loop_lag == 0
+    assert parse(["--max-loop-lag", "0.1"]).max_loop_lag == 0.1
+    assert parse([], {"GATEWAY_MAX_LOOP_LAG": "0.25"}).max_loop_lag == 0.25
 
 
 def test_bad_env_value_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
