@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 import gc
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Final
 from urllib.parse import urlsplit, urlunsplit
@@ -16,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 import structlog
 
 from gateway import __version__
-from gateway.config import Config, add_serve_arguments, config_from_args
+from gateway.config import METRICS_DIR_ENV, Config, add_serve_arguments, config_from_args
 from gateway.observability import configure_logging
 
 log = structlog.get_logger("gateway")
@@ -149,7 +151,10 @@ def run_workers(config: Config) -> int:
     """--workers N: fork N single-loop processes sharing the port (SO_REUSEPORT).
 
     The parent only supervises: it forwards SIGINT/SIGTERM/SIGHUP to every worker (each then
-    drains on its own) and exits 0 when all of them did.
+    drains on its own) and exits 0 when all of them did. The workers share their metrics
+    through prometheus-client's multiprocess files (gateway/metrics.py), so any worker's
+    /metrics answers for all of them; the parent sets the directory up before the fork, tells
+    prometheus-client when a worker is gone, and removes a directory it made.
     """
     if config.redis_url is None:
         log.warning(
@@ -157,6 +162,18 @@ def run_workers(config: Config) -> int:
             message="with several workers, a resume reaches the worker that owns the stream "
             "only by chance; set --redis-url to resume on any worker",
         )
+    own_dir = None
+    if not os.environ.get(METRICS_DIR_ENV):
+        own_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
+        os.environ[METRICS_DIR_ENV] = own_dir
+    try:
+        return _supervise(config)
+    finally:
+        if own_dir is not None:
+            shutil.rmtree(own_dir, ignore_errors=True)
+
+
+def _supervise(config: Config) -> int:
     children: list[int] = []
     for index in range(config.workers):
         pid = os.fork()
@@ -185,7 +202,15 @@ def run_workers(config: Config) -> int:
             except InterruptedError:
                 continue
         status = status or os.waitstatus_to_exitcode(code)
+        _mark_dead(pid)
     return status
+
+
+def _mark_dead(pid: int) -> None:
+    """Drop a finished worker's live gauges from the shared metrics (its counters stay)."""
+    from prometheus_client import multiprocess  # after the fork: the workers' own import counts
+
+    multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]  # untyped module
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,6 +21,11 @@ LOG_FORMATS: Final = ("json", "console")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 
+#: prometheus-client's multiprocess directory: `--workers N` sets it (a fresh temporary one)
+#: unless the operator did, and gateway/metrics.py then shares every worker's values through it.
+METRICS_DIR_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """Everything the server needs to know, decided once at start-up."""

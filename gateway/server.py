@@ -35,7 +35,7 @@ from gateway.auth import (
 )
 from gateway.config import Config
 from gateway.connection import Connection, Deadlines, spawn
-from gateway.observability import LoopLag, Metrics
+from gateway.metrics import LoopLag, Metrics
 from gateway.protocol import ErrorCode
 from gateway.quotas import Quotas
 from gateway.redis_store import RedisStore
@@ -137,7 +137,10 @@ class Gateway:
         self._principals: dict[WebSocket, Principal] = {}
         self.metrics = Metrics()
         self.loop_lag = LoopLag(
-            self.metrics.loop_lag, limit=config.max_loop_lag, on_change=self._on_overload
+            self.metrics.loop_lag,
+            limit=config.max_loop_lag,
+            on_change=self._on_overload,
+            on_tick=self.metrics.refresh if self.metrics.multiprocess else None,
         )
         self.upstream = Upstream(config, upstream_url, self.metrics)
         self.connections: set[Connection] = set()
@@ -173,13 +176,13 @@ class Gateway:
         self._no_connections = asyncio.Event()
         self._no_connections.set()
         m = self.metrics
-        m.open_sockets.set_function(lambda: len(self.connections))
-        m.active_streams.set_function(lambda: self.active_streams)
-        m.upstream_open.set_function(lambda: self.upstream.open_responses)
-        m.upstream_pool_idle.set_function(self.upstream.pool_idle)
-        m.tasks.set_function(lambda: len(asyncio.all_tasks()))
-        m.draining.set_function(lambda: int(self.draining))
-        m.overloaded.set_function(lambda: int(self.loop_lag.overloaded))
+        m.mirror(m.open_sockets, lambda: len(self.connections))
+        m.mirror(m.active_streams, lambda: self.active_streams)
+        m.mirror(m.upstream_open, lambda: self.upstream.open_responses)
+        m.mirror(m.upstream_pool_idle, self.upstream.pool_idle)
+        m.mirror(m.tasks, lambda: len(asyncio.all_tasks()))
+        m.mirror(m.draining, lambda: int(self.draining))
+        m.mirror(m.overloaded, lambda: int(self.loop_lag.overloaded))
 
     # ------------------------------------------------------------------ stream lifecycle
 

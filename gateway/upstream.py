@@ -30,7 +30,7 @@ from gateway.dialects import (
     status_retryable,
     translator_for,
 )
-from gateway.observability import Metrics
+from gateway.metrics import Metrics
 from gateway.protocol import ErrorCode
 from gateway.retry import RETRY_STATUSES, RetryPolicy
 from gateway.session import Outbox, Stream, finish_done, finish_fail

@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
 from gateway.__main__ import build_parser
@@ -284,9 +285,26 @@ async def test_mock_upstream_command() -> None:
         assert await asyncio.wait_for(process.proc.wait(), 15) == 0
 
 
+async def scrape(port: int) -> dict[str, float]:
+    """GET /metrics once (a new connection: with workers, whichever one the kernel picks);
+    samples by name and labels, as `name{k=v,...}`."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{port}/metrics") as resp,
+    ):
+        text = await resp.text()
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples
+
+
 async def test_workers_share_the_port_and_drain_on_sigterm() -> None:
     """`--workers 2` runs two processes on one port (SO_REUSEPORT); both take sockets, and
-    SIGTERM to the parent drains both and exits 0."""
+    SIGTERM to the parent drains both and exits 0. Their metrics are shared: every scrape,
+    whichever worker answers it, counts the streams and sockets of both."""
     import socket
 
     with socket.socket() as s:
@@ -321,9 +339,24 @@ async def test_workers_share_the_port_and_drain_on_sigterm() -> None:
         for ws in sockets:
             client = Client(ws)
             assert (await client.recv())["type"] == "welcome"
-        client = Client(sockets[0])
-        await client.start("s", "sky [[mock chunks=3]]")
-        assert (await client.finish("s"))["s"][-1]["type"] == "done"
+        clients = [Client(ws) for ws in sockets]
+        for client in clients:
+            await client.start("s", "sky [[mock chunks=3]]")
+        for client in clients:
+            assert (await client.finish("s"))["s"][-1]["type"] == "done"
+        # The live gauges are written on each worker's 0.25 s tick (and by the worker that
+        # answers a scrape): scrape until both have written theirs.
+        async with asyncio.timeout(15):
+            while (await scrape(port)).get("gateway_open_sockets{}") != 24:
+                pass
+        for _ in range(8):  # several connections: both workers answer some of them
+            samples = await scrape(port)
+            assert samples["gateway_upstream_chunks_total{dialect=perplexity}"] == 24 * 3
+            ended = "gateway_streams_ended_total{dialect=perplexity,outcome=done}"
+            assert samples[ended] == 24
+            assert samples["gateway_open_sockets{}"] == 24
+            assert samples["gateway_draining{}"] == 0
+            assert not any(name.startswith("process_") for name in samples)
         for ws in sockets:
             await ws.close()
         async with asyncio.timeout(15):

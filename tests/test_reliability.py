@@ -11,7 +11,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from gateway.observability import LoopLag
+from gateway.metrics import LoopLag
 from gateway.retry import RetryPolicy
 from tests.conftest import TIMEOUT, Stack, StackFactory, check_stream
 from tests.test_e2e import expected_text, free_port

@@ -1,0 +1,236 @@
+"""Prometheus metrics of a gateway process, and the event-loop lag probe.
+
+Apart from gateway/observability.py (logging) so that `--workers N` can set up prometheus-client's
+multiprocess mode before anything imports prometheus_client: the parent never imports this
+module, and each forked worker imports it with PROMETHEUS_MULTIPROC_DIR already set, so every
+worker writes its values to files there and any worker's `/metrics` answers for all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from gateway.config import METRICS_DIR_ENV
+
+
+class Metrics:
+    """Prometheus metrics of one gateway process, in their own registry.
+
+    Per-chunk work stays off the metrics: counts are added once per stream when it ends, and
+    gauges that mirror live state are read from callbacks (`mirror`), so the hot path pays
+    nothing for them.
+
+    In multiprocess mode (METRICS_DIR_ENV set: `--workers N`) the values live in files that
+    `render` sums over every live worker: counters and histograms add up, the live-state gauges
+    are summed over live workers ("livesum"), and `draining`/`overloaded` are 1 if any worker is.
+    The mirrored gauges are then written by `refresh` (every loop-lag tick and before a scrape),
+    since a scrape reads the files, not the callbacks. The process_* metrics are left out there:
+    they would describe only the worker that happened to answer.
+    """
+
+    def __init__(self) -> None:
+        self.multiprocess = bool(os.environ.get(METRICS_DIR_ENV))
+        self.registry = CollectorRegistry(auto_describe=True)
+        if not self.multiprocess:
+            ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, ...
+        self._mirrors: list[tuple[Gauge, Callable[[], float]]] = []
+        r = self.registry
+        self.open_sockets = Gauge(
+            "gateway_open_sockets", "WebSockets open now", registry=r, multiprocess_mode="livesum"
+        )
+        self.active_streams = Gauge(
+            "gateway_active_streams",
+            "Streams running now (upstream requests)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.upstream_open = Gauge(
+            "gateway_upstream_open_responses",
+            "Upstream responses open now",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.upstream_pool_idle = Gauge(
+            "gateway_upstream_pool_idle",
+            "Idle keep-alive upstream connections",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.tasks = Gauge(
+            "gateway_asyncio_tasks",
+            "asyncio tasks alive in the process",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.draining = Gauge(
+            "gateway_draining", "1 while the gateway drains", registry=r, multiprocess_mode="max"
+        )
+        self.streams_started = Counter(
+            "gateway_streams_started", "Streams accepted", ["dialect"], registry=r
+        )
+        self.streams_ended = Counter(
+            "gateway_streams_ended", "Streams ended, by outcome", ["dialect", "outcome"], registry=r
+        )
+        self.chunks = Counter(
+            "gateway_upstream_chunks", "Upstream text deltas relayed", ["dialect"], registry=r
+        )
+        self.upstream_bytes = Counter(
+            "gateway_upstream_bytes", "Upstream body bytes read", ["dialect"], registry=r
+        )
+        self.upstream_retries = Counter(
+            "gateway_upstream_retries", "Upstream requests retried before any output", registry=r
+        )
+        self.slow_client_closes = Counter(
+            "gateway_slow_client_closes", "Sockets closed with 4408 (slow consumer)", registry=r
+        )
+        self.upstream_responses = Counter(
+            "gateway_upstream_responses",
+            "Upstream HTTP answers by status class",
+            ["status"],
+            registry=r,
+        )
+        self.coalesced = Counter(
+            "gateway_coalesced_deltas",
+            "Upstream deltas merged into a previous frame because the socket was busy",
+            registry=r,
+        )
+        self.time_to_first_chunk = Histogram(
+            "gateway_time_to_first_chunk_seconds",
+            "From accepting a start to its first upstream text delta",
+            ["dialect"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32),
+            registry=r,
+        )
+        self.stream_duration = Histogram(
+            "gateway_stream_duration_seconds",
+            "From accepting a start to its terminal frame",
+            ["dialect"],
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 20, 40, 80, 160),
+            registry=r,
+        )
+        self.cancel_latency = Histogram(
+            "gateway_cancel_latency_seconds",
+            "From deciding to cancel a stream to its upstream connection being closed",
+            buckets=(0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1),
+            registry=r,
+        )
+        self.rejected = Counter(
+            "gateway_rejected_connections", "Upgrades refused, by reason", ["reason"], registry=r
+        )
+        self.overloaded = Gauge(
+            "gateway_overloaded",
+            "1 while the event-loop lag is over --max-loop-lag (/readyz then answers 503)",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.loop_lag = Histogram(
+            "gateway_event_loop_lag_seconds",
+            "How late a timer due every 0.25 s ran: the wait every chunk and first token adds "
+            "when the event loop is saturated",
+            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
+
+    def mirror(self, gauge: Gauge, read: Callable[[], float]) -> None:
+        """Keep `gauge` equal to `read()`: read at scrape time in one process; written by
+        `refresh` in multiprocess mode."""
+        if self.multiprocess:
+            self._mirrors.append((gauge, read))
+        else:
+            gauge.set_function(read)
+
+    def refresh(self) -> None:
+        """Write the mirrored gauges (multiprocess mode; nothing to do otherwise)."""
+        for gauge, read in self._mirrors:
+            gauge.set(read())
+
+    def render(self) -> bytes:
+        """The text exposition format for `GET /metrics` (every worker's, in multiprocess
+        mode)."""
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        self.refresh()
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped module
+        return generate_latest(registry)
+
+
+#: How often the loop-lag probe runs (four timer callbacks a second cost nothing measurable).
+LOOP_LAG_INTERVAL: Final = 0.25
+#: --max-loop-lag judges the worst lag of this many recent ticks (2 s at the interval above):
+#: one slow tick does not flip readiness, and it recovers once the loop has kept up that long.
+LOOP_LAG_WINDOW: Final = 8
+
+
+class LoopLag:
+    """Measures event-loop lag: a timer due every `interval` seconds notes how late it ran.
+
+    One event loop serves every socket of a process, so when it is saturated every chunk waits
+    about one loop iteration and a new stream's first chunk about three; the relay's own
+    metrics do not show that, this does (`gateway_event_loop_lag_seconds`). Lag is read with
+    time.monotonic(), finer than uvloop's 1 ms timer clock.
+
+    With a `limit` (--max-loop-lag), `overloaded` is set while the worst lag of the last
+    LOOP_LAG_WINDOW ticks is over it, and `on_change` hears each change (the gateway then
+    answers /readyz with 503, so that a load balancer sends new sockets elsewhere).
+    `on_tick` runs on every tick (the gateway refreshes its multiprocess gauges there).
+    """
+
+    def __init__(
+        self,
+        histogram: Histogram,
+        interval: float = LOOP_LAG_INTERVAL,
+        limit: float = 0.0,
+        on_change: Callable[[bool, float], None] | None = None,
+        on_tick: Callable[[], None] | None = None,
+    ) -> None:
+        self._histogram = histogram
+        self._on_tick = on_tick
+        self._interval = interval
+        self._limit = limit
+        self.on_change = on_change
+        self._recent = [0.0] * LOOP_LAG_WINDOW
+        self._slot = 0
+        self.overloaded = False
+        self._due = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def worst(self) -> float:
+        """The largest lag of the recent ticks, seconds."""
+        return max(self._recent)
+
+    def start(self) -> None:
+        self._schedule()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _schedule(self) -> None:
+        self._due = time.monotonic() + self._interval
+        self._timer = asyncio.get_running_loop().call_later(self._interval, self._tick)
+
+    def _tick(self) -> None:
+        # uvloop rounds timers to its 1 ms clock, so a timer on time can run up to 1 ms early.
+        lag = max(0.0, time.monotonic() - self._due)
+        self._histogram.observe(lag)
+        self._recent[self._slot] = lag
+        self._slot = (self._slot + 1) % LOOP_LAG_WINDOW
+        if self._limit > 0:
+            over = self.worst() > self._limit
+            if over is not self.overloaded:
+                self.overloaded = over
+                if self.on_change is not None:
+                    self.on_change(over, self.worst())
+        if self._on_tick is not None:
+            self._on_tick()
+        self._schedule()
