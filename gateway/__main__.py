@@ -25,6 +25,8 @@ log = structlog.get_logger("gateway")
 
 #: Exit status after a second SIGINT/SIGTERM cut the drain short.
 EXIT_FORCED = 130
+#: prctl(2) option: the signal a process gets when its parent dies.
+PR_SET_PDEATHSIG: Final = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +73,27 @@ async def serve(config: Config) -> None:
     from gateway.mock_upstream import MockUpstream
     from gateway.server import Gateway
 
+    # Signal handlers first: a SIGTERM during startup, or just after "gateway.listening" (a
+    # supervisor or Kubernetes may send one at any time), must drain, not kill outright.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    gateway: Gateway | None = None
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            # A second signal: the operator does not want to wait for the drain.
+            log.warning("gateway.forced_exit", signal=sig.name)
+            os._exit(EXIT_FORCED)
+        log.info("gateway.signal", signal=sig.name)
+        stop.set()
+
+    def on_hangup() -> None:
+        if gateway is not None:
+            gateway.reload_tokens()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     mock: MockUpstream | None = None
     url = config.upstream_url
     if url is None:
@@ -94,20 +117,6 @@ async def serve(config: Config) -> None:
         dialect=config.dialect,
         api_key="set" if config.api_key else "not set",
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal(sig: signal.Signals) -> None:
-        if stop.is_set():
-            # A second signal: the operator does not want to wait for the drain.
-            log.warning("gateway.forced_exit", signal=sig.name)
-            os._exit(EXIT_FORCED)
-        log.info("gateway.signal", signal=sig.name)
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig)
-    loop.add_signal_handler(signal.SIGHUP, gateway.reload_tokens)
     try:
         await stop.wait()
         await gateway.drain()
@@ -175,9 +184,11 @@ def run_workers(config: Config) -> int:
 
 def _supervise(config: Config) -> int:
     children: list[int] = []
+    parent = os.getpid()
     for index in range(config.workers):
         pid = os.fork()
         if pid == 0:  # the worker
+            _die_with(parent)
             structlog.contextvars.bind_contextvars(worker=index)
             try:
                 run(config)
@@ -204,6 +215,19 @@ def _supervise(config: Config) -> int:
         status = status or os.waitstatus_to_exitcode(code)
         _mark_dead(pid)
     return status
+
+
+def _die_with(parent: int) -> None:
+    """Have this worker receive SIGTERM (and drain) when its supervisor dies, even by SIGKILL
+    or the OOM killer: no orphaned workers left serving the port unsupervised (Linux; elsewhere
+    a worker outlives a killed supervisor)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _mark_dead(pid: int) -> None:

@@ -7,9 +7,10 @@ are never passed to a logger.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
-from typing import BinaryIO, Final
+from typing import Any, BinaryIO, Final, TextIO, cast
 
 import orjson
 import structlog
@@ -20,6 +21,32 @@ _LEVELS: Final = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
+
+
+class NeverFails:
+    """A log destination whose failures are dropped, not raised.
+
+    A log line is never worth a stream, a relay or a drain: with stderr's reader gone (a
+    crashed log collector, a closed pipe) every log call would raise BrokenPipeError where it
+    stands, and the SIGTERM handler's own log line would keep the gateway from draining at all.
+    `dropped` counts what was lost.
+    """
+
+    __slots__ = ("__weakref__", "_file", "dropped")  # structlog keys its write locks weakly
+
+    def __init__(self, file: Any) -> None:
+        self._file = file
+        self.dropped = 0
+
+    def write(self, data: Any) -> None:
+        try:
+            self._file.write(data)
+        except (OSError, ValueError):  # ValueError: the file was closed
+            self.dropped += 1
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._file.flush()
 
 
 def configure_logging(
@@ -41,7 +68,7 @@ def configure_logging(
                 structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()),
             ],
             wrapper_class=structlog.make_filtering_bound_logger(numeric),
-            logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+            logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, NeverFails(sys.stderr))),
             cache_logger_on_first_use=True,
         )
     else:
@@ -53,7 +80,7 @@ def configure_logging(
             ],
             wrapper_class=structlog.make_filtering_bound_logger(numeric),
             logger_factory=structlog.BytesLoggerFactory(
-                file=stream if stream is not None else sys.stderr.buffer
+                file=cast(BinaryIO, NeverFails(stream if stream is not None else sys.stderr.buffer))
             ),
             cache_logger_on_first_use=True,
         )

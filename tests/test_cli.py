@@ -19,6 +19,7 @@ from websockets.asyncio.client import connect
 
 from gateway.__main__ import build_parser
 from gateway.config import PERPLEXITY_URL, Config, add_serve_arguments, config_from_args
+from gateway.observability import NeverFails
 from tests.conftest import Client, check_stream
 
 FLAGS = [
@@ -371,6 +372,90 @@ async def test_workers_share_the_port_and_drain_on_sigterm() -> None:
         if process.proc.returncode is None:
             process.proc.kill()
             await process.proc.wait()
+
+
+async def test_workers_drain_and_exit_when_their_supervisor_is_killed() -> None:
+    """A supervisor killed outright (SIGKILL, as by the OOM killer) takes its workers with it:
+    each gets SIGTERM, drains and exits, instead of serving the port unsupervised. Shown by
+    the end of their shared stderr (every worker closed it) after each logged its stop."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = await spawn("serve", "--port", str(port), "--workers", "2", "--log-format", "json")
+    try:
+        async with asyncio.timeout(15):
+            while sum(1 for line in process.lines if line.get("event") == "gateway.listening") < 2:
+                await process.wait_for_next()
+        process.proc.kill()
+        assert await asyncio.wait_for(process.proc.wait(), 15) == -signal.SIGKILL
+        assert process.proc.stderr is not None
+        rest = await asyncio.wait_for(process.proc.stderr.read(), 15)  # EOF: workers gone
+        lines = [orjson.loads(raw) for raw in rest.splitlines() if raw.startswith(b"{")]
+        stopped = {line.get("worker") for line in lines if line.get("event") == "gateway.stopped"}
+        assert stopped == {0, 1}
+        with socket.socket() as s:  # nobody listens on the port any more
+            assert s.connect_ex(("127.0.0.1", port)) != 0
+    finally:
+        if process.proc.returncode is None:
+            process.proc.kill()
+            await process.proc.wait()
+
+
+class _BrokenPipe:
+    """A log destination whose reader is gone."""
+
+    def write(self, data: bytes) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_failing_log_destination_drops_lines_instead_of_raising() -> None:
+    """Log writes that fail (a closed pipe, a closed file) are counted and dropped."""
+    out = NeverFails(_BrokenPipe())
+    out.write(b"line\n")
+    out.flush()
+    closed = NeverFails(open(os.devnull, "wb"))  # noqa: SIM115 -- closed on purpose below
+    closed._file.close()
+    closed.write(b"line\n")
+    closed.flush()
+    assert (out.dropped, closed.dropped) == (1, 1)
+
+
+async def test_sigterm_drains_even_when_stderr_is_gone() -> None:
+    """With nobody reading its stderr any more (a crashed log collector), the gateway still
+    drains and exits 0 on SIGTERM; before, the signal handler's own log line raised
+    BrokenPipeError and the process ignored the signal."""
+    read_fd, write_fd = os.pipe()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        "--port",
+        "0",
+        "--log-format",
+        "json",
+        stderr=write_fd,
+        env={k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")},
+    )
+    os.close(write_fd)
+    try:
+        with os.fdopen(read_fd, "rb") as reader:
+            async with asyncio.timeout(15):
+                while b"gateway.listening" not in (
+                    line := await asyncio.to_thread(reader.readline)
+                ):
+                    assert line, "the gateway exited before listening"
+        proc.send_signal(signal.SIGTERM)  # the reader is closed: every log write now fails
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 async def test_second_signal_exits_at_once() -> None:
