@@ -43,33 +43,20 @@ class Metrics:
             ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, ...
         self._mirrors: list[tuple[Gauge, Callable[[], float]]] = []
         r = self.registry
-        self.open_sockets = Gauge(
-            "gateway_open_sockets", "WebSockets open now", registry=r, multiprocess_mode="livesum"
+
+        def live(name: str, doc: str) -> Gauge:
+            """A gauge of this process's live state (summed over live workers)."""
+            return Gauge(name, doc, registry=r, multiprocess_mode="livesum")
+
+        self.open_sockets = live("gateway_open_sockets", "WebSockets open now")
+        self.active_streams = live(
+            "gateway_active_streams", "Streams running now (upstream requests)"
         )
-        self.active_streams = Gauge(
-            "gateway_active_streams",
-            "Streams running now (upstream requests)",
-            registry=r,
-            multiprocess_mode="livesum",
+        self.upstream_open = live("gateway_upstream_open_responses", "Upstream responses open now")
+        self.upstream_pool_idle = live(
+            "gateway_upstream_pool_idle", "Idle keep-alive upstream connections"
         )
-        self.upstream_open = Gauge(
-            "gateway_upstream_open_responses",
-            "Upstream responses open now",
-            registry=r,
-            multiprocess_mode="livesum",
-        )
-        self.upstream_pool_idle = Gauge(
-            "gateway_upstream_pool_idle",
-            "Idle keep-alive upstream connections",
-            registry=r,
-            multiprocess_mode="livesum",
-        )
-        self.tasks = Gauge(
-            "gateway_asyncio_tasks",
-            "asyncio tasks alive in the process",
-            registry=r,
-            multiprocess_mode="livesum",
-        )
+        self.tasks = live("gateway_asyncio_tasks", "asyncio tasks alive in the process")
         self.draining = Gauge(
             "gateway_draining", "1 while the gateway drains", registry=r, multiprocess_mode="max"
         )

@@ -140,7 +140,7 @@ class Gateway:
             self.metrics.loop_lag,
             limit=config.max_loop_lag,
             on_change=self._on_overload,
-            on_tick=self.metrics.refresh if self.metrics.multiprocess else None,
+            on_tick=self.metrics.refresh,  # writes the shared gauges (--workers); else a no-op
         )
         self.upstream = Upstream(config, upstream_url, self.metrics)
         self.connections: set[Connection] = set()
