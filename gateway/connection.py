@@ -11,6 +11,7 @@ but itself. Relay tasks belong to the gateway, because a stream may outlive its 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import secrets
 import time
 from collections.abc import Coroutine
@@ -109,9 +110,11 @@ class Deadlines:
             connection.timed_out()
 
 
-def spawn(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+def spawn(
+    coro: Coroutine[Any, Any, None], name: str, context: contextvars.Context | None = None
+) -> asyncio.Task[None]:
     """Create a named task; the caller owns it and must await or cancel it."""
-    return asyncio.get_running_loop().create_task(coro, name=name)
+    return asyncio.get_running_loop().create_task(coro, name=name, context=context)
 
 
 class Connection:
@@ -121,6 +124,7 @@ class Connection:
     # Slots: one of these per socket, 20,000 sockets per process (an instance dict costs
     # about 1 KiB with this many attributes).
     __slots__ = (
+        "_busy",
         "_close_request",
         "_closing",
         "_expiry",
@@ -150,6 +154,9 @@ class Connection:
         self._loop = asyncio.get_running_loop()
         #: A flush is scheduled for this loop iteration (see `_wakeup`).
         self._flush_scheduled = False
+        #: A flush or a client message is being handled: a stream's first text queued
+        #: meanwhile is written by the flush that follows, not at once (see `_wakeup`).
+        self._busy = False
         #: The writer task while a slow client is caught up with; while it exists, it alone
         #: writes to the socket.
         self._writer: asyncio.Task[None] | None = None
@@ -200,11 +207,43 @@ class Connection:
         self._arm_idle()
 
     def on_message(self, data: str | bytes) -> None:
-        """One client message: the session decides, this carries out its commands."""
+        """One client message: the session decides, this carries out its commands.
+
+        The replies (`started`, errors) are written after the commands are carried out, and
+        after a new stream's upstream request has gone out: the upstream's answer, which the
+        user waits on, starts sooner (measured: 80 us of the time to first chunk, when the
+        `started` write went first).
+        """
+        hold = not self._flush_scheduled
+        self._flush_scheduled = self._busy = True  # nothing is written while they run
+        opened = False
+        try:
+            opened = self._carry_out(data)
+        finally:
+            self._busy = False
+            if hold:
+                if not (len(self.outbox) or self._close_request is not None):
+                    self._flush_scheduled = False
+                elif opened:
+                    # The relay's first step runs next; on Python 3.11 aiohttp writes the
+                    # request body in a task that step creates: flush after that one.
+                    self._loop.call_soon(self._flush_soon, context=self.gateway.context)
+                else:
+                    self._flush_scheduled = False
+                    self._wakeup(False)
+        self._arm_idle()
+
+    def _flush_soon(self) -> None:
+        self._loop.call_soon(self._flush, context=self.gateway.context)
+
+    def _carry_out(self, data: str | bytes) -> bool:
+        """Carry out what the session decided about `data`; True if a stream was opened."""
+        opened = False
         for command in self.session.receive(data):
             if isinstance(command, OpenUpstream):
                 self.gateway.open_stream(command.stream)
                 self._follow(command.stream)
+                opened = True
             elif isinstance(command, CancelUpstream):
                 if command.stream in self.remote:
                     self._stop_remote(command.stream, "cancel")
@@ -219,7 +258,7 @@ class Connection:
             else:
                 self.close_reason = "protocol"
                 self.request_close(command.code, command.reason)
-        self._arm_idle()
+        return opened
 
     def on_close(self) -> None:
         """The socket is gone: release its streams (cancel or detach), its quota and timers."""
@@ -407,7 +446,7 @@ class Connection:
             self._close_request = (code, reason)
             if self._closing is not None:
                 self._closing.set()
-            self._wakeup()
+            self._wakeup(False)
 
     def _follow(self, stream: Stream, resumed: bool = False) -> None:
         """This socket now receives `stream`'s output (its writer paces the relay)."""
@@ -516,11 +555,17 @@ class Connection:
         self._arm_idle()
         self._close_if_expired_and_idle()
 
-    def _wakeup(self) -> None:
+    def _wakeup(self, urgent: bool) -> None:
         """The outbox got its first entry: flush it once this loop iteration's relays have
         pushed theirs (so deltas and streams that arrive together share one frame and one
-        write), unless the writer task owns the socket right now."""
-        if not self._flush_scheduled and self._writer is None and not self._stopped:
+        write), unless the writer task owns the socket right now. A stream's first text
+        (`urgent`) is written at once: under load, the rest of the iteration can take
+        milliseconds, and time to first chunk is what a user notices."""
+        if self._writer is not None or self._stopped:
+            return
+        if urgent and not self._busy:
+            self._write_out()  # a flush still scheduled finds less (or nothing) to write
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             # A fixed context: no copy per flush, and the relay that woke us (its stream's log
             # bindings) is not this socket.
@@ -534,10 +579,17 @@ class Connection:
         task waits for the client, at most --slow-client-timeout, then closes it with 4408.
         """
         self._flush_scheduled = False
+        self._write_out()
+
+    def _write_out(self) -> None:
         if self._writer is not None or self._stopped:
             return
         frames = self.outbox.drain()
-        self.flow.wake()
+        self._busy = True
+        try:
+            self.flow.wake()  # may feed paused upstream reads, and so queue more, right now
+        finally:
+            self._busy = False
         ws = self.ws
         if frames:
             if ws.open:
@@ -546,7 +598,10 @@ class Connection:
             # frame): measured as 4 KiB per idle socket before this line.
             del frames
             if ws.paused:  # behind now: wait for the client before writing more
-                self._writer = spawn(self._catch_up(), f"writer {self.id}")
+                # In the gateway's context: an urgent write runs in the relay's.
+                self._writer = spawn(
+                    self._catch_up(), f"writer {self.id}", context=self.gateway.context
+                )
                 return
         if self._close_request is not None and not len(self.outbox):
             ws.close(*self._close_request)

@@ -276,7 +276,9 @@ def parse_client_frame(data: str | bytes, max_bytes: int) -> ClientMessage:
         raise ProtocolViolation(ErrorCode.BAD_JSON, "frame is not valid JSON") from None
     if not isinstance(obj, dict):
         raise ProtocolViolation(ErrorCode.BAD_MESSAGE, "frame must be a JSON object")
-    if not _depth_ok(obj, MAX_JSON_DEPTH):
+    # Each level of nesting opens a bracket, so a frame with few brackets (most: a handful)
+    # needs no walk; brackets inside strings only make the count an overestimate.
+    if data.count("{") + data.count("[") > MAX_JSON_DEPTH and not _depth_ok(obj, MAX_JSON_DEPTH):
         raise ProtocolViolation(
             ErrorCode.BAD_MESSAGE, f"frame nests deeper than {MAX_JSON_DEPTH} levels"
         )

@@ -189,7 +189,7 @@ class Gateway:
     def open_stream(self, stream: Stream) -> None:
         """Start `stream`'s relay task (owned here, not by the socket: it may outlive it)."""
         self.active_streams += 1
-        self.metrics.streams_started.labels(self.upstream.dialect).inc()
+        self.upstream.started_total.inc()
         self.idle.clear()
         stream.started_at = time.monotonic()
         if self.store is not None:

@@ -248,21 +248,26 @@ class Outbox:
 
     __slots__ = ("_notify", "_queue", "buffered")
 
-    def __init__(self, notify: Callable[[], None] | None = None) -> None:
+    def __init__(self, notify: Callable[[bool], None] | None = None) -> None:
         # A list, swapped out whole by drain(): an empty deque would cost 760 bytes per idle
         # socket (its first block is allocated up front), an empty list 56.
         self._queue: list[bytes | Stream] = []
         self.buffered = 0
-        #: Called when the queue goes from empty to non-empty (wakes the writer).
+        #: Wakes the writer: `notify(False)` when the queue goes from empty to non-empty (the
+        #: writer may wait for the rest of this loop iteration's output, to send it in one
+        #: write), `notify(True)` when a stream's first text is queued (time to first chunk
+        #: is what a user waits on: worth a write of its own).
         self._notify = notify
 
     def __len__(self) -> int:
         return len(self._queue)
 
-    def _enqueue(self, entry: bytes | Stream) -> None:
-        if not self._queue and self._notify is not None:
-            self._notify()
-        self._queue.append(entry)
+    def _enqueue(self, entry: bytes | Stream, urgent: bool = False) -> None:
+        queue = self._queue
+        first = not queue
+        queue.append(entry)
+        if (first or urgent) and self._notify is not None:
+            self._notify(urgent)
 
     def push_frame(self, frame: bytes) -> None:
         """Queue a frame that is complete as it is (welcome, started, pong, errors)."""
@@ -275,7 +280,7 @@ class Outbox:
         self.buffered += len(text)
         if not stream.queued:
             stream.queued = True
-            self._enqueue(stream)
+            self._enqueue(stream, stream.seq == 0)
 
     def push_terminal(self, stream: Stream, build: TerminalBuilder) -> None:
         """Queue `stream`'s terminal frame after its pending text; built with the final seq."""

@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import Callable
 from email.utils import parsedate_to_datetime
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import aiohttp
 import orjson
@@ -35,6 +35,9 @@ from gateway.protocol import ErrorCode
 from gateway.retry import RETRY_STATUSES, RetryPolicy
 from gateway.session import Outbox, Stream, finish_done, finish_fail
 from gateway.sse import SSEDecoder, SSEEventTooLarge
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter
 
 log = structlog.get_logger("gateway.upstream")
 
@@ -124,7 +127,17 @@ class Upstream:
         self.url = url
         self._url = yarl.URL(url)  # parsed once, not on every request
         self.dialect = config.dialect
-        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics = m = metrics if metrics is not None else Metrics()
+        # The labelled series, resolved once: labels() takes a lock and builds its key on every
+        # call (measured: 3 us each, seven per stream).
+        dialect = self.dialect
+        self.started_total = m.streams_started.labels(dialect)
+        self._ttfc = m.time_to_first_chunk.labels(dialect)
+        self._duration = m.stream_duration.labels(dialect)
+        self._chunks = m.chunks.labels(dialect)
+        self._bytes = m.upstream_bytes.labels(dialect)
+        self._ended: dict[str, Counter] = {}
+        self._responses = {n: m.upstream_responses.labels(f"{n}xx") for n in range(1, 6)}
         self.retry = RetryPolicy(config.upstream_retries, config.upstream_retry_budget)
         self._session: aiohttp.ClientSession | None = None
         self._connector: aiohttp.TCPConnector | None = None
@@ -250,11 +263,14 @@ class Upstream:
         server when the relay task is over, even one cancelled before it ever ran)."""
         m, dialect = self.metrics, self.dialect
         duration = time.monotonic() - started
-        m.stream_duration.labels(dialect).observe(duration)
+        self._duration.observe(duration)
         m.coalesced.inc(stream.coalesced)
-        m.streams_ended.labels(dialect, stream.outcome).inc()
-        m.chunks.labels(dialect).inc(stream.chunks_in)
-        m.upstream_bytes.labels(dialect).inc(stream.bytes_in)
+        ended = self._ended.get(stream.outcome)
+        if ended is None:
+            ended = self._ended[stream.outcome] = m.streams_ended.labels(dialect, stream.outcome)
+        ended.inc()
+        self._chunks.inc(stream.chunks_in)
+        self._bytes.inc(stream.bytes_in)
         content: dict[str, str] = {}
         if self.config.log_content:  # opt-in only: prompts and answers are user data
             content["prompt"] = orjson.dumps(stream.request.messages).decode()[:4000]
@@ -286,7 +302,11 @@ class Upstream:
             try:
                 async with asyncio.timeout(self.config.upstream_first_byte_timeout):
                     resp = await self._session.post(self._url, data=body)
-                    self.metrics.upstream_responses.labels(f"{resp.status // 100}xx").inc()
+                    status_class = resp.status // 100
+                    responses = self._responses.get(status_class)
+                    if responses is None:  # not 1xx..5xx: labelled as it is, as before
+                        responses = self.metrics.upstream_responses.labels(f"{status_class}xx")
+                    responses.inc()
                     try:
                         if 200 <= resp.status < 300:
                             return resp, await resp.content.readany()
@@ -555,10 +575,7 @@ class _BodyFeed:
             return
         if not self._first_seen and stream.chunks_in:
             self._first_seen = True
-            upstream = self._upstream
-            upstream.metrics.time_to_first_chunk.labels(upstream.dialect).observe(
-                time.monotonic() - self._started
-            )
+            self._upstream._ttfc.observe(time.monotonic() - self._started)
         if translator.finished or not stream.active:
             self._finish(None)
             return

@@ -11,6 +11,7 @@ import gc
 import socket
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from websockets.exceptions import ConnectionClosed
@@ -18,6 +19,7 @@ from websockets.exceptions import ConnectionClosed
 from gateway.mock_upstream import choose_answer, parse_directive, text_chunks
 from gateway.protocol import ErrorCode
 from gateway.upstream import _BodyFeed
+from gateway.websocket import WebSocket
 from tests.conftest import TIMEOUT, Stack, StackFactory, check_stream, is_terminal
 
 
@@ -437,6 +439,63 @@ async def test_upstream_connections_are_pooled(make_stack: StackFactory, dialect
         await asyncio.wait_for(stack.gateway.idle.wait(), TIMEOUT)
     assert len({stack.mock.record(f"p{i}").peer for i in range(3)}) == 1
     assert stack.gateway.upstream.pool_idle() == 1
+    await stack.assert_no_leaks()
+
+
+async def test_started_is_written_after_the_upstream_request(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start's upstream request goes out before its `started` frame is written, so the
+    upstream begins its answer, which the user waits on, that much sooner."""
+    order: list[str] = []
+    write_bytes = aiohttp.ClientRequest.write_bytes
+
+    async def request_written(self: aiohttp.ClientRequest, *args: Any, **kwargs: Any) -> None:
+        order.append("request")
+        await write_bytes(self, *args, **kwargs)
+
+    write_frames = WebSocket.write_frames
+
+    def frames_written(self: WebSocket, messages: list[bytes]) -> None:
+        order.extend(orjson.loads(m)["type"] for m in messages)
+        write_frames(self, messages)
+
+    monkeypatch.setattr(aiohttp.ClientRequest, "write_bytes", request_written)
+    monkeypatch.setattr(WebSocket, "write_frames", frames_written)
+    client = await stack.client()
+    for sid in ("a", "b", "c"):
+        await client.start(sid, f"sky [[mock chunks=2 tag={sid}]]")
+        check_stream((await client.finish(sid))[sid])
+        await asyncio.wait_for(stack.gateway.idle.wait(), TIMEOUT)  # its connection is pooled
+    # The first stream's request waits for a new connection; the others reuse it.
+    assert order[6:] == ["request", "started", "text_chunk", "text_chunk", "done"] * 2
+    await stack.assert_no_leaks()
+
+
+async def test_a_streams_first_text_is_written_at_once(stack: Stack) -> None:
+    """A stream's first text is written in the very callback that delivers it (under load the
+    rest of a loop iteration takes milliseconds); later text waits for the iteration's end, so
+    that deltas arriving together share a frame and a write."""
+    client = await stack.client()
+    await client.start("s", "sky [[mock header_delay_ms=5000 tag=s]]")
+    await client.recv_until(lambda f: f["type"] == "started")
+    await stack.mock.wait_request("s")
+    ((stream, connection),) = stack.gateway.followers.items()
+    stream.push("first")  # as the upstream's first delta would be
+    assert len(connection.outbox) == 0  # written already
+    assert stream.seq == 1
+    stream.push("second")
+    stream.push(" and third")
+    assert len(connection.outbox) == 1  # queued, for one frame at the end of the iteration
+    await client.recv_until(lambda f: f["type"] == "text_chunk" and f["seq"] == 2)
+    await client.cancel("s")
+    frames = (await client.finish("s"))["s"]
+    assert [(f["type"], f.get("text")) for f in frames] == [
+        ("started", None),
+        ("text_chunk", "first"),
+        ("text_chunk", "second and third"),
+        ("cancelled", None),
+    ]
     await stack.assert_no_leaks()
 
 

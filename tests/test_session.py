@@ -89,19 +89,25 @@ def test_deltas_waiting_together_are_coalesced_into_one_frame() -> None:
 
 
 def test_outbox_counts_buffered_bytes_and_notifies_once_per_batch() -> None:
-    """The outbox reports waiting bytes for backpressure and wakes the writer when it fills."""
-    wakes: list[int] = []
-    s = Session("x", Limits(), Outbox(lambda: wakes.append(1)))
+    """The outbox reports waiting bytes for backpressure and wakes the writer when it fills,
+    and at once (urgent) for a stream's first text, even behind other queued frames."""
+    wakes: list[bool] = []
+    s = Session("x", Limits(), Outbox(wakes.append))
     stream = start(s, "s")
-    assert len(wakes) == 1
+    assert wakes == [False]  # `started`: the writer may wait for the iteration's rest
     s.text(stream, "abcd")
+    assert wakes == [False, True]  # the first text: urgent, though the queue was not empty
     s.text(stream, "ef")
-    assert len(wakes) == 1  # still queued: no second wake-up
+    assert wakes == [False, True]  # still queued: no further wake-up
     assert s.outbox.buffered == len(b'{"type":"started","id":"s"}') + 6
     s.outbox.drain()
     assert s.outbox.buffered == 0
     s.text(stream, "g")
-    assert len(wakes) == 2
+    assert wakes == [False, True, False]  # seq 1 was produced: no longer urgent
+    other = start(s, "t")
+    assert wakes == [False, True, False]  # queued behind `s`: the writer is awake already
+    s.text(other, "first")
+    assert wakes == [False, True, False, True]
 
 
 def test_cancel_drops_unsent_text_and_is_the_last_frame() -> None:
