@@ -564,24 +564,23 @@ class Connection:
         if self._writer is not None or self._stopped:
             return
         if urgent and not self._busy:
-            self._write_out()  # a flush still scheduled finds less (or nothing) to write
+            self._flush(scheduled=False)  # a flush still scheduled finds less (or nothing)
         elif not self._flush_scheduled:
             self._flush_scheduled = True
             # A fixed context: no copy per flush, and the relay that woke us (its stream's log
             # bindings) is not this socket.
             self._loop.call_soon(self._flush, context=self.gateway.context)
 
-    def _flush(self) -> None:
+    def _flush(self, scheduled: bool = True) -> None:
         """Write everything queued (the hot path: a plain callback, no task switch).
 
+        `scheduled`: this is the flush `_wakeup` scheduled (not an urgent one in between).
         Slow consumers (docs/reliability.md): frames that wait together are already coalesced
         by the outbox. When the socket is over its high-water mark after this write, a writer
         task waits for the client, at most --slow-client-timeout, then closes it with 4408.
         """
-        self._flush_scheduled = False
-        self._write_out()
-
-    def _write_out(self) -> None:
+        if scheduled:
+            self._flush_scheduled = False
         if self._writer is not None or self._stopped:
             return
         frames = self.outbox.drain()

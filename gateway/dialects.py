@@ -46,9 +46,13 @@ def _loads(data: str) -> Any:
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
-        raise UpstreamFailure(
-            ErrorCode.UPSTREAM_PROTOCOL_ERROR, "upstream sent an event that is not valid JSON"
-        ) from None
+        raise _not_json() from None
+
+
+def _not_json() -> UpstreamFailure:
+    return UpstreamFailure(
+        ErrorCode.UPSTREAM_PROTOCOL_ERROR, "upstream sent an event that is not valid JSON"
+    )
 
 
 #: What may identify internal infrastructure or carry a credential in an upstream message.
@@ -142,7 +146,10 @@ class OpenAITranslator(Translator):
         if data == "[DONE]":
             self.finished = True
             return None
-        obj = _loads(data)
+        try:  # _loads, inlined: one call less per token
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise _not_json() from None
         if not isinstance(obj, dict):
             raise UpstreamFailure(
                 ErrorCode.UPSTREAM_PROTOCOL_ERROR, "upstream event is not a JSON object"

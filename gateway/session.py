@@ -68,6 +68,11 @@ class Sink(Protocol):
     """Where a stream's output goes: a socket's `Outbox`, or `DETACHED` while no socket
     follows it (its output is then only retained for a resume)."""
 
+    @property
+    def buffered(self) -> int:
+        """Bytes waiting to be sent (backpressure: the relay pauses its upstream when high)."""
+        ...
+
     def push_text(self, stream: Stream, text: str) -> None: ...
 
     def push_terminal(self, stream: Stream, build: TerminalBuilder) -> None: ...
@@ -225,6 +230,9 @@ class Stream:
 class _Detached:
     """The sink of a stream no socket follows: output is produced at once and only retained,
     so a later resume can replay it (no socket, so nothing to coalesce for)."""
+
+    #: Nothing waits here to be sent (a relay checks its sink's backlog after every read).
+    buffered = 0
 
     def push_text(self, stream: Stream, text: str) -> None:
         stream.pending.append(text)

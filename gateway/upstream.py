@@ -33,7 +33,7 @@ from gateway.dialects import (
 from gateway.metrics import Metrics
 from gateway.protocol import ErrorCode
 from gateway.retry import RETRY_STATUSES, RetryPolicy
-from gateway.session import Outbox, Stream, finish_done, finish_fail
+from gateway.session import Outbox, State, Stream, finish_done, finish_fail
 from gateway.sse import SSEDecoder, SSEEventTooLarge
 
 if TYPE_CHECKING:
@@ -483,6 +483,7 @@ class _BodyFeed:
         "_content",
         "_first_seen",
         "_flow_for",
+        "_limit",
         "_paused",
         "_resp",
         "_started",
@@ -509,6 +510,7 @@ class _BodyFeed:
         self._stream = stream
         self._translator = translator
         self._flow_for = flow_for
+        self._limit = upstream.config.send_buffer_bytes
         self._started = started
         self._resp = resp
         self._content = resp.content
@@ -576,12 +578,15 @@ class _BodyFeed:
         if not self._first_seen and stream.chunks_in:
             self._first_seen = True
             self._upstream._ttfc.observe(time.monotonic() - self._started)
-        if translator.finished or not stream.active:
+        if translator.finished or stream.state is not State.ACTIVE:
             self._finish(None)
             return
-        flow = self._flow_for(stream)
-        if flow is not None and flow.congested():
-            self._pause(flow)
+        # The stream's sink is the outbox of the socket following it (if any): over the limit,
+        # that socket's flow control decides. Checked here first, as a plain attribute read.
+        if stream.sink.buffered > self._limit:
+            flow = self._flow_for(stream)
+            if flow is not None and flow.congested():
+                self._pause(flow)
 
     def _pause(self, flow: FlowControl) -> None:
         """The socket following the stream is behind: stop reading the upstream (TCP
