@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from typing import Any
 
@@ -13,7 +14,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 
-from tests.conftest import TIMEOUT, Stack, StackFactory
+from tests.conftest import TIMEOUT, Stack, StackFactory, check_stream
 
 
 async def test_fragmented_message_is_handled_as_one(stack: Stack) -> None:
@@ -216,3 +217,76 @@ async def test_deadlines_fire_in_order_and_a_restart_moves_one_to_the_back() -> 
     assert asyncio.get_running_loop().time() - started >= 0.04
     assert len(deadlines) == 0
     deadlines.stop()
+
+
+def client_frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bytes = b"k3y!") -> bytes:
+    """A frame as a client sends it (RFC 6455, 5.2): masked, shortest length encoding."""
+    head = bytes([(0x80 if fin else 0) | opcode])
+    size = len(payload)
+    if size < 126:
+        head += bytes([0x80 | size])
+    elif size < 65536:
+        head += bytes([0x80 | 126]) + size.to_bytes(2, "big")
+    else:
+        head += bytes([0x80 | 127]) + size.to_bytes(8, "big")
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def test_frames_split_anywhere_give_the_same_messages(stack: Stack) -> None:
+    """Whole data frames are parsed by the gateway's fast path and everything else by
+    websockets, from a frame boundary: byte streams of both kinds, cut at random points (so a
+    frame's bytes straddle the two), yield every message once and in order."""
+    client = await stack.client()
+    ((connection),) = stack.gateway.connections
+    server_ws = connection.ws
+    # A binary frame whose masked payload reads as a whole text frame, cut after its header:
+    # websockets then waits for that payload, and the fast path must leave it alone.
+    inner = client_frame(0x1, orjson.dumps({"type": "cancel", "id": "inner"}))
+    mask = b"m4sk"
+    outer = client_frame(0x2, bytes(b ^ mask[i % 4] for i, b in enumerate(inner)), mask=mask)
+    assert outer[6:] == inner
+    server_ws.data_received(outer[:6])
+    server_ws.data_received(outer[6:])
+    assert (await client.recv()).get("id") is None  # `binary frames are not accepted`
+    rng = random.Random(4)
+    for case in range(40):
+        stream = bytearray()
+        expected: list[str] = []
+        for i in range(rng.randint(1, 12)):
+            sid = f"c{case}-{i}"
+            # An unknown id: each message gets an error frame naming it, in order.
+            message = orjson.dumps(
+                {
+                    "type": "cancel",
+                    "id": sid,
+                    "pad": "p" * rng.choice((0, 3, 100, 120, 126, 200, 400, 3000)),
+                }
+            )
+            shape = rng.choice(("whole", "whole", "fragmented", "binary", "ping first"))
+            if shape == "ping first":  # a control frame: websockets answers it itself
+                stream += client_frame(0x9, b"hi")
+            if shape == "fragmented":
+                cut = rng.randint(1, len(message) - 1)
+                stream += client_frame(0x1, message[:cut], fin=False)
+                if rng.random() < 0.5:  # a control frame may come between fragments
+                    stream += client_frame(0x9, b"mid")
+                stream += client_frame(0x0, message[cut:])
+                expected.append(sid)
+            elif shape == "binary":
+                stream += client_frame(0x2, message)
+                expected.append("binary")
+            else:
+                stream += client_frame(0x1, message)
+                expected.append(sid)
+        cuts = sorted(rng.sample(range(1, len(stream)), min(len(stream) - 1, rng.randint(0, 8))))
+        for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+            server_ws.data_received(bytes(stream[start:end]))
+        got: list[str] = []
+        while len(got) < len(expected):
+            frame = await client.recv()
+            assert frame["type"] == "error"
+            got.append(frame.get("id") or "binary")
+        assert got == expected, case
+    await client.start("after", "sky [[mock chunks=3]]")
+    check_stream((await client.finish("after"))["after"])
+    await stack.assert_no_leaks()
