@@ -11,6 +11,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from typing import Final
 from urllib.parse import urlsplit, urlunsplit
@@ -27,6 +28,17 @@ log = structlog.get_logger("gateway")
 EXIT_FORCED = 130
 #: prctl(2) option: the signal a process gets when its parent dies.
 PR_SET_PDEATHSIG: Final = 1
+#: A worker that dies on its own within this many seconds of its start failed fast.
+FAST_EXIT_S: Final = 10.0
+#: After this many fast failures in a row of one worker, the supervisor stops them all and
+#: exits 1: a crash loop is for the orchestrator (and a human) to see, not to hide.
+MAX_FAST_EXITS: Final = 5
+
+
+def restart_delay(fast_exits: int) -> float:
+    """How long to wait before restarting a worker that died on its own: at once after a long
+    life, then 0.1 s doubling (to at most 5 s) while it keeps failing fast."""
+    return 0.0 if fast_exits <= 0 else min(5.0, 0.1 * 2 ** (fast_exits - 1))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,9 +195,13 @@ def run_workers(config: Config) -> int:
 
 
 def _supervise(config: Config) -> int:
-    children: list[int] = []
+    """Fork the workers, restart any that dies on its own (with a backoff while it keeps
+    failing fast), and on SIGINT/SIGTERM/SIGHUP pass the signal on and wait for all of them."""
     parent = os.getpid()
-    for index in range(config.workers):
+    workers: dict[int, tuple[int, float]] = {}  # pid -> (index, monotonic start)
+    stopping = False
+
+    def start(index: int) -> int:
         pid = os.fork()
         if pid == 0:  # the worker
             _die_with(parent)
@@ -194,26 +210,60 @@ def _supervise(config: Config) -> int:
                 run(config)
             finally:
                 os._exit(0)
-        children.append(pid)
-    log.info("gateway.workers", workers=config.workers, pids=children)
+        workers[pid] = (index, time.monotonic())
+        return pid
 
     def forward(sig: int, _frame: object) -> None:
-        for pid in children:
+        nonlocal stopping
+        if sig != signal.SIGHUP:  # SIGHUP reloads the token file; the others drain
+            stopping = True
+        for pid in list(workers):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
 
+    for index in range(config.workers):
+        start(index)
+    log.info("gateway.workers", workers=config.workers, pids=list(workers))
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, forward)
     status = 0
-    for pid in children:
-        while True:
-            try:
-                _, code = os.waitpid(pid, 0)
-                break
-            except InterruptedError:
-                continue
-        status = status or os.waitstatus_to_exitcode(code)
+    fast_exits = [0] * config.workers
+    while workers:
+        try:
+            pid, wait_status = os.wait()
+        except InterruptedError:
+            continue
+        except ChildProcessError:  # pragma: no cover - every child was reaped already
+            break
+        entry = workers.pop(pid, None)
+        if entry is None:
+            continue
         _mark_dead(pid)
+        code = os.waitstatus_to_exitcode(wait_status)
+        if stopping:
+            status = status or code
+            continue
+        index, started = entry
+        lived = time.monotonic() - started
+        fast_exits[index] = fast_exits[index] + 1 if lived < FAST_EXIT_S else 0
+        log.error(
+            "gateway.worker_exited", worker=index, pid=pid, code=code, lived_s=round(lived, 2)
+        )
+        if fast_exits[index] >= MAX_FAST_EXITS:
+            log.error("gateway.workers_crash_loop", worker=index, fast_exits=fast_exits[index])
+            status = 1
+            forward(signal.SIGTERM, None)
+            continue
+        deadline = time.monotonic() + restart_delay(fast_exits[index])
+        while not stopping and time.monotonic() < deadline:
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        if stopping:
+            continue
+        new = start(index)
+        if stopping:  # a stop signal came while it was forked: it must not be missed
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(new, signal.SIGTERM)
+        log.info("gateway.worker_restarted", worker=index, pid=new)
     return status
 
 

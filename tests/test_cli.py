@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
-from gateway.__main__ import build_parser
+from gateway.__main__ import MAX_FAST_EXITS, build_parser, restart_delay
 from gateway.config import PERPLEXITY_URL, Config, add_serve_arguments, config_from_args
 from gateway.observability import NeverFails
 from tests.conftest import Client, check_stream
@@ -401,6 +401,90 @@ async def test_workers_drain_and_exit_when_their_supervisor_is_killed() -> None:
         if process.proc.returncode is None:
             process.proc.kill()
             await process.proc.wait()
+
+
+async def test_a_worker_that_dies_is_restarted() -> None:
+    """A worker killed on its own (a crash, the OOM killer) is replaced under the same index,
+    the gateway keeps serving on the port, and SIGTERM still drains every worker to exit 0."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = await spawn(
+        "serve",
+        "--port",
+        str(port),
+        "--workers",
+        "2",
+        "--log-format",
+        "json",
+        env={"GATEWAY_MOCK_DELAY_MS": "0"},
+    )
+    try:
+        async with asyncio.timeout(15):
+            while sum(1 for line in process.lines if line.get("event") == "gateway.listening") < 2:
+                await process.wait_for_next()
+        victim = (await process.wait_for("gateway.workers"))["pids"][0]
+        os.kill(victim, signal.SIGKILL)
+        exited = await process.wait_for("gateway.worker_exited")
+        assert (exited["worker"], exited["pid"], exited["code"]) == (0, victim, -signal.SIGKILL)
+        restarted = await process.wait_for("gateway.worker_restarted")
+        assert restarted["worker"] == 0
+        assert restarted["pid"] != victim
+        async with asyncio.timeout(15):
+            while sum(1 for line in process.lines if line.get("event") == "gateway.listening") < 3:
+                await process.wait_for_next()
+        clients = [Client(await connect(f"ws://127.0.0.1:{port}/v1/ws")) for _ in range(8)]
+        for client in clients:
+            assert (await client.recv())["type"] == "welcome"
+            await client.start("s", "sky [[mock chunks=3]]")
+            check_stream((await client.finish("s"))["s"])
+            await client.ws.close()
+        assert await process.stop() == 0
+        stopped = [line for line in process.lines if line.get("event") == "gateway.stopped"]
+        assert sorted(line["worker"] for line in stopped) == [0, 1]
+    finally:
+        if process.proc.returncode is None:
+            process.proc.kill()
+            await process.proc.wait()
+
+
+async def test_workers_that_keep_failing_at_start_end_the_supervisor() -> None:
+    """Workers that cannot start (here: the port is taken by a socket without SO_REUSEPORT)
+    are retried with a backoff; after MAX_FAST_EXITS fast failures the supervisor gives up
+    and exits 1, so that the orchestrator sees the crash loop."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = await spawn(
+            "serve", "--port", str(port), "--workers", "2", "--log-format", "json"
+        )
+        try:
+            assert await asyncio.wait_for(process.proc.wait(), 30) == 1
+            assert process.proc.stderr is not None
+            rest = await asyncio.wait_for(process.proc.stderr.read(), 15)
+            lines = process.lines + [
+                orjson.loads(raw) for raw in rest.splitlines() if raw.startswith(b"{")
+            ]
+            events = [line.get("event") for line in lines]
+            assert "gateway.workers_crash_loop" in events
+            assert events.count("gateway.worker_restarted") >= MAX_FAST_EXITS - 1
+        finally:
+            if process.proc.returncode is None:
+                process.proc.kill()
+                await process.proc.wait()
+
+
+def test_restart_backoff_grows_while_a_worker_keeps_failing_fast() -> None:
+    """A worker that lived long is restarted at once; fast failures back off 0.1 s doubling,
+    to at most 5 s."""
+    assert restart_delay(0) == 0.0
+    assert [restart_delay(n) for n in range(1, 5)] == [0.1, 0.2, 0.4, 0.8]
+    assert restart_delay(20) == 5.0
 
 
 class _BrokenPipe:

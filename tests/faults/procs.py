@@ -12,6 +12,7 @@ Nothing here blocks the event loop for long: polls sleep with `asyncio.sleep`.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import functools
 import os
@@ -72,11 +73,22 @@ def serve_flags() -> frozenset[str]:
     return frozenset(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]+)", out))
 
 
+#: The sockets that keep dead ports bound (closed when the test process exits).
+_DEAD: list[socket.socket] = []
+atexit.register(lambda: [sock.close() for sock in _DEAD])
+
+
 def dead_port() -> int:
-    """A loopback port nobody listens on (bound, then released: connects are refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
+    """A loopback port nobody listens on: connects are refused.
+
+    The port stays bound (not listening) until the test process ends. Released, it could be
+    reused, even as the local port of the gateway's own connect to it: a TCP self-connect,
+    which "answers" with the request itself (seen once: a `refused` run without retries).
+    """
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    _DEAD.append(sock)
+    port: int = sock.getsockname()[1]
     return port
 
 
