@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
@@ -261,13 +262,37 @@ async def test_health_endpoints_on_the_same_port(gateway_process: Process) -> No
     assert await gateway_process.stop(signal.SIGINT) == 0
 
 
-async def test_mock_upstream_command() -> None:
-    """`python -m gateway mock-upstream --port P` serves the dialect routes."""
-    import socket
-
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        port: int = s.getsockname()[1]
+    return port
+
+
+async def spawn_workers(port: int, workers: int = 2) -> Process:
+    """`serve --workers N` on `port`, JSON logs, the built-in mock upstream answering at once."""
+    return await spawn(
+        "serve",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--log-format",
+        "json",
+        env={"GATEWAY_MOCK_DELAY_MS": "0"},
+    )
+
+
+async def wait_logged(process: Process, event: str, count: int) -> None:
+    """Read log lines until `event` has been logged `count` times in all."""
+    async with asyncio.timeout(15):
+        while sum(1 for line in process.lines if line.get("event") == event) < count:
+            await process.wait_for_next()
+
+
+async def test_mock_upstream_command() -> None:
+    """`python -m gateway mock-upstream --port P` serves the dialect routes."""
+    port = free_port()
     process = await spawn("mock-upstream", "--port", str(port), "--delay-ms", "0")
     try:
         assert process.proc.stdout is not None
@@ -306,35 +331,10 @@ async def test_workers_share_the_port_and_drain_on_sigterm() -> None:
     """`--workers 2` runs two processes on one port (SO_REUSEPORT); both take sockets, and
     SIGTERM to the parent drains both and exits 0. Their metrics are shared: every scrape,
     whichever worker answers it, counts the streams and sockets of both."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    process = await spawn(
-        "serve",
-        "--port",
-        str(port),
-        "--workers",
-        "2",
-        "--log-format",
-        "json",
-        env={"GATEWAY_MOCK_DELAY_MS": "0"},
-    )
+    port = free_port()
+    process = await spawn_workers(port)
     try:
-        listening = [await process.wait_for("gateway.listening")]
-        async with asyncio.timeout(15):
-            while (
-                len(
-                    {
-                        line.get("worker")
-                        for line in process.lines
-                        if line.get("event") == "gateway.listening"
-                    }
-                )
-                < 2
-            ):
-                listening.append(await process.wait_for_next())
+        await wait_logged(process, "gateway.listening", 2)
         url = f"ws://127.0.0.1:{port}/v1/ws"
         sockets = [await connect(url) for _ in range(24)]
         for ws in sockets:
@@ -360,9 +360,7 @@ async def test_workers_share_the_port_and_drain_on_sigterm() -> None:
             assert not any(name.startswith("process_") for name in samples)
         for ws in sockets:
             await ws.close()
-        async with asyncio.timeout(15):
-            while sum(1 for line in process.lines if line.get("event") == "socket.close") < 24:
-                await process.wait_for_next()
+        await wait_logged(process, "socket.close", 24)
         workers = {
             line.get("worker") for line in process.lines if line.get("event") == "socket.open"
         }
@@ -378,16 +376,10 @@ async def test_workers_drain_and_exit_when_their_supervisor_is_killed() -> None:
     """A supervisor killed outright (SIGKILL, as by the OOM killer) takes its workers with it:
     each gets SIGTERM, drains and exits, instead of serving the port unsupervised. Shown by
     the end of their shared stderr (every worker closed it) after each logged its stop."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    process = await spawn("serve", "--port", str(port), "--workers", "2", "--log-format", "json")
+    port = free_port()
+    process = await spawn_workers(port)
     try:
-        async with asyncio.timeout(15):
-            while sum(1 for line in process.lines if line.get("event") == "gateway.listening") < 2:
-                await process.wait_for_next()
+        await wait_logged(process, "gateway.listening", 2)
         process.proc.kill()
         assert await asyncio.wait_for(process.proc.wait(), 15) == -signal.SIGKILL
         assert process.proc.stderr is not None
@@ -406,25 +398,10 @@ async def test_workers_drain_and_exit_when_their_supervisor_is_killed() -> None:
 async def test_a_worker_that_dies_is_restarted() -> None:
     """A worker killed on its own (a crash, the OOM killer) is replaced under the same index,
     the gateway keeps serving on the port, and SIGTERM still drains every worker to exit 0."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    process = await spawn(
-        "serve",
-        "--port",
-        str(port),
-        "--workers",
-        "2",
-        "--log-format",
-        "json",
-        env={"GATEWAY_MOCK_DELAY_MS": "0"},
-    )
+    port = free_port()
+    process = await spawn_workers(port)
     try:
-        async with asyncio.timeout(15):
-            while sum(1 for line in process.lines if line.get("event") == "gateway.listening") < 2:
-                await process.wait_for_next()
+        await wait_logged(process, "gateway.listening", 2)
         victim = (await process.wait_for("gateway.workers"))["pids"][0]
         os.kill(victim, signal.SIGKILL)
         exited = await process.wait_for("gateway.worker_exited")
@@ -432,9 +409,7 @@ async def test_a_worker_that_dies_is_restarted() -> None:
         restarted = await process.wait_for("gateway.worker_restarted")
         assert restarted["worker"] == 0
         assert restarted["pid"] != victim
-        async with asyncio.timeout(15):
-            while sum(1 for line in process.lines if line.get("event") == "gateway.listening") < 3:
-                await process.wait_for_next()
+        await wait_logged(process, "gateway.listening", 3)  # the new worker 0
         clients = [Client(await connect(f"ws://127.0.0.1:{port}/v1/ws")) for _ in range(8)]
         for client in clients:
             assert (await client.recv())["type"] == "welcome"
@@ -454,8 +429,6 @@ async def test_workers_that_keep_failing_at_start_end_the_supervisor() -> None:
     """Workers that cannot start (here: the port is taken by a socket without SO_REUSEPORT)
     are retried with a backoff; after MAX_FAST_EXITS fast failures the supervisor gives up
     and exits 1, so that the orchestrator sees the crash loop."""
-    import socket
-
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
