@@ -21,6 +21,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -59,6 +60,7 @@ SCENARIOS = (
     "cancel",
     "cpu",
     "reference",
+    "instructions",
     "workers",
     "memory",
 )
@@ -85,6 +87,9 @@ class Sizes:
     active_streams: int = 1000
     cpu_streams: int = 200
     cpu_seconds: float = 6.0
+    #: Instructions (callgrind): streams, and chunks per stream in the shorter of two runs.
+    ir_streams: int = 10
+    ir_chunks: int = 100
 
 
 FULL = Sizes(repeats=5)
@@ -105,6 +110,8 @@ QUICK = Sizes(
     active_streams=100,
     cpu_streams=50,
     cpu_seconds=1.0,
+    ir_streams=5,
+    ir_chunks=20,
 )
 
 
@@ -221,10 +228,13 @@ class Server(Proc):
 class Reference(Server):
     """bench/reference_bridge.py: the issue's straightforward websockets + aiohttp bridge."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(
+        self, upstream: str, prefix: Sequence[str] = (), start_timeout: float = 20
+    ) -> None:
         self.port = free_port()
         self.log = open(HERE / "results" / ".gateway.log", "a")  # noqa: SIM115
         argv = [
+            *prefix,
             PYTHON,
             str(HERE / "reference_bridge.py"),
             "--port",
@@ -236,16 +246,23 @@ class Reference(Server):
             taskset(GATEWAY_CORES, argv), stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT
         )
         self.url = f"ws://127.0.0.1:{self.port}/v1/ws"
-        wait_http(f"http://127.0.0.1:{self.port}/healthz")
+        wait_http(f"http://127.0.0.1:{self.port}/healthz", start_timeout)
 
 
 class Gateway(Server):
     def __init__(
-        self, upstream: str, *extra: str, cores: str | None = GATEWAY_CORES, workers: int = 1
+        self,
+        upstream: str,
+        *extra: str,
+        cores: str | None = GATEWAY_CORES,
+        workers: int = 1,
+        prefix: Sequence[str] = (),
+        start_timeout: float = 20,
     ) -> None:
         self.port = free_port()
         self.log = open(HERE / "results" / ".gateway.log", "a")  # noqa: SIM115
         argv = [
+            *prefix,
             PYTHON,
             "-m",
             "gateway",
@@ -268,7 +285,7 @@ class Gateway(Server):
         ]
         super().__init__(taskset(cores, argv), stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
         self.url = f"ws://127.0.0.1:{self.port}/v1/ws"
-        wait_http(f"http://127.0.0.1:{self.port}/healthz")
+        wait_http(f"http://127.0.0.1:{self.port}/healthz", start_timeout)
         self.workers = workers
         if workers > 1:
             deadline = time.monotonic() + 10
@@ -1094,6 +1111,68 @@ class Bench:
             "x",
             [g / r for g, r in zip(per["gw"], per["ref"], strict=True)],
             ("<=", 25 / 57.5, "25 us / 57.5 us, the middle of 50 to 65"),
+        )
+
+    # 10. instructions (callgrind) ------------------------------------------------------------
+
+    def instructions(self, mock: Mock) -> None:
+        """User-space instructions per paced chunk, counted by callgrind: unlike CPU time they
+        do not drift with the VM's speed or a noisy neighbour, so they show a change of a few
+        percent that the CPU rows cannot. Each relay runs twice under valgrind, with N and 2N
+        chunks per stream; the difference over the extra chunks leaves start-up and stream
+        setup out. Kernel time is not counted (about 40% of a paced chunk's CPU)."""
+        if shutil.which("valgrind") is None:
+            self.notes.append("valgrind not installed: no instruction counts")
+            return
+        s = self.s
+        counts: dict[str, list[float]] = {"gw": [], "ref": []}
+        log = HERE / "results" / ".valgrind.log"
+        for key in ("gw", "ref"):
+            totals: list[tuple[int, int]] = []
+            for chunks in (s.ir_chunks, 2 * s.ir_chunks):
+                prefix = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+                prefix.append(f"--log-file={log}")
+                server: Server = (
+                    Gateway(mock.url, prefix=prefix, start_timeout=180)
+                    if key == "gw"
+                    else Reference(mock.url, prefix=prefix, start_timeout=180)
+                )
+                with running(server):
+                    self._warmup(server, 2, 5)
+                    cfg = dict(self._paced_cfg(server.url), sockets=s.ir_streams // 5)
+                    cfg["chunks"] = chunks
+                    cfg["prompt"] = f"[[mock fast=1 chunks={chunks} rate=20]] bench instructions"
+                    r = Load(cfg).run()
+                    check(r, f"instructions ({key})")
+                collected = re.search(r"Collected : (\d+)", log.read_text())
+                if collected is None:
+                    raise RuntimeError(f"no callgrind total in {log}")
+                totals.append((r["upstream_chunks"], int(collected.group(1))))
+            (c1, i1), (c2, i2) = totals
+            counts[key].append((i2 - i1) / (c2 - c1))
+            self.log(f"  instructions {key}: {counts[key][-1]:,.0f} per paced chunk")
+        streams = s.ir_streams
+        what = f"{streams} streams x 20 chunks/s, {s.ir_chunks} vs {2 * s.ir_chunks} chunks each"
+        self.row(
+            "10 instructions",
+            f"gateway: user-space instructions per paced chunk (callgrind; {what})",
+            "instr",
+            counts["gw"],
+            note="steady from run to run: the yardstick for A/B of the Python path",
+        )
+        self.row(
+            "10 instructions",
+            "reference bridge: user-space instructions per paced chunk (callgrind)",
+            "instr",
+            counts["ref"],
+        )
+        self.row(
+            "10 instructions",
+            "gateway / reference bridge, user-space instructions per paced chunk",
+            "x",
+            [counts["gw"][0] / counts["ref"][0]],
+            note="user space only: the kernel's part (each read, write and wake-up) is the same "
+            "work for both",
         )
 
     # py-spy -------------------------------------------------------------------------------
