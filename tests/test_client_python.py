@@ -578,6 +578,21 @@ async def test_cli_ask_streams_the_answer_and_numbers_citations(stack: Stack) ->
     assert out == expected_text(prompt) + "\n\nSources:\n" + sources
 
 
+async def test_cli_ask_works_where_signal_handlers_cannot_be_installed(
+    stack: Stack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Off the main thread the loop refuses signal handlers (RuntimeError; some platforms raise
+    NotImplementedError): `ask` then runs without its Ctrl-C handler, and still answers."""
+    from gateway_client._cli import main
+
+    prompt = "Why is the sky blue? [[mock chunks=3]]"
+    code = await asyncio.to_thread(main, ["ask", prompt, "--url", stack.url])
+    out = capsys.readouterr().out  # the in-process gateway's log lines are mixed in
+    assert code == 0
+    assert expected_text(prompt) in out
+    assert "\nSources:\n[1] " in out
+
+
 async def test_cli_json_prints_every_frame(stack: Stack) -> None:
     """`--json` prints the raw protocol frames one per line, each valid per docs/asyncapi.yaml."""
     prompt = "Why is the sky blue? [[mock chunks=4]]"
