@@ -584,15 +584,16 @@ class Connection:
         if self._writer is not None or self._stopped:
             return
         frames = self.outbox.drain()
-        self._busy = True
-        try:
-            self.flow.wake()  # may feed paused upstream reads, and so queue more, right now
-        finally:
-            self._busy = False
+        flow = self.flow
+        if flow.waiting:
+            self._busy = True
+            try:
+                flow.wake()  # may feed paused upstream reads, and so queue more, right now
+            finally:
+                self._busy = False
         ws = self.ws
         if frames:
-            if ws.open:
-                ws.write_frames(frames)
+            ws.write_frames(frames)  # dropped if the socket is closing
             # An idle socket must not pin its last batch (orjson keeps a 4 KiB block per
             # frame): measured as 4 KiB per idle socket before this line.
             del frames

@@ -20,6 +20,8 @@ from gateway.sse import SSEEvent
 
 #: Top-level metadata keys relayed in `done` when the upstream sent them (protocol.md, "done").
 META_KEYS: Final = ("citations", "search_results", "images", "related_questions", "videos", "usage")
+#: The same, to tell in one C call whether an event carries any (most OpenAI chunks carry none).
+_META_SET: Final = frozenset(META_KEYS)
 
 
 class UpstreamFailure(Exception):
@@ -153,10 +155,11 @@ class OpenAITranslator(Translator):
                 ErrorCode.UPSTREAM_ERROR, _error_message(err), retryable=_error_retryable(err)
             )
         meta = self.meta
-        for key in META_KEYS:
-            value = obj.get(key)
-            if value is not None:
-                meta[key] = value
+        if not _META_SET.isdisjoint(obj):
+            for key in META_KEYS:
+                value = obj.get(key)
+                if value is not None:
+                    meta[key] = value
         choices = obj.get("choices")
         if not choices or not isinstance(choices, list):
             return None

@@ -12,8 +12,9 @@ by a blank line (one LLM token event) becomes an event without the general field
 unterminated line waits in a ``bytearray`` that is only appended to, so nothing is re-copied.
 """
 
+from collections.abc import Callable
 from contextlib import suppress
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, cast
 
 __all__ = ["SSEDecoder", "SSEEvent", "SSEEventTooLarge"]
 
@@ -35,6 +36,13 @@ class SSEEvent(NamedTuple):
     """Data buffer with one trailing LF removed, kept verbatim for byte-faithful relaying."""
     id: str | None
     """Last-event-ID string at dispatch; ``None`` if no ``id`` field was ever accepted."""
+
+
+#: `SSEEvent(event, data, id)` without NamedTuple's generated `__new__`, a Python function: one
+#: interpreter frame less per upstream token (callgrind: about 1,500 instructions).
+_event: Final = cast(
+    Callable[[type[SSEEvent], tuple[str, str, str | None]], SSEEvent], tuple.__new__
+)
 
 
 class SSEEventTooLarge(ValueError):
@@ -109,7 +117,7 @@ class SSEDecoder:
                 text = value.decode("utf-8", "replace")
                 if "\n" not in text and "\r" not in text:
                     self.last_event_id = self._id_buffer
-                    return [SSEEvent("message", text, self._id_buffer)]
+                    return [_event(SSEEvent, ("message", text, self._id_buffer))]
         if self._failed:
             raise SSEEventTooLarge("decoder already failed: an event exceeded max_event_bytes")
         if self._skip_lf and data:
@@ -213,11 +221,11 @@ class SSEDecoder:
             if clean and startswith("data: ", pos):
                 if cr < 0:
                     if startswith("\n", lf + 1):  # an LF-ended data line, then a blank line
-                        append(SSEEvent("message", text[pos + 6 : lf], id_buffer))
+                        append(_event(SSEEvent, ("message", text[pos + 6 : lf], id_buffer)))
                         pos = lf + 2
                         continue
                 elif cr == lf - 1 and startswith("\r\n", lf + 1):  # the same with CRLF
-                    append(SSEEvent("message", text[pos + 6 : cr], id_buffer))
+                    append(_event(SSEEvent, ("message", text[pos + 6 : cr], id_buffer)))
                     pos = lf + 3
                     continue
             start = pos

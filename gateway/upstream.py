@@ -61,7 +61,7 @@ class FlowControl:
     created only when one has to wait, so an idle socket pays nothing for it.
     """
 
-    __slots__ = ("_outbox", "_parked", "_space", "_stalled", "limit", "stalls")
+    __slots__ = ("_outbox", "_parked", "_space", "_stalled", "limit", "stalls", "waiting")
 
     def __init__(self, limit: int, outbox: Outbox) -> None:
         self.limit = limit
@@ -71,6 +71,9 @@ class FlowControl:
         #: How many times a reader had to wait (a slow-client signal for logs and metrics).
         self.stalls = 0
         self._stalled: asyncio.Event | None = None
+        #: Something waits for `wake()` (a paused reader or `wait()`): the writer calls it only
+        #: then, a plain attribute read per flush instead of a call.
+        self.waiting = False
 
     @property
     def stalled(self) -> asyncio.Event:
@@ -95,6 +98,7 @@ class FlowControl:
             self._stall()
             if self._space is None or self._space.done():
                 self._space = asyncio.get_running_loop().create_future()
+            self.waiting = True
             await asyncio.shield(self._space)
 
     def on_wake(self, callback: Callable[[], None]) -> None:
@@ -103,10 +107,12 @@ class FlowControl:
         if self._parked is None:
             self._parked = []
         self._parked.append(callback)
+        self.waiting = True
 
     def wake(self) -> None:
         """Paused readers check again: the writer emptied the outbox, a stream moved to
         another socket, or the socket is gone."""
+        self.waiting = False
         space = self._space
         if space is not None:
             self._space = None

@@ -231,20 +231,31 @@ class WebSocket(asyncio.Protocol):
         return f"{host}:{port}"
 
     def write_frames(self, messages: list[bytes]) -> None:
-        """Send `messages` as text frames in one write (one syscall for the batch).
+        """Send `messages` as text frames in one write (one syscall for the batch), or drop them
+        when the socket is no longer `open`, as everything written to a closed socket is.
 
         Without extensions the frames are built here directly (text_frames); with
         permessage-deflate websockets frames them, since it owns the compression context.
-        Whole frames only, so keepalive pings and a close interleave safely."""
+        Whole frames only, so keepalive pings and a close interleave safely. The openness check
+        is `open`'s, inlined: this runs once per flush (the hot path)."""
         protocol = self.protocol
-        assert self.transport is not None
+        transport = self.transport
+        if protocol.state is not OPEN or transport is None or transport.is_closing():
+            return
         if protocol.extensions:
             send_text = protocol.send_text
             for message in messages:
                 send_text(message)
             self._send_data()
             return
-        self.transport.write(text_frames(messages))
+        if len(messages) == 1:
+            # The usual batch, one token of one stream: its header and payload, no list.
+            message = messages[0]
+            size = len(message)
+            if size < 126:
+                transport.write(_SHORT_HEADERS[size] + message)
+                return
+        transport.write(text_frames(messages))
 
     async def drained(self) -> None:
         """Return once the client has read enough that writing may go on (or the socket is

@@ -290,3 +290,50 @@ async def test_frames_split_anywhere_give_the_same_messages(stack: Stack) -> Non
     await client.start("after", "sky [[mock chunks=3]]")
     check_stream((await client.finish("after"))["after"])
     await stack.assert_no_leaks()
+
+
+class _RecordingTransport:
+    """The real transport, with every write also recorded."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+        self.real.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+async def test_write_frames_frames_batches_and_writes_nothing_once_closing(stack: Stack) -> None:
+    """The writer's one call per flush: a lone short message goes out as its 2-byte header and
+    payload, a batch as consecutive frames in one write, each read by a real client as one
+    message; once the gateway has sent its close frame, frames are dropped, not written after
+    it (a protocol error for the client)."""
+    client = await stack.client()
+    ((connection),) = stack.gateway.connections
+    server_ws = connection.ws
+    recorder = _RecordingTransport(server_ws.transport)
+    server_ws.transport = recorder  # type: ignore[assignment]
+    small, big = b'{"n":1}', orjson.dumps({"n": 2, "pad": "x" * 300})
+    server_ws.write_frames([small])
+    server_ws.write_frames([big])
+    server_ws.write_frames([small, big, small])
+    assert recorder.writes == [
+        b"\x81\x07" + small,
+        b"\x81\x7e" + len(big).to_bytes(2, "big") + big,
+        b"\x81\x07" + small + b"\x81\x7e" + len(big).to_bytes(2, "big") + big + b"\x81\x07" + small,
+    ]
+    for message in (small, big, small, big, small):
+        assert await asyncio.wait_for(client.ws.recv(), TIMEOUT) == message.decode()
+    server_ws.close(1000, "bye")
+    written = len(recorder.writes)
+    server_ws.write_frames([small])
+    assert len(recorder.writes) == written
+    with contextlib.suppress(ConnectionClosed):
+        assert await asyncio.wait_for(client.ws.recv(), TIMEOUT) is None  # nothing after close
+    assert client.ws.close_code == 1000
+    server_ws.transport = recorder.real
+    await stack.assert_no_leaks()
