@@ -500,6 +500,7 @@ class Bench:
         self.rows: list[Row] = []
         self.notes: list[str] = []
         self.tp_median: float | None = None
+        self.tp_per_cpu: float | None = None
         self.failed: list[str] = []
 
     def row(self, *args: Any, **kw: Any) -> Row:
@@ -543,6 +544,7 @@ class Bench:
         shape = f"{s.tp_sockets}x{s.tp_streams} streams x {s.tp_chunks} chunks"
         if workers == 1:
             self.tp_median = statistics.median(rate)
+            self.tp_per_cpu = statistics.median(per_cpu)
             self.row(
                 "1 throughput",
                 f"upstream chunks relayed/s, 1 worker on 1 core ({shape})",
@@ -572,6 +574,15 @@ class Bench:
                 ratio,
                 (">=", 1.8, ""),
                 note="gateway on cores 0,1 while the mock and load generator also use core 1",
+            )
+            # Whether a worker does the same work per chunk as a lone gateway: if so, what
+            # limits the row above is the cores the workers get, not the workers' design.
+            self.row(
+                "8 workers",
+                "--workers 2 / 1 worker, upstream chunks per gateway CPU-second (all workers)",
+                "x",
+                [x / self.tp_per_cpu for x in per_cpu] if self.tp_per_cpu else [],
+                note="near 1: two workers add little work per chunk; the row above is short of cores",
             )
         return rate
 
