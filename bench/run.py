@@ -582,7 +582,7 @@ class Bench:
                 "--workers 2 / 1 worker, upstream chunks per gateway CPU-second (all workers)",
                 "x",
                 [x / self.tp_per_cpu for x in per_cpu] if self.tp_per_cpu else [],
-                note="near 1: two workers add little work per chunk; the row above is short of cores",
+                note="near 1: two workers add little work per chunk (the row above lacks cores)",
             )
         return rate
 
