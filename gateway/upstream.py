@@ -562,7 +562,10 @@ class _BodyFeed:
         """The hot path: one piece of body -> its events -> deltas into the outbox."""
         if self.done.done():
             return
-        self.last_read = time.monotonic()
+        if not self._paused:
+            # While we pause reading, the silence is ours (last_read stays inf), even if aiohttp
+            # still delivers the rest of a read: before 3.14 it did not pause its parser.
+            self.last_read = time.monotonic()
         stream, translator = self._stream, self._translator
         try:
             stream.bytes_in += len(data)
