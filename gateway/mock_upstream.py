@@ -1644,7 +1644,11 @@ class MockUpstream:
                     await resp.write(fast.preamble)
                     rec.bytes_sent += len(fast.preamble)
                 else:
-                    request.writer.send_headers()
+                    # aiohttp 3.11+ holds the headers back for the first body write; before,
+                    # prepare() wrote them and there is no send_headers().
+                    send_headers = getattr(request.writer, "send_headers", None)
+                    if send_headers is not None:
+                        send_headers()
                 job = _PacedJob(fast, spec.pieces, spec.knobs.rate, rec)
                 try:
                     self._pacer.add(job, request.transport)

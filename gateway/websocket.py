@@ -394,13 +394,9 @@ class WebSocket(asyncio.Protocol):
         and errors are unchanged.
         """
         protocol = self.protocol
-        limit = protocol.max_message_size
-        if protocol.max_fragment_size is not None:
-            limit = (
-                protocol.max_fragment_size
-                if limit is None
-                else min(limit, protocol.max_fragment_size)
-            )
+        # The limit websockets was given (a message limit, no fragment limit): the listener's,
+        # not read back from websockets, whose attribute names differ between releases.
+        limit = self.listener.max_size
         size = len(data)
         at = 0
         while size - at >= 6:
