@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-js lint typecheck check mock clean faults bench
+.PHONY: run test test-min test-js lint typecheck check mock clean faults bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ mock: $(STAMP)
 test: $(STAMP) lint typecheck
 	PYTHONASYNCIODEBUG=1 $(PY) -m pytest --cov --cov-report=term:skip-covered $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-js
+
+## test-min: the test suite against the oldest dependency releases pyproject.toml allows
+## (tests/min-versions.txt), in a venv of its own (.venv-min); CI runs it after `make test`
+test-min:
+	$(PYTHON) -m venv .venv-min
+	.venv-min/bin/python -m pip install --quiet -c tests/min-versions.txt -e '.[test,fast]' -e ./clients/python
+	PYTHONASYNCIODEBUG=1 .venv-min/bin/python -m pytest $(PYTEST_ARGS)
 
 clients/js/node_modules/.package-lock.json: clients/js/package-lock.json
 	cd clients/js && npm ci --no-audit --no-fund

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from packaging.version import Version
 from websockets.asyncio.client import connect
 
 from gateway.config import Config, add_serve_arguments, config_from_args
@@ -797,3 +799,21 @@ async def test_nginx_relays_websocket_streams_unbuffered(
             async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
                 assert response.status == 404
     await stack.assert_no_leaks()
+
+
+def test_min_versions_are_pyprojects_floors() -> None:
+    """tests/min-versions.txt, which `make test-min` (and CI) runs the suite against, pins
+    exactly the `>=` floor of every runtime dependency in pyproject.toml, uvloop included: a
+    range that is declared is a range that is tested."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    floors: dict[str, Version] = {}
+    for spec in [*project["dependencies"], *project["optional-dependencies"]["fast"]]:
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?>=([^,]+),<.+", spec)
+        assert match, f"{spec}: every dependency has a floor and a ceiling"
+        floors[match[1].lower()] = Version(match[2])
+    pins: dict[str, Version] = {}
+    for line in (ROOT / "tests" / "min-versions.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name.strip().lower()] = Version(version)
+    assert pins == floors
