@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-min test-js lint typecheck check mock clean faults bench
+.PHONY: run test test-min test-python test-js lint typecheck check mock clean faults bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ test-min:
 	$(PYTHON) -m venv .venv-min
 	.venv-min/bin/python -m pip install --quiet -c tests/min-versions.txt -e '.[test,fast]' -e ./clients/python
 	PYTHONASYNCIODEBUG=1 .venv-min/bin/python -m pytest $(PYTEST_ARGS)
+
+## test-python: the test suite on another interpreter, e.g. `make test-python PYTHON=python3.13`,
+## in a venv of its own (.venv-python3.13); CI runs it on the newest Python it finds
+test-python:
+	$(PYTHON) -m venv .venv-$(notdir $(PYTHON))
+	.venv-$(notdir $(PYTHON))/bin/python -m pip install --quiet -e '.[test,fast]' -e ./clients/python
+	PYTHONASYNCIODEBUG=1 .venv-$(notdir $(PYTHON))/bin/python -m pytest $(PYTEST_ARGS)
 
 clients/js/node_modules/.package-lock.json: clients/js/package-lock.json
 	cd clients/js && npm ci --no-audit --no-fund
