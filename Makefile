@@ -36,7 +36,7 @@ test-min:
 	PYTHONASYNCIODEBUG=1 .venv-min/bin/python -m pytest $(PYTEST_ARGS)
 
 ## test-python: the test suite on another interpreter, e.g. `make test-python PYTHON=python3.13`,
-## in a venv of its own (.venv-python3.13); CI runs it on the newest Python it finds
+## in a venv of its own (.venv-python3.13); CI runs it on 3.12 and 3.13 where it finds them
 test-python:
 	$(PYTHON) -m venv .venv-$(notdir $(PYTHON))
 	.venv-$(notdir $(PYTHON))/bin/python -m pip install --quiet -e '.[test,fast]' -e ./clients/python
