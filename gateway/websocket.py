@@ -15,6 +15,7 @@ socket and the sockets still in their handshake.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import socket
@@ -49,6 +50,8 @@ _PONG: Final = Opcode.PONG
 WRITE_LIMIT: Final = 1 << 15
 #: The keepalive wheel: every socket is pinged once per interval, one slot per tick.
 KEEPALIVE_SLOTS: Final = 16
+#: SO_LINGER on, 0 s: close() resets the connection and discards what the client has not read.
+_RESET: Final = struct.pack("ii", 1, 0)
 #: Unmasked final text frame headers for payloads under 126 bytes (most tokens).
 _SHORT_HEADERS: Final = tuple(bytes((0x81, size)) for size in range(126))
 
@@ -128,7 +131,7 @@ class WebSocket(asyncio.Protocol):
         transport.set_write_buffer_limits(WRITE_LIMIT)
         listener = self.listener
         if listener.closing:
-            transport.abort()
+            self.abort()
             return
         listener.handshaking[self] = None
         self._timer = listener.loop.call_later(listener.open_timeout, self.abort)
@@ -157,7 +160,7 @@ class WebSocket(asyncio.Protocol):
                 peer=self.peer,
                 buffered=transport.get_write_buffer_size(),
             )
-            transport.abort()
+            self.abort()
             return
         for event in events:
             if type(event) is Frame:
@@ -284,9 +287,20 @@ class WebSocket(asyncio.Protocol):
             self._expect_close()
 
     def abort(self) -> None:
-        """Drop the TCP connection now (no closing handshake)."""
-        if self.transport is not None:
-            self.transport.abort()
+        """Drop the TCP connection now, with a reset (no closing handshake).
+
+        We only abort a client we gave up on (no close answer within --close-timeout, a stalled
+        handshake, an overflowing buffer). A plain close would hand what it has not read (up to
+        the kernel's send buffer, 4 MiB) to an orphaned socket that keeps retrying it for
+        minutes; the reset frees it at once, and the client learns the connection is gone."""
+        transport = self.transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):  # already closed
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        transport.abort()
 
     def ping(self, data: bytes) -> None:
         """Send a keepalive ping (called by Keepalive)."""

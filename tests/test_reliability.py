@@ -14,6 +14,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from gateway.metrics import LoopLag
 from gateway.retry import RetryPolicy
 from tests.conftest import TIMEOUT, Stack, StackFactory, check_stream
+from tests.faults.client import TCP_CLOSE, tcp_state
 from tests.test_e2e import expected_text, free_port
 
 
@@ -152,6 +153,33 @@ async def test_client_that_never_reads_is_closed_with_4408(make_stack: StackFact
     assert record.outcome == "client_closed"
     assert client.ws.close_code == 4408
     await stack.assert_no_leaks()
+
+
+async def test_client_that_never_reads_again_is_reset_after_the_close_timeout(
+    make_stack: StackFactory,
+) -> None:
+    """A 4408'd client that still reads nothing is dropped after --close-timeout with a TCP
+    reset. A plain close would leave the kernel holding the unsent backlog (up to 4 MiB per
+    socket) as an orphan that keeps probing the dead client for minutes; the reset frees it
+    at once. Proved from the client's side: once the gateway has let go of the socket, the
+    client's kernel has already seen the RST (state CLOSE, not ESTABLISHED)."""
+    stack = await make_stack(
+        dialect="openai", slow_client_timeout=0.3, close_timeout=0.3, resume_grace=0.2
+    )
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", stack.gateway.port))
+    client = await stack.client(max_queue=2, sock=sock)
+    await client.start("s", "ocean [[mock chunks=200000 tag=gone]]")
+    await stack.mock.wait_request("gone")
+    client.ws.transport.pause_reading()  # the client froze and never reads again
+    connection = next(iter(stack.gateway.connections))
+    await asyncio.wait_for(connection.closing.wait(), 10)
+    assert connection.close_reason == "slow_consumer"
+    await asyncio.wait_for(stack.gateway._no_connections.wait(), 10)
+    assert tcp_state(sock) == TCP_CLOSE
+    await stack.assert_no_leaks()
+    client.ws.transport.abort()
 
 
 async def test_client_that_stops_answering_pings_is_closed(make_stack: StackFactory) -> None:

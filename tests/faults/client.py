@@ -22,6 +22,15 @@ from websockets.exceptions import ConnectionClosed
 Frame = dict[str, Any]
 TextRule = Literal["exact", "prefix", "any"]
 
+#: Linux TCP states (include/net/tcp_states.h) as tcp_info reports them.
+TCP_ESTABLISHED, TCP_CLOSE, TCP_CLOSE_WAIT = 1, 7, 8
+
+
+def tcp_state(sock: Any) -> int:
+    """The kernel's TCP state of a socket (the first byte of struct tcp_info): CLOSE once the
+    peer reset the connection, CLOSE_WAIT after its FIN, ESTABLISHED while it holds on."""
+    return int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0])
+
 
 def is_terminal(frame: Frame) -> bool:
     """done, cancelled, or an error that carries `seq` (protocol.md, "Errors")."""
@@ -242,6 +251,10 @@ class WsClient:
         target = self.pongs + 1
         await self.send({"type": "ping"})
         return await self.wait_for(lambda: self.pongs >= target, timeout)
+
+    def tcp_state(self) -> int:
+        """This socket's kernel TCP state (see `tcp_state`)."""
+        return tcp_state(self.ws.transport.get_extra_info("socket"))
 
     def pause(self) -> None:
         """Stop reading the socket (the kernel buffer fills, pings go unanswered)."""

@@ -18,7 +18,7 @@ from typing import Literal
 
 from websockets.exceptions import InvalidStatus
 
-from tests.faults.client import Expect, WsClient
+from tests.faults.client import TCP_CLOSE, Expect, WsClient
 from tests.faults.context import QUESTION, Run
 from tests.faults.procs import serve_flags
 
@@ -327,6 +327,9 @@ async def stops_answering_pings(run: Run) -> None:
         run.tally.problem("the gateway kept a socket that answers no ping for 8 s")
     else:
         run.tally.notes.append(f"closed {time.monotonic() - paused:.1f} s after it went quiet")
+        # Dropped with a reset, so the kernel keeps nothing for it (docs/reliability.md).
+        if (state := client.tcp_state()) != TCP_CLOSE:
+            run.tally.problem(f"dropped without a reset: the client's TCP state is {state}")
     client.resume()
     await client.wait_for(lambda: client.closed, 5)
     run.tally.notes.append(f"the client saw close code {client.close_code}")
