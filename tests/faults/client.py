@@ -151,6 +151,9 @@ class WsClient:
             open_timeout=timeout,
             close_timeout=2,
             compression=None,
+            # As the Python client: a client far behind gets chunks up to about the send
+            # buffer (1 MiB) and a `done` carries the whole answer (docs/protocol.md).
+            max_size=1 << 24,
         )
         client = cls(ws)
         client._reader = asyncio.get_running_loop().create_task(
