@@ -22,8 +22,8 @@ from websockets.exceptions import ConnectionClosed
 Frame = dict[str, Any]
 TextRule = Literal["exact", "prefix", "any"]
 
-#: Linux TCP states (include/net/tcp_states.h) as tcp_info reports them.
-TCP_ESTABLISHED, TCP_CLOSE, TCP_CLOSE_WAIT = 1, 7, 8
+#: Linux's TCP state after a reset (include/net/tcp_states.h; ESTABLISHED is 1, CLOSE_WAIT 8).
+TCP_CLOSE = 7
 
 
 def tcp_state(sock: Any) -> int:
