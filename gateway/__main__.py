@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import importlib.metadata
 import os
 import re
@@ -22,6 +21,7 @@ import structlog
 
 from gateway import __version__
 from gateway.config import METRICS_DIR_ENV, Config, add_serve_arguments, config_from_args
+from gateway.memory import tune_gc
 from gateway.observability import configure_logging
 
 log = structlog.get_logger("gateway")
@@ -139,21 +139,6 @@ async def serve(config: Config) -> None:
         if mock is not None:
             await mock.stop()
         log.info("gateway.stopped")
-
-
-#: Young-generation threshold (CPython's default is 700). Every relayed chunk allocates a few
-#: short-lived objects; at the default, collections of the young generation (and the full
-#: collections they trigger over every socket's objects, pauses of tens of ms at 20k sockets)
-#: cost about 7% of the CPU of a paced relay, measured with gc.callbacks; at 10,000 about 1%.
-GC_THRESHOLD: Final = (10_000, 20, 20)
-
-
-def tune_gc() -> None:
-    """Move everything allocated while starting (modules, config, the gateway) out of the
-    collector's sight for good, and collect the young generation less often."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLD)
 
 
 #: The oldest uvloop the gateway runs on. 0.21 and 0.22 abort or crash the process now and then

@@ -353,13 +353,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, s
     )
     flag(
         "resume-max-bytes",
-        "largest answer (characters) retained for resume after its stream ended",
+        "largest ended stream (bytes: answer, chunk offsets, metadata) retained for resume",
         d.resume_max_bytes,
         _nn_int,
     )
     flag(
         "resume-total-bytes",
-        "retained output of ended streams per process (characters); oldest evicted first",
+        "memory for retained output of ended streams per process (bytes); oldest evicted first",
         d.resume_total_bytes,
         _nn_int,
     )

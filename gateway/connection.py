@@ -269,6 +269,10 @@ class Connection:
         self.gateway.idle_deadlines.cancel(self)
         self.gateway.auth_deadlines.cancel(self)
         self._release_streams()
+        # The outbox and the session call back into this connection: with those links cut, a
+        # closed socket's objects are freed by reference counting as soon as nothing uses them.
+        self.outbox.unbind()
+        self.session.unbind()
         if self._remote_pending:
             for task in self._remote_pending:
                 task.cancel()  # owned by the gateway, which awaits it

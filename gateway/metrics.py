@@ -9,12 +9,20 @@ worker writes its values to files there and any worker's `/metrics` answers for 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import time
 from collections.abc import Callable
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.gc_collector import GCCollector
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.process_collector import ProcessCollector
 
@@ -32,17 +40,22 @@ class Metrics:
     `render` sums over every live worker: counters and histograms add up, the live-state gauges
     are summed over live workers ("livesum"), and `draining`/`overloaded` are 1 if any worker is.
     The mirrored gauges are then written by `refresh` (every loop-lag tick and before a scrape),
-    since a scrape reads the files, not the callbacks. The process_* metrics are left out there:
-    they would describe only the worker that happened to answer.
+    since a scrape reads the files, not the callbacks. The process_* and python_gc_* metrics are
+    left out there (they would describe only the worker that happened to answer): each worker's
+    resident memory and collector counts are exported instead, with a `pid` label
+    (`gateway_worker_*`).
     """
 
     def __init__(self) -> None:
         self.multiprocess = bool(os.environ.get(METRICS_DIR_ENV))
         self.registry = CollectorRegistry(auto_describe=True)
-        if not self.multiprocess:
-            ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, ...
         self._mirrors: list[tuple[Gauge, Callable[[], float]]] = []
         r = self.registry
+        if not self.multiprocess:
+            ProcessCollector(registry=r)  # process_resident_memory_bytes, open fds, CPU
+            GCCollector(registry=r)  # python_gc_collections_total, ..._objects_collected_total
+        else:
+            self._worker_memory()
 
         def live(name: str, doc: str) -> Gauge:
             """A gauge of this process's live state (summed over live workers)."""
@@ -126,6 +139,52 @@ class Metrics:
             registry=r,
         )
 
+        self.resume_retained_bytes = live(
+            "gateway_resume_retained_bytes",
+            "Memory held by ended streams kept for a resume (bounded by --resume-total-bytes)",
+        )
+        self.resume_retained_streams = live(
+            "gateway_resume_retained_streams", "Ended streams kept for a resume"
+        )
+        self.resume_tombstones = live(
+            "gateway_resume_tombstones",
+            "Forgotten resume tokens remembered to answer resume_unavailable (bounded)",
+        )
+        self.gc_full_collection = Histogram(
+            "gateway_gc_full_collection_seconds",
+            "How long each periodic full garbage collection held the event loop",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+            registry=r,
+        )
+
+    def _worker_memory(self) -> None:
+        """Per-worker resident memory and collector counts (multiprocess mode)."""
+        r = self.registry
+        rss = Gauge(
+            "gateway_worker_resident_memory_bytes",
+            "Resident memory of each worker process",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        self.mirror(rss, resident_memory_bytes)
+        collections = Gauge(
+            "gateway_worker_gc_collections",
+            "Garbage collections run by each worker, by generation",
+            ["generation"],
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        collected = Gauge(
+            "gateway_worker_gc_objects_collected",
+            "Objects freed by each worker's garbage collections, by generation",
+            ["generation"],
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        for generation in range(len(gc.get_stats())):
+            self.mirror(collections.labels(str(generation)), _gc_stat(generation, "collections"))
+            self.mirror(collected.labels(str(generation)), _gc_stat(generation, "collected"))
+
     def mirror(self, gauge: Gauge, read: Callable[[], float]) -> None:
         """Keep `gauge` equal to `read()`: read at scrape time in one process; written by
         `refresh` in multiprocess mode."""
@@ -148,6 +207,27 @@ class Metrics:
         registry = CollectorRegistry()
         MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped module
         return generate_latest(registry)
+
+
+_PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _gc_stat(generation: int, key: str) -> Callable[[], float]:
+    """Reads one of the collector's cumulative counts for one generation."""
+
+    def read() -> float:
+        return float(gc.get_stats()[generation][key])
+
+    return read
+
+
+def resident_memory_bytes() -> float:
+    """This process's resident set size (Linux /proc; 0 where there is none)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return float(int(statm.read().split()[1]) * _PAGE_SIZE)
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 #: How often the loop-lag probe runs (four timer callbacks a second cost nothing measurable).

@@ -412,6 +412,11 @@ def encode_done(stream_id: str, seq: int, text: str, meta: dict[str, Any]) -> by
     return _dumps(msg)
 
 
+def encode_meta(meta: dict[str, Any]) -> bytes:
+    """The metadata of a `done` alone (its size is what a retained stream keeps of it)."""
+    return _dumps(meta)
+
+
 def encode_cancelled(stream_id: str, seq: int) -> bytes:
     """`cancelled`: the stream was stopped on request; `seq` is the last text_chunk sent."""
     return _dumps({"type": "cancelled", "id": stream_id, "seq": seq})

@@ -3,10 +3,15 @@
 A stream is registered under its resume token when it starts. It stays resumable while it runs
 (attached to a socket, or detached during the grace after a drop) and, once ended, for the
 retention period; the server's timers call `forget`. Retained output is bounded per stream and in
-total: a stream whose answer outgrows the per-stream bound is not retained after its end, and the
-oldest ended streams are evicted first when the total bound is reached. A forgotten token is
-remembered (bounded) as GONE, so a late resume gets `resume_unavailable` instead of a misleading
-`unknown_id` (docs/protocol.md, "Resume").
+total: a stream whose retained size outgrows the per-stream bound is not retained after its end,
+and the oldest ended streams are evicted first when the total bound is reached. A forgotten token
+is remembered (bounded) as GONE, so a late resume gets `resume_unavailable` instead of a
+misleading `unknown_id` (docs/protocol.md, "Resume").
+
+Accounting cannot drift: a stream's size is measured once, when it is retained (it no longer
+changes then: an ended stream takes no more text), recorded beside its token, and that recorded
+size is what eviction and `forget` subtract. So `retained_bytes` is always the sum of the
+recorded sizes of the retained streams, never negative, and within `max_total_bytes`.
 """
 
 from __future__ import annotations
@@ -26,24 +31,50 @@ class _Gone:
 
 
 GONE: Final = _Gone()
-#: How many forgotten tokens are remembered as GONE.
+#: How many forgotten tokens are remembered as GONE (about 100 bytes each).
 TOMBSTONES: Final = 10_000
 
 
 class Registry:
-    """Resume tokens -> streams, with the retention bounds."""
+    """Resume tokens -> streams, with the retention bounds (in bytes, see
+    `Stream.retained_size`)."""
 
-    def __init__(self, max_stream_chars: int = 1 << 20, max_total_chars: int = 256 << 20) -> None:
-        self.max_stream_chars = max_stream_chars
-        self.max_total_chars = max_total_chars
+    __slots__ = (
+        "_ended",
+        "_gone",
+        "_streams",
+        "max_stream_bytes",
+        "max_total_bytes",
+        "retained_bytes",
+    )
+
+    def __init__(self, max_stream_bytes: int = 1 << 20, max_total_bytes: int = 256 << 20) -> None:
+        self.max_stream_bytes = max_stream_bytes
+        self.max_total_bytes = max_total_bytes
+        #: Every resumable stream, running or retained, by token.
         self._streams: dict[str, Stream] = {}
-        #: Ended, retained streams, oldest first (eviction order), and their total size.
-        self._ended: OrderedDict[str, Stream] = OrderedDict()
-        self.retained_chars = 0
+        #: Ended, retained streams' tokens, oldest first (eviction order), with the size each
+        #: was retained at; `retained_bytes` is their sum.
+        self._ended: OrderedDict[str, int] = OrderedDict()
+        self.retained_bytes = 0
         self._gone: OrderedDict[str, None] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._streams)
+
+    @property
+    def retained_streams(self) -> int:
+        """Ended streams kept for a resume."""
+        return len(self._ended)
+
+    @property
+    def tombstones(self) -> int:
+        """Forgotten tokens remembered as GONE."""
+        return len(self._gone)
+
+    def retained(self) -> list[Stream]:
+        """The ended streams kept for a resume, oldest first."""
+        return [self._streams[token] for token in self._ended]
 
     def add(self, stream: Stream) -> None:
         if stream.resume_token is not None:
@@ -56,20 +87,23 @@ class Registry:
         return GONE if token in self._gone else None
 
     def ended(self, stream: Stream) -> bool:
-        """`stream` produced its terminal frame. Returns whether it stays retained (the server
+        """`stream`'s relay is over. Returns whether its output stays retained (the server
         then forgets it after --resume-retention)."""
         token = stream.resume_token
-        if token is None or token not in self._streams:
+        if token is None or self._streams.get(token) is not stream:
             return False
-        if stream.text_len > self.max_stream_chars:
+        if token in self._ended:
+            return True
+        stream.compact()
+        size = stream.retained_size()
+        if size > self.max_stream_bytes:
             self.forget(stream)
             return False
-        if token not in self._ended:
-            self._ended[token] = stream
-            self.retained_chars += stream.text_len
-        while self.retained_chars > self.max_total_chars and self._ended:
-            _, oldest = next(iter(self._ended.items()))
-            self.forget(oldest)
+        self._ended[token] = size
+        self.retained_bytes += size
+        while self.retained_bytes > self.max_total_bytes:
+            oldest = next(iter(self._ended))
+            self.forget(self._streams[oldest])
         return token in self._ended
 
     def forget(self, stream: Stream) -> None:
@@ -78,8 +112,9 @@ class Registry:
         if token is None or self._streams.get(token) is not stream:
             return
         del self._streams[token]
-        if self._ended.pop(token, None) is not None:
-            self.retained_chars -= stream.text_len
+        size = self._ended.pop(token, None)
+        if size is not None:
+            self.retained_bytes -= size
         self._gone[token] = None
         if len(self._gone) > TOMBSTONES:
             self._gone.popitem(last=False)

@@ -35,6 +35,7 @@ from gateway.auth import (
 )
 from gateway.config import Config
 from gateway.connection import Connection, Deadlines, spawn
+from gateway.memory import FullCollections
 from gateway.metrics import LoopLag, Metrics
 from gateway.protocol import ErrorCode
 from gateway.quotas import Quotas
@@ -183,6 +184,12 @@ class Gateway:
         m.mirror(m.tasks, lambda: len(asyncio.all_tasks()))
         m.mirror(m.draining, lambda: int(self.draining))
         m.mirror(m.overloaded, lambda: int(self.loop_lag.overloaded))
+        m.mirror(m.resume_retained_bytes, lambda: self.registry.retained_bytes)
+        m.mirror(m.resume_retained_streams, lambda: self.registry.retained_streams)
+        m.mirror(m.resume_tombstones, lambda: self.registry.tombstones)
+        #: A full collection every few minutes: the bound on anything a dependency leaves in a
+        #: reference cycle (gateway/memory.py).
+        self.full_collections = FullCollections(m.gc_full_collection)
 
     # ------------------------------------------------------------------ stream lifecycle
 
@@ -426,6 +433,7 @@ class Gateway:
             reuse_port=self.config.workers > 1,
         )
         self.loop_lag.start()
+        self.full_collections.start()
 
     async def drain(self, grace: float | None = None) -> None:
         """Graceful shutdown (docs/reliability.md, "Graceful drain").
@@ -494,6 +502,8 @@ class Gateway:
             timer.cancel()
         self._grace.clear()
         self._retention.clear()
+        for retained in self.registry.retained():  # nothing serves their resumes any more
+            self.registry.forget(retained)
         streams = list(self.relays)
         for stream in streams:
             self.cancel_stream(stream)
@@ -504,6 +514,7 @@ class Gateway:
             await self.store.close()
         await self.upstream.close()
         self.loop_lag.stop()
+        self.full_collections.stop()
 
     def _on_overload(self, overloaded: bool, lag: float) -> None:
         """--max-loop-lag: readiness follows the loop's lag; say so when it changes."""

@@ -15,6 +15,7 @@ Invariants (protocol.md, "Streams"), each pinned by tests:
 from __future__ import annotations
 
 import secrets
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from gateway.protocol import (
     encode_chunk,
     encode_done,
     encode_error,
+    encode_meta,
     encode_resumed,
     encode_started,
     encode_welcome,
@@ -49,6 +51,13 @@ if TYPE_CHECKING:
 #: Stands for the stream id in terminal frames kept for other instances (any follower
 #: substitutes its own id; see redis_store.terminal_for).
 ID_PLACEHOLDER: Final = "__ID__"
+
+#: What a retained stream holds besides its answer and chunk offsets (the Stream itself, its
+#: token and id, its registry entries, its terminal builder and retention timer), in bytes.
+RETAINED_OVERHEAD: Final = 1024
+
+#: A str object's own size before its characters (sys.getsizeof("") is 49 to 73).
+STR_HEADER: Final = 64
 
 #: How many finished stream ids a socket remembers, so that a `cancel` racing the stream's own
 #: end is recognised and ignored instead of answered with a second terminal `unknown_id`.
@@ -78,8 +87,10 @@ class Sink(Protocol):
     def push_terminal(self, stream: Stream, build: TerminalBuilder) -> None: ...
 
 
-#: Builds a terminal frame from the stream id (which a resume may change) and the final seq.
-TerminalBuilder = Callable[[str, int], bytes]
+#: Builds a terminal frame of a stream from its id (which a resume may change) and its final seq.
+#: The stream is an argument, never captured: a builder kept on its stream must not refer back
+#: to it (a reference cycle outlives the stream until a full collection; docs/reliability.md).
+TerminalBuilder = Callable[["Stream", str, int], bytes]
 
 
 class Stream:
@@ -98,6 +109,7 @@ class Stream:
         "coalesced",
         "ends",
         "id",
+        "meta_bytes",
         "on_chunk",
         "on_terminal",
         "outcome",
@@ -133,8 +145,9 @@ class Stream:
         self.seq = 0
         #: Every delta of the answer, for `done.text` and replays.
         self.parts: list[str] = []
-        #: End offset (in characters of the joined answer) of each text_chunk, by seq - 1.
-        self.ends: list[int] = []
+        #: End offset (in characters of the joined answer) of each text_chunk, by seq - 1 (a
+        #: list while the stream runs, a compact array once it is retained: see `compact`).
+        self.ends: list[int] | array[int] = []
         self.text_len = 0
         #: Deltas not yet turned into a frame.
         self.pending: list[str] = []
@@ -161,6 +174,8 @@ class Stream:
         self.on_terminal: Callable[[Stream, bytes], None] | None = None
         #: Short outcome word for the stream's summary log line and metrics.
         self.outcome = "active"
+        #: Size of the metadata its `done` carries (citations, usage...), for retention.
+        self.meta_bytes = 0
 
     @property
     def active(self) -> bool:
@@ -197,11 +212,15 @@ class Stream:
             frames.append(encode_chunk(self.prefix, self.seq, text))
             if self.on_chunk is not None:
                 self.on_chunk(self, self.seq, text)
-        if self._terminal is not None and not self.terminal_sent:
+        terminal = self._terminal
+        if terminal is not None and not self.terminal_sent:
             self.terminal_sent = True
-            frames.append(self._terminal(self.id, self.seq))
+            frames.append(terminal(self, self.id, self.seq))
             if self.on_terminal is not None:
-                self.on_terminal(self, self._terminal(ID_PLACEHOLDER, self.seq))
+                self.on_terminal(self, terminal(self, ID_PLACEHOLDER, self.seq))
+            # Nothing of this stream is ever queued again: let go of the socket's outbox, so a
+            # stream retained for a resume does not keep a closed socket's objects alive.
+            self.sink = DETACHED
         self.queued = False
         return frames
 
@@ -218,8 +237,30 @@ class Stream:
             for seq in range(after + 1, self.seq + 1)
         ]
         if self.terminal_sent and self._terminal is not None:
-            frames.append(self._terminal(stream_id, self.seq))
+            frames.append(self._terminal(self, stream_id, self.seq))
         return frames
+
+    def compact(self) -> None:
+        """The stream ended and is retained for a resume: keep what a replay needs in the
+        least memory. The answer is joined once, the chunk offsets become an array (8 bytes
+        each instead of a pointer and an int object, 36), and the prompt is dropped."""
+        self.text()
+        if isinstance(self.ends, list):
+            self.ends = array("q", self.ends)
+        if self.request.messages:
+            self.request = Start(self.request.id, (), self.request.model, {})
+
+    def retained_size(self) -> int:
+        """Bytes of memory this ended stream holds for a replay: its answer, its chunk offsets
+        (one more if text is still pending: it leaves as one chunk), its `done` metadata and a
+        fixed overhead. Measured once, when it is retained; it does not change afterwards."""
+        chunks = len(self.ends) + (1 if self.pending else 0)
+        text = self.text()
+        # An ASCII str takes a byte per character. Any other takes up to 4, plus up to 4 for
+        # the UTF-8 copy CPython caches on it once it is encoded (a frame, a Redis entry):
+        # counted at that bound, so the size does not depend on whether that happened yet.
+        text_bytes = len(text) if text.isascii() else 8 * len(text)
+        return STR_HEADER + text_bytes + 8 * chunks + self.meta_bytes + RETAINED_OVERHEAD
 
     def rename(self, stream_id: str) -> None:
         """Take the id a resuming client uses on its new socket."""
@@ -296,6 +337,12 @@ class Outbox:
         if not stream.queued:
             stream.queued = True
             self._enqueue(stream)
+
+    def unbind(self) -> None:
+        """The socket is closed: forget its writer, which refers back to this outbox through
+        its connection (a cycle that would keep a closed socket's objects until a full
+        collection)."""
+        self._notify = None
 
     def abandon(self) -> None:
         """The socket is gone: produce every queued stream's pending output into its retained
@@ -447,9 +494,11 @@ def finish_done(stream: Stream, meta: dict[str, Any], final_text: str | None = N
             stream.push(final_text[len(so_far) :])
 
     meta = clean_meta(meta)
+    if meta:
+        stream.meta_bytes = len(encode_meta(meta))
 
-    def build(sid: str, seq: int) -> bytes:
-        return encode_done(sid, seq, stream.text(), meta)
+    def build(done: Stream, sid: str, seq: int) -> bytes:
+        return encode_done(sid, seq, done.text(), meta)
 
     _end(stream, State.DONE, "done", build)
 
@@ -465,10 +514,14 @@ def finish_fail(
     if stream.state is not State.ACTIVE:
         return
 
-    def build(sid: str, seq: int) -> bytes:
+    def build(_stream: Stream, sid: str, seq: int) -> bytes:
         return encode_error(code, message, sid, retryable, seq=seq, **extra)
 
     _end(stream, State.FAILED, code.value, build)
+
+
+def _build_cancelled(_stream: Stream, sid: str, seq: int) -> bytes:
+    return encode_cancelled(sid, seq)
 
 
 def _end(stream: Stream, state: State, outcome: str, build: TerminalBuilder) -> None:
@@ -539,6 +592,11 @@ class Session:
         self.remote = remote
         self.streams_started = 0
         self.frames_in = 0
+
+    def unbind(self) -> None:
+        """The socket is closed: drop the admission callback, a method of the connection that
+        owns this session (a reference cycle otherwise)."""
+        self._admit = None
 
     def welcome(self) -> None:
         """Queue `welcome`, the first frame on every socket (after auth, when required)."""
@@ -633,7 +691,7 @@ class Session:
                 return []
             return self._refuse(ErrorCode.UNKNOWN_ID, f"no active stream {sid!r}", sid)
         self.outbox.discard_pending(stream)
-        _end(stream, State.CANCELLED, "cancelled", encode_cancelled)
+        _end(stream, State.CANCELLED, "cancelled", _build_cancelled)
         return [CancelUpstream(stream)]
 
     def _resume(self, msg: Resume) -> list[Command]:
@@ -675,11 +733,12 @@ class Session:
         for frame in stream.replay(msg.after, sid):
             self.outbox.push_frame(frame)
         stream.rename(sid)
-        stream.sink = self.outbox
-        stream.queued = False
-        if stream.pending or (stream._terminal is not None and not stream.terminal_sent):
-            stream.queued = True
-            self.outbox._enqueue(stream)
+        if not stream.terminal_sent:  # a finished stream's replay above is all of it
+            stream.sink = self.outbox
+            stream.queued = False
+            if stream.pending or stream._terminal is not None:
+                stream.queued = True
+                self.outbox._enqueue(stream)
         if stream.active:
             stream.owner = self
             self.streams[sid] = stream
@@ -715,7 +774,7 @@ class Session:
             proxy,
             State.DONE if ok else State.FAILED,
             "done" if ok else "remote_end",
-            lambda sid, _seq: terminal_for(template, sid),
+            lambda _proxy, sid, _seq: terminal_for(template, sid),
         )
 
     # ------------------------------------------------------------------ upstream side

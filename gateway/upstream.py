@@ -245,6 +245,7 @@ class Upstream:
         try:
             await self._relay(stream, flow_for, started)
         except UpstreamFailure as failure:
+            _bare(failure)  # its traceback's frames refer back to it (raised from a local)
             extra: dict[str, int] = {}
             if failure.status is not None:
                 extra["status"] = failure.status

@@ -188,6 +188,12 @@ class WebSocket(asyncio.Protocol):
         listener.keepalive.remove(self)
         self._wake_drain()
         self._fragments = None
+        # websockets keeps the exception that ended its parser (bad framing, a frame over the
+        # limit, the EOF); its traceback holds the parser's frame, which holds the protocol: a
+        # reference cycle per hostile socket. Nothing reads the traceback once the socket is gone.
+        parser_exc = getattr(self.protocol, "parser_exc", None)
+        if parser_exc is not None:
+            parser_exc.__traceback__ = None
         handler, self.handler = self.handler, None
         if handler is not None:
             # In the gateway's context: a connection_lost is scheduled by whatever noticed the

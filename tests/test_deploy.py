@@ -41,6 +41,7 @@ DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 NGINX_CONF = DEPLOY / "nginx.conf"
 DASHBOARD = DEPLOY / "grafana-dashboard.json"
+ALERTS = DEPLOY / "prometheus-alerts.yaml"
 
 GATEWAY_LABELS = {
     "app.kubernetes.io/name": "llm-ws-gateway",
@@ -296,6 +297,11 @@ PROMQL_WORDS = frozenset(
         "reason",
         "status",
         "dialect",
+        "generation",
+        "deriv",
+        "avg_over_time",
+        "and",
+        "on",
     }
 )
 
@@ -688,8 +694,23 @@ async def test_dashboard_queries_only_metrics_the_gateway_exports(make_stack: St
         "gateway_rejected_connections_total",
         "process_resident_memory_bytes",
         "process_open_fds",
+        "python_gc_collections_total",
+        "python_gc_objects_collected_total",
+        "gateway_resume_retained_bytes",
+        "gateway_resume_retained_streams",
+        "gateway_gc_full_collection_seconds_bucket",
     }
     assert required <= queried, sorted(required - queried)
+    # The alert rule examples query only exported metrics too, and each is a complete rule.
+    alerts = yaml.safe_load(ALERTS.read_text(encoding="utf-8"))
+    rules = [rule for group in alerts["groups"] for rule in group["rules"]]
+    assert {r["alert"] for r in rules} >= {"GatewayMemoryGrowing", "GatewayUncollectableObjects"}
+    for rule in rules:
+        assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule
+        assert rule["labels"]["severity"] in {"warning", "critical"}
+        names = metric_names(rule["expr"])
+        assert "gateway_open_sockets" in names, rule["alert"]  # held to gateway targets
+        assert names <= exported, sorted(names - exported)
     for histogram in ("time_to_first_chunk", "stream_duration", "cancel_latency"):
         assert any(
             "histogram_quantile(" in e and f"gateway_{histogram}_seconds_bucket" in e for e in exprs

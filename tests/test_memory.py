@@ -1,0 +1,280 @@
+"""Memory that is freed when its stream or socket is done, and bounds that hold (issue: runs for
+weeks). The per-stream and per-socket paths make no reference cycles, so reference counting
+frees them at once, whatever the collector's settings (docs/reliability.md, "Memory")."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import socket
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import uvloop
+
+from gateway.config import Config
+from gateway.connection import Connection
+from gateway.mock_upstream import MockUpstream
+from gateway.server import Gateway
+from gateway.session import Outbox, Session, Stream
+from tests.conftest import TIMEOUT, Stack, StackFactory, check_stream
+from tests.test_resume import drop, resume
+
+#: Every knob that makes the outcomes below quick: a stalled upstream times out in 0.4 s, a
+#: client that does not read is closed after 2 s, a dropped socket's streams wait 0.3 s.
+FAST_OUTCOMES: dict[str, Any] = {
+    "slow_client_timeout": 2.0,
+    "close_timeout": 0.3,
+    "send_buffer_bytes": 16 * 1024,
+    "resume_grace": 0.3,
+    "upstream_read_timeout": 0.4,
+    "upstream_first_byte_timeout": 2.0,
+    "upstream_retries": 0,
+    "max_streams": 6,
+}
+
+
+def is_ours(obj: object) -> bool:
+    """Whether `obj` is one of the gateway's own objects: an instance of a class, a function
+    (closures included) or a frame or coroutine of code in the `gateway` package."""
+    kind = type(obj)  # not isinstance(): a dead weak proxy raises on __class__
+    module = kind.__module__
+    if module == "gateway" or module.startswith("gateway."):
+        return True
+    if kind is types.FunctionType:
+        return str(getattr(obj, "__module__", "")).startswith("gateway")
+    code = None
+    if kind is types.FrameType:
+        code = obj.f_code  # type: ignore[attr-defined]
+    elif kind is types.CoroutineType:
+        code = obj.cr_code  # type: ignore[attr-defined]
+    return code is not None and "/gateway/" in code.co_filename
+
+
+@contextmanager
+def collector_off() -> Iterator[None]:
+    """Run with the cyclic collector off (as if its full collections never came), starting
+    from a clean heap."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def unreachable() -> dict[str, bool]:
+    """What a full collection would free (objects that only reference cycles keep alive), as
+    type names, each with whether it is one of the gateway's own (`is_ours`)."""
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        found: dict[str, bool] = {}
+        for obj in gc.garbage:
+            name = f"{type(obj).__module__}.{type(obj).__qualname__}"
+            found[name] = found.get(name, False) or is_ours(obj)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    gc.collect()  # now free them for real
+    return found
+
+
+def live(kind: type) -> list[object]:
+    return [o for o in gc.get_objects() if type(o) is kind]
+
+
+# ------------------------------------------------------------------ every outcome, once
+
+
+async def raw_socket(port: int, frame: bytes) -> None:
+    """A hostile client: a real handshake, then `frame` as raw bytes; wait for the close."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"GET /v1/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(frame)
+    async with asyncio.timeout(TIMEOUT):
+        while await reader.read(65536):
+            pass
+    writer.close()
+    await writer.wait_closed()
+
+
+def masked(opcode: int, payload: bytes) -> bytes:
+    """One client frame (FIN set, mask 0: the payload is sent as it is)."""
+    size = len(payload)
+    if size < 126:
+        header = bytes([0x80 | opcode, 0x80 | size])
+    elif size < 65536:
+        header = bytes([0x80 | opcode, 0x80 | 126]) + size.to_bytes(2, "big")
+    else:
+        header = bytes([0x80 | opcode, 0x80 | 127]) + size.to_bytes(8, "big")
+    return header + b"\0\0\0\0" + payload
+
+
+async def every_outcome(stack: Stack) -> None:
+    """One of each way a stream or a socket can end (knobs: FAST_OUTCOMES)."""
+    gateway = stack.gateway
+    client = await stack.client()
+    # done, cancelled, and each upstream failure the relay maps.
+    await client.start("done", "sky")
+    await client.start("cancel", "ocean [[mock chunks=500 delay_ms=5]]")
+    await client.recv_until(lambda f: f.get("id") == "cancel" and f["type"] == "text_chunk")
+    await client.cancel("cancel")
+    await client.finish("done", "cancel")
+    outcomes = {
+        "status": "sky [[mock status=400]]",
+        "unavailable": "sky [[mock status=503]]",
+        "reset": "sky [[mock chunks=6 fault=reset after=2]]",
+        "malformed": "sky [[mock chunks=6 fault=malformed after=2]]",
+        "stall": "sky [[mock chunks=6 fault=stall after=2]]",
+        "giant": "sky [[mock chunks=6 fault=giant after=1]]",
+    }
+    for sid, prompt in outcomes.items():
+        await client.start(sid, prompt)
+    ended = await client.finish(*outcomes)
+    assert {sid: frames[-1].get("code") for sid, frames in ended.items()} == {
+        "status": "upstream_error",
+        "unavailable": "upstream_error",
+        "reset": "stream_interrupted",
+        "malformed": "upstream_protocol_error",
+        "stall": "upstream_timeout",
+        "giant": "upstream_protocol_error",
+    }
+    # Refusals and bad frames (the socket stays open).
+    await client.send({"type": "bogus"})
+    await client.cancel("never-ran")
+    await client.ws.send("{" * 10)
+    for sid in ("a", "b", "c", "d", "e", "f", "g"):
+        await client.start(sid, "sky [[mock chunks=40 delay_ms=5]]")
+    await client.start("a", "sky")
+    await client.finish("a", "b", "c", "d", "e", "f", timeout=TIMEOUT)
+    refused = [f for f in client.log if f["type"] == "error" and "seq" not in f]
+    codes = {f["code"] for f in refused}
+    assert codes >= {"unknown_type", "bad_json", "unknown_id", "too_many_streams", "duplicate_id"}
+    # A deliberate close with a stream in flight: cancelled with the socket.
+    await client.start("gone", "ocean [[mock chunks=500 delay_ms=5]]")
+    await client.recv_until(lambda f: f.get("id") == "gone" and f["type"] == "text_chunk")
+    await client.ws.close()
+
+    # Dropped, then resumed on another socket.
+    first = await stack.client()
+    await first.start("s", "ocean [[mock chunks=30 delay_ms=5]]")
+    started = await first.recv_until(lambda f: f["type"] == "started")
+    await first.recv_until(lambda f: f["type"] == "text_chunk")
+    await drop(first)
+    second = await stack.client()
+    frames = await resume(second, started["resume_token"], 1)
+    assert frames[-1]["type"] == "done"
+    await second.ws.close()
+    # Dropped and never resumed: abandoned when the grace runs out.
+    lost = await stack.client()
+    await lost.start("s", "ocean [[mock chunks=500 delay_ms=5]]")
+    await lost.recv_until(lambda f: f["type"] == "text_chunk")
+    await drop(lost)
+
+    # A slow reader: the gateway pauses its upstream, then it reads everything.
+    slow = await stack.slow_client()
+    await slow.start("s", "ocean [[mock chunks=3000 words=3]]")
+    await slow.recv_until(lambda f: f["type"] == "started")
+    connection = next(c for c in gateway.connections if c.session.streams.get("s"))
+    await asyncio.wait_for(connection.flow.stalled.wait(), TIMEOUT)
+    check_stream((await slow.finish("s", timeout=30))["s"])
+    await slow.ws.close()
+
+    # A client that never reads again: 4408, reset after the close timeout, then abandoned.
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", gateway.port))
+    frozen = await stack.client(max_queue=2, sock=sock)
+    await frozen.start("s", "ocean [[mock chunks=200000]]")
+    await frozen.recv_until(lambda f: f["type"] == "text_chunk")
+    frozen.ws.transport.pause_reading()
+    connection = next(c for c in gateway.connections if c.session.streams.get("s"))
+    await asyncio.wait_for(connection.closing.wait(), TIMEOUT)
+    assert connection.close_reason == "slow_consumer"
+
+    # Hostile sockets: bad framing (1002), invalid UTF-8 (1007), a frame over the hard limit.
+    await raw_socket(gateway.port, b"\x8f\x80\0\0\0\0")
+    await raw_socket(gateway.port, masked(0x1, b"\xff\xfe"))
+    await raw_socket(gateway.port, masked(0x1, b"x" * (2 << 20)))
+
+    await asyncio.wait_for(gateway._no_connections.wait(), TIMEOUT)
+    frozen.ws.transport.abort()
+    await stack.assert_no_leaks()
+
+
+def assert_freed(gateway: Gateway, garbage: dict[str, bool]) -> None:
+    ours = sorted(name for name, own in garbage.items() if own)
+    assert not ours, f"reference cycles of the gateway's own objects: {ours}"
+    # Nothing else holds them either: no socket object survives its socket, and the only
+    # streams alive are the ones retained for a resume.
+    assert not gateway.connections
+    assert not gateway.registry.retained()
+    for kind in (Connection, Session, Outbox, Stream):
+        assert not live(kind), kind
+
+
+async def test_no_stream_or_socket_outcome_leaves_a_reference_cycle(
+    make_stack: StackFactory,
+) -> None:
+    """With the collector off, every way a stream or socket ends leaves nothing of the
+    gateway's that only a full collection could free (asyncio's event loop): once its
+    retention is over, no socket or stream object is left at all."""
+    stack = await make_stack(**FAST_OUTCOMES)
+    with collector_off():
+        await every_outcome(stack)
+        stack.clients.clear()
+        # Streams retained for a resume keep nothing of the closed sockets they were sent on.
+        assert stack.gateway.registry.retained()
+        for kind in (Connection, Session, Outbox):
+            assert not live(kind), kind
+        await stack.gateway.stop()  # and so lets go of the streams it retained for resumes
+        garbage = unreachable()
+    assert_freed(stack.gateway, garbage)
+
+
+#: Where the gateway's side of a socket or stream lives: nothing of these may be left to the
+#: cyclic collector. (The test's own websockets clients are left out: their protocol keeps its
+#: parser's last exception in a cycle, which the gateway breaks for its server sockets.)
+SERVER_SIDE = (
+    "gateway",
+    "aiohttp.",
+    "websockets.server",
+    "websockets.asyncio.server",
+    "asyncio.",
+    "uvloop",
+)
+
+
+def test_no_reference_cycle_on_the_servers_side_on_uvloop() -> None:
+    """On uvloop (the production loop) the same outcomes leave nothing unreachable on the
+    server side at all: neither the gateway nor aiohttp nor websockets' server makes a cycle
+    per stream or socket there."""
+
+    async def scenario() -> tuple[Gateway, dict[str, bool]]:
+        mock = MockUpstream(default_delay_ms=0)
+        base = await mock.start()
+        gateway = Gateway(Config(port=0, **FAST_OUTCOMES), f"{base}/perplexity")
+        await gateway.start()
+        stack = Stack(mock, gateway, [])
+        try:
+            with collector_off():
+                await every_outcome(stack)
+                stack.clients.clear()
+                garbage = unreachable()
+        finally:
+            await gateway.stop()
+            await mock.stop()
+        return gateway, garbage
+
+    gateway, garbage = uvloop.run(scenario())
+    assert_freed(gateway, garbage)
+    server_side = sorted(name for name in garbage if name.startswith(SERVER_SIDE))
+    assert not server_side, server_side
