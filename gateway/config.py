@@ -81,6 +81,7 @@ class Config:
     resume_retention: float = 120.0
     resume_max_bytes: int = 1 << 20
     resume_total_bytes: int = 256 << 20
+    resume_tombstones: int = 10_000
     redis_url: str | None = None
     #: "auto": uvloop when installed, else asyncio.
     loop: str = "auto"
@@ -361,6 +362,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, s
         "resume-total-bytes",
         "memory for retained output of ended streams per process (bytes); oldest evicted first",
         d.resume_total_bytes,
+        _nn_int,
+    )
+    flag(
+        "resume-tombstones",
+        "forgotten resume tokens remembered to answer resume_unavailable (about 150 bytes each)",
+        d.resume_tombstones,
         _nn_int,
     )
     flag(

@@ -463,11 +463,27 @@ class Connection:
     # ------------------------------------------------------------------ remote streams
 
     def _resume_remote(self, msg: Resume) -> None:
-        """Resume a stream another instance owns: replay and follow it through Redis."""
-        task = spawn(self._follow_remote(msg), f"follow {self.id}/{msg.id}")
+        """Resume a stream another instance owns: replay and follow it through Redis.
+
+        Lookups still in flight count against `max_streams` like streams do: a client sending
+        resumes for unknown tokens faster than the shared store answers them must not make the
+        gateway hold a task (and a Redis request) per message."""
         if self._remote_pending is None:
             self._remote_pending = {}
         pending = self._remote_pending
+        max_streams = self.gateway.limits.max_streams
+        # Followed remote streams are in `session.streams` and their tasks in `pending`.
+        looking_up = len(pending) - len(self.remote)
+        if looking_up + len(self.session.streams) >= max_streams:
+            self.outbox.push_frame(
+                encode_error(
+                    ErrorCode.TOO_MANY_STREAMS,
+                    f"at most {max_streams} concurrent streams and resumes per socket",
+                    msg.id,
+                )
+            )
+            return
+        task = spawn(self._follow_remote(msg), f"follow {self.id}/{msg.id}")
         pending[task] = None
         task.add_done_callback(lambda done: pending.pop(done, None))
         self.gateway.own(task)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Final
@@ -150,6 +151,12 @@ class Metrics:
             "gateway_resume_tombstones",
             "Forgotten resume tokens remembered to answer resume_unavailable (bounded)",
         )
+        self.heap_blocks = live(
+            "gateway_python_heap_blocks",
+            "Memory blocks CPython's allocator has handed out and not got back "
+            "(sys.getallocatedblocks): falls back when objects are freed, unlike resident memory",
+        )
+        self.mirror(self.heap_blocks, sys.getallocatedblocks)
         self.gc_full_collection = Histogram(
             "gateway_gc_full_collection_seconds",
             "How long each periodic full garbage collection held the event loop",

@@ -31,7 +31,8 @@ class _Gone:
 
 
 GONE: Final = _Gone()
-#: How many forgotten tokens are remembered as GONE (about 100 bytes each).
+#: How many forgotten tokens are remembered as GONE by default (--resume-tombstones; about 150
+#: bytes each).
 TOMBSTONES: Final = 10_000
 
 
@@ -44,13 +45,20 @@ class Registry:
         "_gone",
         "_streams",
         "max_stream_bytes",
+        "max_tombstones",
         "max_total_bytes",
         "retained_bytes",
     )
 
-    def __init__(self, max_stream_bytes: int = 1 << 20, max_total_bytes: int = 256 << 20) -> None:
+    def __init__(
+        self,
+        max_stream_bytes: int = 1 << 20,
+        max_total_bytes: int = 256 << 20,
+        max_tombstones: int = TOMBSTONES,
+    ) -> None:
         self.max_stream_bytes = max_stream_bytes
         self.max_total_bytes = max_total_bytes
+        self.max_tombstones = max_tombstones
         #: Every resumable stream, running or retained, by token.
         self._streams: dict[str, Stream] = {}
         #: Ended, retained streams' tokens, oldest first (eviction order), with the size each
@@ -115,6 +123,7 @@ class Registry:
         size = self._ended.pop(token, None)
         if size is not None:
             self.retained_bytes -= size
-        self._gone[token] = None
-        if len(self._gone) > TOMBSTONES:
-            self._gone.popitem(last=False)
+        gone = self._gone
+        gone[token] = None
+        if len(gone) > self.max_tombstones:
+            gone.popitem(last=False)

@@ -149,7 +149,9 @@ class Gateway:
         self.relays: dict[Stream, asyncio.Task[None]] = {}
         #: The socket each running stream's output goes to (absent while detached).
         self.followers: dict[Stream, Connection] = {}
-        self.registry = Registry(config.resume_max_bytes, config.resume_total_bytes)
+        self.registry = Registry(
+            config.resume_max_bytes, config.resume_total_bytes, config.resume_tombstones
+        )
         #: The shared store for resume across instances (--redis-url), else None.
         self.store: RedisStore | None = (
             RedisStore(config.redis_url, config.resume_retention) if config.redis_url else None

@@ -7,19 +7,24 @@ from __future__ import annotations
 import asyncio
 import gc
 import socket
+import tracemalloc
 import types
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import orjson
+import redis.asyncio as aioredis
 import uvloop
 
 from gateway.config import Config
 from gateway.connection import Connection
 from gateway.mock_upstream import MockUpstream
+from gateway.resume import GONE, TOMBSTONES, Registry
 from gateway.server import Gateway
-from gateway.session import Outbox, Session, Stream
-from tests.conftest import TIMEOUT, Stack, StackFactory, check_stream
+from gateway.session import Limits, OpenUpstream, Outbox, Session, Stream, finish_done
+from tests.conftest import TIMEOUT, Stack, StackFactory, check_stream, require_redis
 from tests.test_resume import drop, resume
 
 #: Every knob that makes the outcomes below quick: a stalled upstream times out in 0.4 s, a
@@ -278,3 +283,158 @@ def test_no_reference_cycle_on_the_servers_side_on_uvloop() -> None:
     assert_freed(gateway, garbage)
     server_side = sorted(name for name in garbage if name.startswith(SERVER_SIDE))
     assert not server_side, server_side
+
+
+# ------------------------------------------------------------------ the documented bounds, filled
+
+
+@contextmanager
+def traced() -> Iterator[list[int]]:
+    """Python memory allocated inside the block and still held at its end, in bytes."""
+    held = [0]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        yield held
+        gc.collect()
+        held[0] = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
+def ended_stream(session: Session, sid: str, chunks: int, size: int) -> Stream:
+    """A stream that streamed `chunks` token-sized deltas, each sent, then ended with `done`."""
+    [opened] = session.receive(orjson.dumps({"type": "start", "id": sid, "prompt": "q"}).decode())
+    assert isinstance(opened, OpenUpstream)
+    stream = opened.stream
+    for i in range(chunks):
+        stream.push(f"{i:0{size}d}")
+        session.outbox.drain()
+    finish_done(stream, {"citations": ["https://example.com/a"], "usage": {"total_tokens": 9}})
+    session.outbox.drain()
+    return stream
+
+
+def test_retained_streams_hold_no_more_memory_than_the_total_bound() -> None:
+    """Four times --resume-total-bytes of answers end and are retained: the registry keeps at most
+    the bound, and the memory the process actually holds for them (traced) is within it: the
+    recorded sizes are what the retained streams cost."""
+    bound = 1 << 20
+    with traced() as held:
+        registry = Registry(max_stream_bytes=64 << 10, max_total_bytes=bound)
+        session = Session("s", Limits(max_streams=1 << 20), registry=registry)
+        for n in range(1400):  # token-sized chunks: the chunk offsets cost as much as the text
+            registry.ended(ended_stream(session, f"s{n}", chunks=150, size=5))
+            assert 0 <= registry.retained_bytes <= bound
+        del session
+        retained_bytes = registry.retained_bytes
+    assert registry.retained_streams < 1400 / 4  # the oldest were evicted
+    assert retained_bytes > 0.9 * bound  # the bound was reached, not just neared
+    # Tombstones (10,000 at most, about 100 bytes each) are outside the bound: allowed for.
+    assert held[0] <= bound + TOMBSTONES * 150, (held[0], retained_bytes)
+
+
+def test_one_answer_over_the_per_stream_bound_is_not_retained() -> None:
+    """An answer over --resume-max-bytes is forgotten at its end: its memory is freed, and its
+    token answers GONE (resume_unavailable)."""
+    with traced() as held:
+        registry = Registry(max_stream_bytes=64 << 10, max_total_bytes=1 << 30)
+        session = Session("s", Limits(), registry=registry)
+        stream = ended_stream(session, "big", chunks=2000, size=50)  # about 100 KiB
+        token = stream.resume_token
+        assert token is not None
+        assert registry.ended(stream) is False
+        del session, stream
+    assert registry.lookup(token) is GONE
+    assert registry.retained_bytes == 0
+    assert held[0] < 4096, held[0]
+
+
+def test_tombstones_are_bounded() -> None:
+    """Forgotten tokens are remembered as GONE up to TOMBSTONES, the oldest dropped first; three
+    times as many forgets hold no more."""
+    registry = Registry()
+    session = Session("s", Limits(max_streams=1 << 20), registry=registry)
+    tokens = []
+    with traced() as held:
+        for n in range(3 * TOMBSTONES):
+            stream = ended_stream(session, f"s{n}", chunks=1, size=3)
+            assert stream.resume_token is not None
+            tokens.append(stream.resume_token)
+            registry.ended(stream)
+            registry.forget(stream)
+        del stream
+    assert registry.tombstones == TOMBSTONES
+    assert registry.lookup(tokens[-1]) is GONE
+    assert registry.lookup(tokens[0]) is None  # the oldest tombstone went first
+    assert held[0] < TOMBSTONES * 300 + len(tokens) * 100, held[0]  # tokens list included
+
+
+async def test_a_socket_that_stops_reading_holds_at_most_its_send_buffer(
+    make_stack: StackFactory,
+) -> None:
+    """Four endless streams to a client that reads nothing: once --send-buffer-bytes wait for
+    that socket, the gateway stops reading every one of their upstreams, so what it holds for
+    the socket stays within the buffer plus one upstream read per stream, and the transport's
+    own limit."""
+    limit = 64 << 10
+    stack = await make_stack(
+        dialect="openai", send_buffer_bytes=limit, slow_client_timeout=60, resume_grace=0
+    )
+    client = await stack.slow_client()
+    client.ws.transport.pause_reading()
+    for n in range(4):
+        # Paced (1 ms): an unpaced mock in this process would hold the event loop. 20,000
+        # chunks of 200 words is far more than the buffers hold (and quick to plan).
+        prompt = f"ocean [[mock chunks=20000 words=200 delay_ms=1 tag=f{n}]]"
+        await client.start(f"s{n}", prompt)
+    for n in range(4):
+        await stack.mock.wait_request(f"f{n}")
+    connection = next(iter(stack.gateway.connections))
+    await asyncio.wait_for(all_paused(connection, 4), 30)
+    buffered = connection.outbox.buffered
+    transport = connection.ws.transport
+    assert transport is not None
+    assert buffered <= limit + 4 * (256 << 10), buffered
+    assert transport.get_write_buffer_size() <= connection.ws.listener.max_buffer
+    # Paused for good: the upstreams are not read while the client does not read.
+    sent = [stack.mock.record(f"f{n}").chunks_sent for n in range(4)]
+    assert all(s < 20_000 for s in sent)
+    assert connection.outbox.buffered == buffered
+    client.ws.transport.abort()
+    await stack.assert_no_leaks()
+
+
+async def all_paused(connection: Connection, streams: int) -> None:
+    """Until `streams` relays wait for `connection`'s socket (its flow control has no event
+    for this: polled)."""
+    flow = connection.flow
+    while len(flow._parked or ()) < streams:  # noqa: ASYNC110 (no event to wait on)
+        await asyncio.sleep(0.01)
+
+
+async def test_resumes_waiting_for_the_shared_store_count_against_max_streams(
+    make_stack: StackFactory,
+) -> None:
+    """A client that sends resumes for unknown tokens while the shared store is slow gets
+    too_many_streams past --max-streams: the gateway holds at most that many lookups (a task
+    and a Redis request each) per socket. Redis is really paused (CLIENT PAUSE)."""
+    url = await require_redis()
+    stack = await make_stack(redis_url=url, max_streams=4)
+    client = await stack.client()
+    admin = aioredis.Redis.from_url(url)
+    try:
+        await admin.execute_command("CLIENT", "PAUSE", "1500", "ALL")
+        for n in range(12):
+            await client.send(
+                {"type": "resume", "id": f"r{n}", "resume_token": f"unknown-{n}", "after": 0}
+            )
+        frames = [await client.recv() for _ in range(12)]
+    finally:
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        await admin.aclose()
+    codes = Counter(f["code"] for f in frames)
+    assert codes == {"too_many_streams": 8, "unknown_id": 4}, frames
+    connection = next(iter(stack.gateway.connections))
+    assert not connection._remote_pending
