@@ -91,6 +91,7 @@ class WebSocket(asyncio.Protocol):
         "_drain",
         "_fragments",
         "_fragments_text",
+        "_head",
         "_timer",
         "handler",
         "listener",
@@ -118,6 +119,9 @@ class WebSocket(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._fragments: bytearray | None = None
         self._fragments_text = False
+        #: Until the request's headers have ended: the last bytes seen (their end may be split
+        #: across reads); None afterwards.
+        self._head: bytes | None = b""
         #: The keepalive ping awaiting its pong (None: none outstanding).
         self.ping_data: bytes | None = None
         #: This socket's slot in the keepalive wheel (-1: not in it).
@@ -137,9 +141,29 @@ class WebSocket(asyncio.Protocol):
         self._timer = listener.loop.call_later(listener.open_timeout, self.abort)
 
     def data_received(self, data: bytes) -> None:
+        if self._head is not None:
+            # Still in the opening handshake. websockets would parse frames pipelined behind
+            # the request at once, and queue their answers (a pong, a close) before our
+            # response: give it the request alone, answer it, then the rest.
+            head = self._head + data
+            end = head.find(b"\r\n\r\n")
+            if end == -1:
+                self._head = head[-3:]
+                self._receive(data)
+                return
+            self._head = None
+            cut = end + 4 - (len(head) - len(data))
+            self._receive(data[:cut])
+            if cut < len(data) and self.protocol.state is OPEN:
+                self._receive(data[cut:])
+            return
+        self._receive(data)
+
+    def _receive(self, data: bytes) -> None:
         protocol = self.protocol
         if (
             protocol.state is OPEN
+            and self._fragments is None  # RFC 6455, 5.4: a fragmented message is going on
             and not protocol.extensions
             and not protocol.debug
             and _at_frame_boundary(protocol)
@@ -354,6 +378,12 @@ class WebSocket(asyncio.Protocol):
         listener.handshaking.pop(self, None)
         try:
             response = listener.process_request(self, request)
+            if response is None and _other_version(request):
+                # RFC 6455, 4.2.2 and 4.4: name the version we speak, so the client can retry.
+                response = protocol.reject(
+                    HTTPStatus.UPGRADE_REQUIRED, "Unsupported Sec-WebSocket-Version; use 13.\n"
+                )
+                response.headers["Sec-WebSocket-Version"] = "13"
             if response is None:
                 response = protocol.accept(request)
                 if response.status_code == 101 and listener.closing:
@@ -458,6 +488,12 @@ class WebSocket(asyncio.Protocol):
         except Exception:
             log.exception("websocket.handler_failed")
             self.fail(1011, "")
+
+
+def _other_version(request: Request) -> bool:
+    """An upgrade request for a WebSocket version other than 13 (the only one, RFC 6455)."""
+    versions = request.headers.get_all("Sec-WebSocket-Version")
+    return bool(versions) and versions != ["13"]
 
 
 #: Where websockets' frame parser waits when it is at a frame boundary with nothing buffered.

@@ -342,3 +342,113 @@ async def test_write_frames_frames_batches_and_writes_nothing_once_closing(stack
     assert client.ws.close_code == 1000
     server_ws.transport = recorder.real
     await stack.assert_no_leaks()
+
+
+# ------------------------------------------------------------------ RFC 6455 edge cases, raw bytes
+
+UPGRADE = (
+    b"GET /v1/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+async def read_all(reader: asyncio.StreamReader) -> bytes:
+    """Everything the gateway sends until it closes the connection."""
+    received = b""
+    async with asyncio.timeout(TIMEOUT):
+        while data := await reader.read(65536):
+            received += data
+    return received
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One unmasked server frame: (opcode, payload)."""
+    first, second = await reader.readexactly(2)
+    length = second & 0x7F
+    if length == 126:
+        length = int.from_bytes(await reader.readexactly(2), "big")
+    return first & 0x0F, await reader.readexactly(length)
+
+
+def server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, payload) of each unmasked server frame in `data` (after the 101 response)."""
+    frames = []
+    at = 0
+    while at < len(data):
+        opcode, length = data[at] & 0x0F, data[at + 1] & 0x7F
+        at += 2
+        if length == 126:
+            length = int.from_bytes(data[at : at + 2], "big")
+            at += 2
+        frames.append((opcode, data[at : at + length]))
+        at += length
+    return frames
+
+
+async def test_a_whole_frame_inside_a_fragmented_message_closes_with_1002(stack: Stack) -> None:
+    """RFC 6455, 5.4: after a first fragment (FIN=0), only continuation and control frames may
+    come. A complete text frame there is a protocol error (1002), also when it arrives in a
+    TCP segment of its own, where the client-frame fast path used to take it for a message
+    (a `ping` was answered, a `start` opened an upstream request)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.gateway.port)
+    writer.write(UPGRADE)
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101")
+    opcode, welcome = await read_frame(reader)
+    assert opcode == 0x1 and b'"welcome"' in welcome
+    writer.write(bytes.fromhex("0188000000007b2274797065223a"))  # first fragment, FIN=0
+    await writer.drain()
+    await asyncio.sleep(0.05)  # a TCP segment of its own (the bug needed two reads)
+    writer.write(bytes.fromhex("818f00000000") + b'{"type":"ping"}')
+    frames = server_frames(await read_all(reader))
+    writer.close()
+    assert all(opcode != 0x1 for opcode, _ in frames), frames  # no pong, nothing else
+    assert frames and frames[-1][0] == 0x8, frames
+    assert int.from_bytes(frames[-1][1][:2], "big") == 1002
+
+
+async def test_an_unsupported_websocket_version_gets_426_naming_version_13(stack: Stack) -> None:
+    """RFC 6455, 4.2.2 and 4.4: a handshake with another Sec-WebSocket-Version is answered
+    426 Upgrade Required with `Sec-WebSocket-Version: 13`, so the client can retry with it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.gateway.port)
+    writer.write(UPGRADE.replace(b"Version: 13", b"Version: 8"))
+    response = await read_all(reader)
+    writer.close()
+    status, _, rest = response.partition(b"\r\n")
+    assert status.startswith(b"HTTP/1.1 426"), response
+    headers = rest.split(b"\r\n\r\n", 1)[0].lower()
+    assert b"sec-websocket-version: 13" in headers.split(b"\r\n"), response
+
+
+@pytest.mark.parametrize(
+    ("pipelined", "expect"),
+    [
+        (client_frame(0x9, b"hi"), "pong"),  # a ping right behind the request
+        (client_frame(0x1, b'{"type":"ping"}'), "message"),
+        (b"\x8f\x80\0\0\0\0", "close"),  # a bad frame right behind the request
+    ],
+    ids=["ping", "text", "bad-frame"],
+)
+async def test_frames_pipelined_behind_the_upgrade_come_after_the_101(
+    stack: Stack, pipelined: bytes, expect: str
+) -> None:
+    """Frames a client sends in the same segment as its upgrade request are handled after the
+    handshake: the response starts with the 101 status line, and their answers follow it
+    (a ping's pong used to be written before the status line, a malformed response)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.gateway.port)
+    writer.write(UPGRADE + pipelined)
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head
+    if expect == "close":
+        frames = server_frames(await read_all(reader))
+        assert frames[-1][0] == 0x8 and int.from_bytes(frames[-1][1][:2], "big") == 1002
+    else:
+        frames = []
+        async with asyncio.timeout(TIMEOUT):
+            while not any(
+                op == (0xA if expect == "pong" else 0x1) and b"welcome" not in p for op, p in frames
+            ):
+                frames += server_frames(await reader.read(65536))
+        if expect == "message":
+            assert any(b'"type":"pong"' in p for _, p in frames), frames
+    writer.close()
