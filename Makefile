@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-min test-python test-js lint typecheck check mock clean faults bench soak
+.PHONY: run test test-min test-python test-js test-seams lint typecheck check mock clean faults bench soak
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,14 @@ mock: $(STAMP)
 test: $(STAMP) lint typecheck
 	PYTHONASYNCIODEBUG=1 $(PY) -m pytest --cov --cov-report=term:skip-covered $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-js
+
+## test-seams: the end-to-end tests again with every dependency shortcut's public-API fallback
+## forced (--upstream-body pull, --client-frames standard; gateway/seams.py); CI runs it
+SEAM_TESTS := tests/test_e2e.py tests/test_websocket.py tests/test_reliability.py tests/test_resume.py \
+	tests/test_redis_resume.py tests/test_memory.py tests/test_security.py tests/test_fuzz.py
+test-seams: $(STAMP)
+	GATEWAY_TEST_UPSTREAM_BODY=pull GATEWAY_TEST_CLIENT_FRAMES=standard PYTHONASYNCIODEBUG=1 \
+		$(PY) -m pytest $(SEAM_TESTS) $(PYTEST_ARGS)
 
 ## test-min: the test suite against the oldest dependency releases pyproject.toml allows
 ## (tests/min-versions.txt), in a venv of its own (.venv-min); CI runs it after `make test`

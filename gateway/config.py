@@ -86,6 +86,12 @@ class Config:
     #: "auto": uvloop when installed, else asyncio.
     loop: str = "auto"
     compression: bool = False
+    #: How upstream bodies reach the relay: "push" (aiohttp's reader hands each piece over in
+    #: its callback), "pull" (public API: iter_any()), "auto" (push when the self-test passes).
+    upstream_body: str = "auto"
+    #: How client frames are parsed: "fast" (whole frames by the gateway), "standard"
+    #: (websockets alone), "auto" (fast when the self-test passes).
+    client_frames: str = "auto"
     workers: int = 1
     log_format: str = "json"
     log_level: str = "info"
@@ -101,6 +107,14 @@ class Config:
     def uses_mock(self) -> bool:
         """True when no upstream is configured and the built-in mock answers instead."""
         return self.upstream_url is None
+
+
+#: The modes of each dependency shortcut (gateway/seams.py): the fast one, its public-API
+#: fallback, and auto.
+SEAM_MODES: Final[dict[str, tuple[str, ...]]] = {
+    "upstream_body": ("auto", "push", "pull"),
+    "client_frames": ("auto", "fast", "standard"),
+}
 
 
 def infer_dialect(url: str) -> str:
@@ -380,6 +394,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, s
         "event loop: uvloop (faster; default when installed) or asyncio",
         d.loop,
         choices=("auto", "uvloop", "asyncio"),
+    )
+    flag(
+        "upstream-body",
+        "how upstream bodies reach the relay: push (fast, relies on aiohttp internals), pull "
+        "(public API) or auto (push when its startup self-test passes)",
+        d.upstream_body,
+        choices=SEAM_MODES["upstream_body"],
+    )
+    flag(
+        "client-frames",
+        "how client frames are parsed: fast (relies on websockets internals), standard "
+        "(websockets alone) or auto (fast when its startup self-test passes)",
+        d.client_frames,
+        choices=SEAM_MODES["client_frames"],
     )
     switch(
         "compression",

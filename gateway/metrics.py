@@ -157,6 +157,14 @@ class Metrics:
             "(sys.getallocatedblocks): falls back when objects are freed, unlike resident memory",
         )
         self.mirror(self.heap_blocks, sys.getallocatedblocks)
+        self.seam_mode = Gauge(
+            "gateway_seam_mode",
+            "1 for the mode each dependency shortcut runs in (gateway/seams.py: push or pull "
+            "upstream bodies, fast or standard client frames)",
+            ["seam", "mode"],
+            registry=r,
+            multiprocess_mode="max",
+        )
         self.gc_full_collection = Histogram(
             "gateway_gc_full_collection_seconds",
             "How long each periodic full garbage collection held the event loop",

@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from gateway import seams
 from gateway.auth import (
     LOOPBACK_ORIGINS,
     AuthError,
@@ -57,6 +58,11 @@ WS_PATH: Final = "/v1/ws"
 #: Frames above this are refused by websockets itself with close code 1009; frames between
 #: max_message_bytes and this get a `message_too_large` error and the socket stays open.
 HARD_FRAME_LIMIT_MIN: Final = 1 << 20
+#: Logged when a self-test made `auto` take a public-API fallback (gateway/seams.py).
+SEAM_FALLBACK: Final = (
+    "a dependency's internals are not what the fast path expects: using the public-API "
+    "fallback (correct, somewhat slower); report the versions of aiohttp and websockets"
+)
 #: How long a drain waits for sockets to flush their last frames and close.
 CLOSE_GRACE: Final = 10.0
 
@@ -144,6 +150,8 @@ class Gateway:
             on_tick=self.metrics.refresh,  # writes the shared gauges (--workers); else a no-op
         )
         self.upstream = Upstream(config, upstream_url, self.metrics)
+        #: The seams' modes in force (decided in start(), by the self-tests for `auto`).
+        self.modes = seams.Modes(config.upstream_body, config.client_frames)
         self.connections: set[Connection] = set()
         #: Every running relay task, by stream: owned here because streams outlive sockets.
         self.relays: dict[Stream, asyncio.Task[None]] = {}
@@ -406,6 +414,21 @@ class Gateway:
             await self.store.start()
             self.store.on_control = self._on_control
         await self.upstream.start()
+        self.modes = await seams.choose(self.config.upstream_body, self.config.client_frames)
+        self.upstream.push = self.modes.upstream_body == "push"
+        for seam, mode in (
+            ("upstream_body", self.modes.upstream_body),
+            ("client_frames", self.modes.client_frames),
+        ):
+            self.metrics.seam_mode.labels(seam, mode).set(1)
+        if self.modes.fallbacks:
+            log.warning("gateway.seams", **self.modes.__dict__, message=SEAM_FALLBACK)
+        else:
+            log.info(
+                "gateway.seams",
+                upstream_body=self.modes.upstream_body,
+                client_frames=self.modes.client_frames,
+            )
         self.context = contextvars.copy_context()
         self._listener = Listener(
             process_request=self._process_request,
@@ -427,6 +450,7 @@ class Gateway:
             ping_interval=self.config.ping_interval,
             ping_timeout=self.config.ping_timeout,
         )
+        self._listener.fast_frames = self.modes.client_frames == "fast"
         await self._listener.start(
             self.config.host,
             self.config.port,

@@ -12,6 +12,7 @@ import asyncio
 import math
 import random
 import time
+from asyncio import FIRST_COMPLETED
 from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Final
@@ -33,6 +34,7 @@ from gateway.dialects import (
 from gateway.metrics import Metrics
 from gateway.protocol import ErrorCode
 from gateway.retry import RETRY_STATUSES, RetryPolicy
+from gateway.seams import attach_push, detach_push, set_reading
 from gateway.session import Outbox, State, Stream, finish_done, finish_fail
 from gateway.sse import SSEDecoder, SSEEventTooLarge
 
@@ -160,6 +162,9 @@ class Upstream:
         #: cancel closes their connections).
         self._live: dict[Stream, _BodyFeed] = {}
         self._watchdog: asyncio.TimerHandle | None = None
+        #: Push mode (aiohttp hands each piece of body over in its callback) or pull mode
+        #: (public API); set from the self-test's verdict before the first stream.
+        self.push = config.upstream_body != "pull"
 
     async def start(self) -> None:
         self._connector = aiohttp.TCPConnector(
@@ -403,11 +408,15 @@ class Upstream:
             content = resp.content
             feed = _BodyFeed(self, stream, translator, flow_for, started, resp)
             self._live[stream] = feed
-            # The first bytes came with the response; then aiohttp hands each piece of body
-            # to the feed as it is parsed (the hot path, see _BodyFeed.data).
+            # The first bytes came with the response; then each piece of body goes to the feed
+            # (the hot path, see _BodyFeed.data): pushed by aiohttp as it is parsed, or pulled
+            # here with aiohttp's public API (gateway/seams.py).
             feed.data(data)
             if not feed.done.done():
-                feed.attach()
+                if self.push:
+                    feed.attach()
+                else:
+                    await feed.pull()
             await feed.done
             if feed.error is not None:
                 error, feed.error = feed.error, None
@@ -434,64 +443,18 @@ class Upstream:
                 resp.close()
 
 
-#: Upstream bodies being relayed by push: aiohttp's StreamReader -> its feed.
-_FEEDS: Final[dict[aiohttp.StreamReader, _BodyFeed]] = {}
-
-
-class _PushReader(aiohttp.StreamReader):
-    """aiohttp's body StreamReader, turned inside out for the relay's hot path.
-
-    While a `_BodyFeed` is attached, every piece of body aiohttp's HTTP parser decodes goes
-    straight into the relay in the same callback: no buffer, no future and no task switch per
-    upstream read (those were about a third of the CPU of a paced chunk). A feed attaches by
-    assigning `__class__` (this class adds no slots, so the layout is aiohttp's) and detaches by
-    assigning it back; EOF, errors, pooling and pausing stay aiohttp's own code.
-    """
-
-    __slots__ = ()
-
-    def feed_data(self, data: bytes, size: int = 0) -> bool:
-        feed = _FEEDS.get(self)
-        if feed is None:
-            return super().feed_data(data, size)
-        self.total_bytes += len(data)
-        feed.data(data)
-        return False  # no more decompressed data pending
-
-    def end_http_chunk_receiving(self) -> None:
-        # Chunk boundaries are kept for readchunk(), which nothing calls while a feed is
-        # attached; aiohttp would otherwise pause reading after 128 unread boundaries.
-        if self not in _FEEDS:
-            super().end_http_chunk_receiving()
-
-    def feed_eof(self) -> None:
-        super().feed_eof()
-        feed = _FEEDS.get(self)
-        if feed is not None:
-            feed.eof()
-
-    def set_exception(self, exc: BaseException, exc_cause: BaseException | None = None) -> None:
-        if exc_cause is None:
-            super().set_exception(exc)
-        else:
-            super().set_exception(exc, exc_cause)
-        feed = _FEEDS.get(self)
-        if feed is not None:
-            feed.fail(exc)
-
-
 class _BodyFeed:
     """One upstream body, relayed from aiohttp's data callbacks: SSE events -> text deltas ->
     the stream's socket; `done` resolves when the body is over, with `error` set if it ended
     badly."""
 
     __slots__ = (
-        "_connection",
         "_content",
         "_first_seen",
         "_flow_for",
         "_limit",
         "_paused",
+        "_pulling",
         "_resp",
         "_started",
         "_stream",
@@ -521,7 +484,8 @@ class _BodyFeed:
         self._started = started
         self._resp = resp
         self._content = resp.content
-        self._connection = resp.connection
+        #: Pull mode: what the reading loop waits on while the feed is paused.
+        self._pulling: asyncio.Future[None] | None = None
         self.events = SSEDecoder(MAX_EVENT_BYTES).feed
         self._first_seen = False
         self._paused = False
@@ -535,10 +499,9 @@ class _BodyFeed:
         self.error: BaseException | None = None
 
     def attach(self) -> None:
-        """From now on aiohttp pushes the body here; relay what it buffered already."""
+        """Push mode: from now on aiohttp pushes the body here; relay what it buffered."""
         content = self._content
-        _FEEDS[content] = self
-        content.__class__ = _PushReader
+        attach_push(content, self)
         error = content.exception()
         if error is not None:
             self.fail(error)
@@ -549,15 +512,33 @@ class _BodyFeed:
         if not self.done.done() and content.is_eof():
             self.eof()
 
+    async def pull(self) -> None:
+        """Pull mode: read the body with aiohttp's public API until it is over (or the feed
+        is done). A paused feed stops reading here; aiohttp's buffer limit then stops reading
+        the socket, so backpressure still reaches the upstream."""
+        done = self.done
+        try:
+            async for data in self._content.iter_any():
+                self.data(data)
+                if done.done():
+                    return
+                while self._paused:
+                    self._pulling = asyncio.get_running_loop().create_future()
+                    await asyncio.wait((self._pulling, done), return_when=FIRST_COMPLETED)
+                    if done.done():
+                        return
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.fail(_bare(exc))  # its traceback holds this frame, and so this feed
+            return
+        self.eof()
+
     def close(self) -> None:
         """Close the connection at once (not pooled): no more bytes come, none are read."""
         self.detach()
         self._resp.close()
 
     def detach(self) -> None:
-        content = self._content
-        if _FEEDS.pop(content, None) is not None:
-            content.__class__ = aiohttp.StreamReader
+        detach_push(self._content)
 
     def data(self, data: bytes) -> None:
         """The hot path: one piece of body -> its events -> deltas into the outbox."""
@@ -624,14 +605,14 @@ class _BodyFeed:
         self._reading(True)
 
     def _reading(self, on: bool) -> None:
-        """Pause or resume reading the upstream connection (gone once it is released)."""
-        connection = self._connection
-        protocol = connection.protocol if connection is not None else None
-        if protocol is not None:
-            if on:
-                protocol.resume_reading()  # may feed more body right away
-            else:
-                protocol.pause_reading()
+        """Pause or resume taking the body: the connection's reading in push mode, the
+        reading loop in pull mode."""
+        if self._pulling is not None:
+            if on and not self._pulling.done():
+                self._pulling.set_result(None)
+            return
+        if self._upstream.push:
+            set_reading(self._resp, on)
 
     def eof(self) -> None:
         """A clean end of the body: the dialect judges whether the answer was complete."""
@@ -658,6 +639,8 @@ class _BodyFeed:
         self.error = exc
         self.done.set_result(None)
         if exc is not None:
+            if not self._upstream.push:
+                self._resp.close()  # a pull loop waiting for bytes that will not come ends
             return
         if self._paused:
             self._resume()  # the rest of the body (its terminator) is read for the pool

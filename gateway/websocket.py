@@ -23,7 +23,7 @@ import ssl
 import struct
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any, Final, Protocol, cast
+from typing import Final, Protocol, cast
 
 import structlog
 from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
@@ -31,12 +31,13 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
-from websockets.streams import StreamReader as WsStreamReader
 
 try:
     from websockets.speedups import apply_mask as _apply_mask
 except ImportError:  # pragma: no cover - websockets built without its C extension
     from websockets.utils import apply_mask as _apply_mask
+
+from gateway.seams import at_frame_boundary
 
 log = structlog.get_logger("gateway.websocket")
 
@@ -164,9 +165,10 @@ class WebSocket(asyncio.Protocol):
         if (
             protocol.state is OPEN
             and self._fragments is None  # RFC 6455, 5.4: a fragmented message is going on
+            and self.listener.fast_frames
             and not protocol.extensions
             and not protocol.debug
-            and _at_frame_boundary(protocol)
+            and at_frame_boundary(protocol)
         ):
             data = self._data_frames(data)
             if not data:
@@ -496,22 +498,6 @@ def _other_version(request: Request) -> bool:
     return bool(versions) and versions != ["13"]
 
 
-#: Where websockets' frame parser waits when it is at a frame boundary with nothing buffered.
-_AT_EOF: Final = WsStreamReader.at_eof.__code__
-
-
-def _at_frame_boundary(protocol: ServerProtocol) -> bool:
-    """Whether websockets' parser waits for the first byte of a frame, with nothing buffered:
-    its innermost generator is then `StreamReader.at_eof()`, at the top of its frame loop.
-    If websockets' internals change, this is never true and every frame goes its way."""
-    gen: Any = protocol.parser
-    while True:
-        inner = getattr(gen, "gi_yieldfrom", None)
-        if inner is None:
-            return getattr(gen, "gi_code", None) is _AT_EOF
-        gen = inner
-
-
 class Keepalive:
     """Pings every open socket once per --ping-interval from one timer, and closes with 1011
     those whose pong has not come within --ping-timeout.
@@ -618,6 +604,9 @@ class Listener:
         # Off by default (--compression): tiny token frames gain little and every socket
         # would pay about 40 KiB of zlib state (STYLE.md).
         self.extensions = enable_server_permessage_deflate(None) if compression else None
+        #: Whole client frames are parsed by the gateway itself (--client-frames; the server
+        #: sets it from the self-test's verdict, gateway/seams.py).
+        self.fast_frames = True
         self.open_timeout = open_timeout
         self.close_timeout = close_timeout
         self.keepalive = Keepalive(self.loop, ping_interval, ping_timeout)

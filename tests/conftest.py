@@ -20,8 +20,8 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from gateway.config import Config
 from gateway.mock_upstream import MockUpstream
+from gateway.seams import FEEDS as upstream_feeds
 from gateway.server import Gateway
-from gateway.upstream import _FEEDS as upstream_feeds
 from tests.schema import validate_server_frame
 
 TIMEOUT = 10.0
@@ -141,6 +141,17 @@ StackFactory = Callable[..., Awaitable[Stack]]
 
 REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 
+#: The seams' modes every test gateway runs in (gateway/seams.py): `make test-seams` runs the
+#: end-to-end tests again with the public-API fallbacks forced.
+SEAM_MODES: dict[str, str] = {
+    key: os.environ[env]
+    for key, env in (
+        ("upstream_body", "GATEWAY_TEST_UPSTREAM_BODY"),
+        ("client_frames", "GATEWAY_TEST_CLIENT_FRAMES"),
+    )
+    if os.environ.get(env)
+}
+
 
 async def require_redis() -> str:
     """The test Redis URL; skip locally (fail in CI, which starts Redis) when none answers."""
@@ -167,7 +178,7 @@ async def make_stack() -> AsyncIterator[StackFactory]:
     ) -> Stack:
         mock = MockUpstream(default_delay_ms=0)
         base = await mock.start()
-        config = Config(port=0, dialect=dialect, **overrides)
+        config = Config(port=0, dialect=dialect, **{**SEAM_MODES, **overrides})
         gateway = Gateway(config, url or f"{base}/{dialect}")
         await gateway.start()
         stack = Stack(mock, gateway, [])
@@ -180,7 +191,7 @@ async def make_stack() -> AsyncIterator[StackFactory]:
             await client.ws.close()
         await stack.gateway.stop()
         await stack.mock.stop()
-    # No upstream body is still attached to a relay feed (gateway.upstream._FEEDS).
+    # No upstream body is still attached to a relay feed (gateway.seams.FEEDS).
     assert not upstream_feeds, upstream_feeds
     # Nothing the servers started may outlive them (tasks are owned and awaited).
     leftover = {t for t in asyncio.all_tasks() - baseline if not t.done()}
