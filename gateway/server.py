@@ -43,11 +43,11 @@ from gateway.quotas import Quotas
 from gateway.redis_store import RedisStore
 from gateway.resume import Registry
 from gateway.session import (
-    DETACHED,
     Limits,
     State,
     Stream,
     finish_fail,
+    move,
 )
 from gateway.upstream import FlowControl, Upstream
 from gateway.websocket import WRITE_LIMIT, Handler, Listener, WebSocket
@@ -269,18 +269,16 @@ class Gateway:
         if not isinstance(stream, Stream):
             return
         if verb == "cancel" and stream.active:
-            stream.state = State.CANCELLED
-            stream.outcome = "cancelled"
+            # The follower elsewhere sends its client the `cancelled`.
+            move(stream, State.CANCELLED, "cancelled")
             self.cancel_stream(stream)
         elif verb == "moved":
             # Followed elsewhere now: produce what was pending here into the shared store,
             # stop sending to any local socket, and no grace timer (someone follows it).
             previous = stream.owner
             if previous is not None:
-                previous._forget(stream, finished=False)
-            if stream.sink is not DETACHED:
-                stream.flush()
-                stream.sink = DETACHED
+                previous.release(stream, finished=False)
+            stream.leave_sink()
             connection = self.followers.pop(stream, None)
             if connection is not None:
                 connection.following.pop(stream, None)
@@ -335,8 +333,7 @@ class Gateway:
         """Nobody resumed `stream` in time: stop its upstream (no one would read the answer)."""
         self._grace.pop(stream, None)
         if stream.owner is None and stream.active:
-            stream.state = State.CANCELLED
-            stream.outcome = "abandoned"
+            move(stream, State.CANCELLED, "abandoned")
             log.info("stream.abandoned", stream=stream.id)
             self.cancel_stream(stream)
 
@@ -532,6 +529,8 @@ class Gateway:
             self.registry.forget(retained)
         streams = list(self.relays)
         for stream in streams:
+            if stream.active:  # no socket is left to tell
+                move(stream, State.CANCELLED, "shutdown")
             self.cancel_stream(stream)
         await self.join(streams)
         if self._control_tasks:

@@ -73,6 +73,29 @@ class State(Enum):
     FAILED = "failed"
 
 
+#: The stream lifecycle as data (h11 style): the states each state may move to. Terminal states
+#: move nowhere, so a second end is an illegal move, never a second terminal frame.
+TRANSITIONS: Final[dict[State, frozenset[State]]] = {
+    State.ACTIVE: frozenset({State.DONE, State.CANCELLED, State.FAILED}),
+    State.DONE: frozenset(),
+    State.CANCELLED: frozenset(),
+    State.FAILED: frozenset(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A move the lifecycle table does not allow: a bug in the caller."""
+
+
+def move(stream: Stream, to: State, outcome: str) -> None:
+    """The one place a stream's state changes; `outcome` is the word its log line and metrics
+    give for how it ended. Raises IllegalTransition for a move TRANSITIONS does not allow."""
+    if to not in TRANSITIONS[stream.state]:
+        raise IllegalTransition(f"stream {stream.id!r}: {stream.state.value} -> {to.value}")
+    stream.state = to
+    stream.outcome = outcome
+
+
 class Sink(Protocol):
     """Where a stream's output goes: a socket's `Outbox`, or `DETACHED` while no socket
     follows it (its output is then only retained for a resume)."""
@@ -239,6 +262,13 @@ class Stream:
         if self.terminal_sent and self._terminal is not None:
             frames.append(self._terminal(self, stream_id, self.seq))
         return frames
+
+    def leave_sink(self) -> None:
+        """Another instance follows this stream now: produce what is pending here (into the
+        shared store), and send nothing to a local socket any more."""
+        if self.sink is not DETACHED:
+            self.flush()
+            self.sink = DETACHED
 
     def compact(self) -> None:
         """The stream ended and is retained for a resume: keep what a replay needs in the
@@ -525,11 +555,10 @@ def _build_cancelled(_stream: Stream, sid: str, seq: int) -> bytes:
 
 
 def _end(stream: Stream, state: State, outcome: str, build: TerminalBuilder) -> None:
-    stream.state = state
-    stream.outcome = outcome
+    move(stream, state, outcome)
     stream.sink.push_terminal(stream, build)
     if stream.owner is not None:
-        stream.owner._forget(stream)
+        stream.owner.release(stream)
 
 
 class Session:
@@ -728,7 +757,7 @@ class Session:
             )
         previous = stream.owner
         if previous is not None:
-            previous._forget(stream, finished=False)
+            previous.release(stream, finished=False)
         self.outbox.push_frame(encode_resumed(sid, msg.after))
         for frame in stream.replay(msg.after, sid):
             self.outbox.push_frame(frame)
@@ -777,28 +806,7 @@ class Session:
             lambda _proxy, sid, _seq: terminal_for(template, sid),
         )
 
-    # ------------------------------------------------------------------ upstream side
-
-    def text(self, stream: Stream, text: str) -> None:
-        """A text delta from the upstream of `stream` (see `Stream.push`)."""
-        stream.push(text)
-
-    def done(self, stream: Stream, meta: dict[str, Any], final_text: str | None = None) -> None:
-        """See `finish_done`."""
-        finish_done(stream, meta, final_text)
-
-    def fail(
-        self,
-        stream: Stream,
-        code: ErrorCode,
-        message: str,
-        retryable: bool | None = None,
-        **extra: Any,
-    ) -> None:
-        """See `finish_fail`."""
-        finish_fail(stream, code, message, retryable, **extra)
-
-    def _forget(self, stream: Stream, finished: bool = True) -> None:
+    def release(self, stream: Stream, finished: bool = True) -> None:
         """`stream` is no longer active on this socket (it ended, or moved elsewhere)."""
         if self.streams.get(stream.id) is stream:
             del self.streams[stream.id]
@@ -814,8 +822,7 @@ class Session:
         reach anyone), and is returned so its upstream request can be cancelled."""
         gone = list(self.streams.values())
         for stream in gone:
-            stream.state = State.CANCELLED
-            stream.outcome = "client_gone"
+            move(stream, State.CANCELLED, "client_gone")
             stream.pending.clear()
             stream.owner = None
             if self.registry is not None:

@@ -15,7 +15,15 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from gateway.protocol import ErrorCode, ProtocolViolation, parse_client_frame
-from gateway.session import Authenticate, CancelUpstream, Limits, OpenUpstream, Session
+from gateway.session import (
+    Authenticate,
+    CancelUpstream,
+    Limits,
+    OpenUpstream,
+    Session,
+    finish_done,
+    finish_fail,
+)
 from tests.conftest import Stack, check_stream
 
 CODES = {code.value for code in ErrorCode}
@@ -121,11 +129,11 @@ def test_session_never_raises_and_keeps_its_invariants(
         elif arg in live:
             stream = live[arg]
             if kind == "text":
-                session.text(stream, "t")
+                stream.push("t")
             elif kind == "done":
-                session.done(stream, {"usage": {"n": 1}})
+                finish_done(stream, {"usage": {"n": 1}})
             else:
-                session.fail(stream, ErrorCode.STREAM_INTERRUPTED, "x")
+                finish_fail(stream, ErrorCode.STREAM_INTERRUPTED, "x")
     sent.extend(orjson.loads(f) for f in session.outbox.drain())
     lives: dict[str, int] = {}
     for f in sent:

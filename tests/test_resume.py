@@ -72,7 +72,7 @@ def test_replay_reproduces_the_frames_with_a_new_id() -> None:
     for word in ("one ", "two ", "three"):
         stream.push(word)
         session.outbox.drain()
-    session.done(stream, {"usage": {"n": 3}})
+    finish_done(stream, {"usage": {"n": 3}})
     session.outbox.drain()
     assert registry.lookup("tok") is stream
     frames = [f.decode() for f in stream.replay(1, "b")]
@@ -95,7 +95,7 @@ def test_registry_bounds_and_tombstones() -> None:
         stream: Stream = command.stream
         stream.push(text)
         session.outbox.drain()
-        session.done(stream, {})
+        finish_done(stream, {})
         session.outbox.drain()
         streams.append(stream)
         registry.ended(stream)

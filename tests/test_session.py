@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -13,6 +14,7 @@ from gateway.session import (
     Authenticate,
     CancelUpstream,
     CloseSocket,
+    IllegalTransition,
     Limits,
     OpenUpstream,
     Outbox,
@@ -20,6 +22,9 @@ from gateway.session import (
     Session,
     State,
     Stream,
+    finish_done,
+    finish_fail,
+    move,
 )
 
 
@@ -52,10 +57,10 @@ def test_welcome_then_started_then_chunks_then_done() -> None:
     s.welcome()
     stream = start(s, "s1")
     assert [f["type"] for f in frames(s)] == ["welcome", "started"]
-    s.text(stream, "Hel")
+    stream.push("Hel")
     assert frames(s) == [{"type": "text_chunk", "id": "s1", "seq": 1, "text": "Hel"}]
-    s.text(stream, "lo")
-    s.done(stream, {"citations": ["https://a"], "finish_reason": "stop"})
+    stream.push("lo")
+    finish_done(stream, {"citations": ["https://a"], "finish_reason": "stop"})
     assert frames(s) == [
         {"type": "text_chunk", "id": "s1", "seq": 2, "text": "lo"},
         {
@@ -77,14 +82,14 @@ def test_deltas_waiting_together_are_coalesced_into_one_frame() -> None:
     a, b = start(s, "a"), start(s, "b")
     frames(s)
     for word in ("one ", "two ", "three"):
-        s.text(a, word)
-        s.text(b, word.upper())
+        a.push(word)
+        b.push(word.upper())
     out = frames(s)
     assert out == [
         {"type": "text_chunk", "id": "a", "seq": 1, "text": "one two three"},
         {"type": "text_chunk", "id": "b", "seq": 1, "text": "ONE TWO THREE"},
     ]
-    s.text(a, "!")
+    a.push("!")
     assert frames(s) == [{"type": "text_chunk", "id": "a", "seq": 2, "text": "!"}]
 
 
@@ -95,18 +100,18 @@ def test_outbox_counts_buffered_bytes_and_notifies_once_per_batch() -> None:
     s = Session("x", Limits(), Outbox(wakes.append))
     stream = start(s, "s")
     assert wakes == [False]  # `started`: the writer may wait for the iteration's rest
-    s.text(stream, "abcd")
+    stream.push("abcd")
     assert wakes == [False, True]  # the first text: urgent, though the queue was not empty
-    s.text(stream, "ef")
+    stream.push("ef")
     assert wakes == [False, True]  # still queued: no further wake-up
     assert s.outbox.buffered == len(b'{"type":"started","id":"s"}') + 6
     s.outbox.drain()
     assert s.outbox.buffered == 0
-    s.text(stream, "g")
+    stream.push("g")
     assert wakes == [False, True, False]  # seq 1 was produced: no longer urgent
     other = start(s, "t")
     assert wakes == [False, True, False]  # queued behind `s`: the writer is awake already
-    s.text(other, "first")
+    other.push("first")
     assert wakes == [False, True, False, True]
 
 
@@ -114,14 +119,14 @@ def test_cancel_drops_unsent_text_and_is_the_last_frame() -> None:
     """Cancel answers `cancelled` with the last seq sent; unsent text and later output vanish."""
     s = make()
     stream = start(s, "s1")
-    s.text(stream, "sent")
+    stream.push("sent")
     frames(s)
-    s.text(stream, "never sent")
+    stream.push("never sent")
     commands = s.receive('{"type":"cancel","id":"s1"}')
     assert commands == [CancelUpstream(stream)]
-    s.text(stream, "late")
-    s.done(stream, {})
-    s.fail(stream, ErrorCode.STREAM_INTERRUPTED, "late")
+    stream.push("late")
+    finish_done(stream, {})
+    finish_fail(stream, ErrorCode.STREAM_INTERRUPTED, "late")
     assert frames(s) == [{"type": "cancelled", "id": "s1", "seq": 1}]
     assert stream.state is State.CANCELLED
 
@@ -130,8 +135,8 @@ def test_cancel_racing_the_end_yields_exactly_one_terminal() -> None:
     """A cancel arriving after the stream finished is ignored: the done stays the only terminal."""
     s = make()
     stream = start(s, "s1")
-    s.text(stream, "x")
-    s.done(stream, {})
+    stream.push("x")
+    finish_done(stream, {})
     assert s.receive('{"type":"cancel","id":"s1"}') == []
     out = frames(s)
     assert [f["type"] for f in out] == ["started", "text_chunk", "done"]
@@ -164,7 +169,7 @@ def test_id_can_be_reused_after_its_stream_ended() -> None:
     """Ids are unique among active streams only."""
     s = make()
     first = start(s, "a")
-    s.done(first, {})
+    finish_done(first, {})
     second = start(s, "a")
     assert second is not first
 
@@ -204,8 +209,8 @@ def test_failure_carries_code_seq_and_extras() -> None:
     """An upstream failure ends the stream with an error frame that says how far it got."""
     s = make()
     stream = start(s, "s")
-    s.text(stream, "partial")
-    s.fail(stream, ErrorCode.UPSTREAM_ERROR, "upstream answered HTTP 503", True, status=503)
+    stream.push("partial")
+    finish_fail(stream, ErrorCode.UPSTREAM_ERROR, "upstream answered HTTP 503", True, status=503)
     out = frames(s)
     assert out[-1] == {
         "type": "error",
@@ -222,9 +227,9 @@ def test_done_with_upstream_full_text_sends_the_missing_tail() -> None:
     """When the upstream's done carries more text than was streamed, the rest is sent first."""
     s = make()
     stream = start(s, "s")
-    s.text(stream, "Hello")
+    stream.push("Hello")
     frames(s)
-    s.done(stream, {}, final_text="Hello world")
+    finish_done(stream, {}, final_text="Hello world")
     chunk, done = frames(s)
     assert chunk["text"] == " world"
     assert (done["seq"], done["text"]) == (2, "Hello world")
@@ -234,8 +239,8 @@ def test_done_with_disagreeing_upstream_text_keeps_what_was_sent() -> None:
     """done.text always equals the concatenated chunks the client received."""
     s = make()
     stream = start(s, "s")
-    s.text(stream, "abc")
-    s.done(stream, {}, final_text="xyz")
+    stream.push("abc")
+    finish_done(stream, {}, final_text="xyz")
     assert frames(s)[-1]["text"] == "abc"
 
 
@@ -243,7 +248,7 @@ def test_close_ends_all_active_streams() -> None:
     """A closed socket ends every active stream and hands them back for upstream cancellation."""
     s = make()
     a, b = start(s, "a"), start(s, "b")
-    s.done(b, {})
+    finish_done(b, {})
     gone = s.close()
     assert gone == [a]
     assert a.state is State.CANCELLED
@@ -258,20 +263,20 @@ def test_detached_streams_produce_their_later_output_whether_queued_or_not() -> 
     s = make()
     s.welcome()
     idle, busy = start(s, "idle"), start(s, "busy")
-    s.text(idle, "a")
-    s.text(busy, "b")
+    idle.push("a")
+    busy.push("b")
     frames(s)  # sent: neither stream is queued now
-    s.text(busy, "c")  # queued at the drop
+    busy.push("c")  # queued at the drop
     produced: list[tuple[str, int, str]] = []
     terminals: list[str] = []
     for stream in (idle, busy):
         stream.on_chunk = lambda st, seq, text: produced.append((st.id, seq, text))
         stream.on_terminal = lambda st, frame: terminals.append(st.id)
     assert s.detach() == [idle, busy]
-    s.text(idle, "x")
-    s.done(idle, {})
-    s.text(busy, "y")
-    s.done(busy, {})
+    idle.push("x")
+    finish_done(idle, {})
+    busy.push("y")
+    finish_done(busy, {})
     assert produced == [("busy", 2, "c"), ("idle", 2, "x"), ("busy", 3, "y")]
     assert terminals == ["idle", "busy"]
     assert idle.terminal_sent
@@ -310,11 +315,11 @@ def test_invariants_hold_for_any_interleaving(ops: list[tuple[str, str, str]]) -
         elif sid in live:
             stream = live[sid]
             if op == "text" and text:
-                s.text(stream, text)
+                stream.push(text)
             elif op == "done":
-                s.done(stream, {})
+                finish_done(stream, {})
             elif op == "fail":
-                s.fail(stream, ErrorCode.STREAM_INTERRUPTED, "x")
+                finish_fail(stream, ErrorCode.STREAM_INTERRUPTED, "x")
         if op == "drain":
             sent.extend(frames(s))
     sent.extend(frames(s))
@@ -410,8 +415,8 @@ def test_done_metadata_of_odd_shapes_is_held_to_the_documented_schema() -> None:
     s = make()
     s.welcome()
     stream = start(s, "m")
-    s.text(stream, "answer")
-    s.done(
+    stream.push("answer")
+    finish_done(
         stream,
         {
             "citations": ["https://a", {"url": "https://b"}, 3],
@@ -436,3 +441,40 @@ def test_done_metadata_of_odd_shapes_is_held_to_the_documented_schema() -> None:
     assert isinstance(parsed, Done)
     assert parsed.answer.text == "answer"
     assert parsed.answer.citations == ("https://a",)
+
+
+# ------------------------------------------------------------------ the lifecycle table
+
+
+def test_the_lifecycle_table_moves_active_streams_once_and_terminal_ones_never() -> None:
+    """ACTIVE may end as DONE, CANCELLED or FAILED; a terminal state moves nowhere (the table
+    is data, and `move` is the only way through it): a second end is an illegal move."""
+    from gateway.session import TRANSITIONS
+
+    assert TRANSITIONS[State.ACTIVE] == {State.DONE, State.CANCELLED, State.FAILED}
+    for terminal in (State.DONE, State.CANCELLED, State.FAILED):
+        assert not TRANSITIONS[terminal]
+        s = make()
+        [command] = s.receive('{"type":"start","id":"a","prompt":"p"}')
+        assert isinstance(command, OpenUpstream)
+        stream = command.stream
+        move(stream, terminal, "test")
+        assert (stream.state, stream.outcome) == (terminal, "test")
+        for to in State:
+            with pytest.raises(IllegalTransition):
+                move(stream, to, "again")
+        assert (stream.state, stream.outcome) == (terminal, "test")
+
+
+def test_finishing_an_ended_stream_is_ignored_not_an_illegal_move() -> None:
+    """The upstream's own end racing a cancel is normal: finish_done and finish_fail leave a
+    stream that already ended as it is (exactly one terminal), without raising."""
+    s = make()
+    [command] = s.receive('{"type":"start","id":"a","prompt":"p"}')
+    assert isinstance(command, OpenUpstream)
+    stream = command.stream
+    s.receive('{"type":"cancel","id":"a"}')
+    finish_done(stream, {})
+    finish_fail(stream, ErrorCode.STREAM_INTERRUPTED, "late")
+    frames = [f for f in s.outbox.drain() if b'"id":"a"' in f]
+    assert [orjson.loads(f)["type"] for f in frames] == ["started", "cancelled"]
