@@ -29,7 +29,7 @@ test: $(STAMP) lint typecheck
 	$(MAKE) --no-print-directory test-js
 
 ## test-seams: the end-to-end tests again with every dependency shortcut's public-API fallback
-## forced (--upstream-body pull, --client-frames standard; gateway/seams.py); CI runs it
+## forced (--upstream-body pull, --client-frames standard; gateway/io/seams/__init__.py); CI runs it
 SEAM_TESTS := tests/test_e2e.py tests/test_websocket.py tests/test_reliability.py tests/test_resume.py \
 	tests/test_redis_resume.py tests/test_memory.py tests/test_security.py tests/test_fuzz.py
 test-seams: $(STAMP)

@@ -109,7 +109,7 @@ class Config:
         return self.upstream_url is None
 
 
-#: The modes of each dependency shortcut (gateway/seams.py): the fast one, its public-API
+#: The modes of each dependency shortcut (gateway/io/seams/): the fast one, its public-API
 #: fallback, and auto.
 SEAM_MODES: Final[dict[str, tuple[str, ...]]] = {
     "upstream_body": ("auto", "push", "pull"),

@@ -159,7 +159,7 @@ class Metrics:
         self.mirror(self.heap_blocks, sys.getallocatedblocks)
         self.seam_mode = Gauge(
             "gateway_seam_mode",
-            "1 for the mode each dependency shortcut runs in (gateway/seams.py: push or pull "
+            "1 for the mode each dependency shortcut runs in (gateway/io/seams/: push or pull "
             "upstream bodies, fast or standard client frames)",
             ["seam", "mode"],
             registry=r,

@@ -19,9 +19,9 @@ import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection, connect
 
 from gateway.config import Config
-from gateway.mock_upstream import MockUpstream
-from gateway.seams import FEEDS as upstream_feeds
-from gateway.server import Gateway
+from gateway.io.seams import FEEDS as upstream_feeds
+from gateway.io.server import Gateway
+from gateway.mock.upstream import MockUpstream
 from tests.schema import validate_server_frame
 
 TIMEOUT = 10.0
@@ -141,7 +141,7 @@ StackFactory = Callable[..., Awaitable[Stack]]
 
 REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 
-#: The seams' modes every test gateway runs in (gateway/seams.py): `make test-seams` runs the
+#: The seams' modes every test gateway runs in (gateway/io/seams/): `make test-seams` runs the
 #: end-to-end tests again with the public-API fallbacks forced.
 SEAM_MODES: dict[str, str] = {
     key: os.environ[env]
@@ -191,7 +191,7 @@ async def make_stack() -> AsyncIterator[StackFactory]:
             await client.ws.close()
         await stack.gateway.stop()
         await stack.mock.stop()
-    # No upstream body is still attached to a relay feed (gateway.seams.FEEDS).
+    # No upstream body is still attached to a relay feed (gateway.io.seams.FEEDS).
     assert not upstream_feeds, upstream_feeds
     # Nothing the servers started may outlive them (tasks are owned and awaited).
     leftover = {t for t in asyncio.all_tasks() - baseline if not t.done()}

@@ -33,7 +33,7 @@ from packaging.version import Version
 from websockets.asyncio.client import connect
 
 from gateway.config import Config, add_serve_arguments, config_from_args
-from gateway.server import CLOSE_GRACE
+from gateway.io.server import CLOSE_GRACE
 from tests.conftest import Client, StackFactory, check_stream
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.dialects import (
+from gateway.core.dialects import (
     EventsTranslator,
     OpenAITranslator,
     PerplexityTranslator,
@@ -17,8 +17,8 @@ from gateway.dialects import (
     status_retryable,
     translator_for,
 )
-from gateway.protocol import ErrorCode
-from gateway.sse import SSEDecoder, SSEEvent
+from gateway.core.protocol import ErrorCode
+from gateway.core.sse import SSEDecoder, SSEEvent
 
 
 def ev(data: Any, event: str = "message") -> SSEEvent:

@@ -17,10 +17,10 @@ import pytest
 from aiohttp.client_proto import ResponseHandler
 from websockets.exceptions import ConnectionClosed
 
-from gateway.mock_upstream import choose_answer, parse_directive, text_chunks
-from gateway.protocol import ErrorCode
-from gateway.upstream import _BodyFeed
-from gateway.websocket import WebSocket
+from gateway.core.protocol import ErrorCode
+from gateway.io.upstream import _BodyFeed
+from gateway.io.websocket import WebSocket
+from gateway.mock.upstream import choose_answer, parse_directive, text_chunks
 from tests.conftest import TIMEOUT, Stack, StackFactory, check_stream, is_terminal
 
 
@@ -534,7 +534,7 @@ async def test_internal_bug_is_reported_not_crashed(
     stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An unexpected exception in the relay becomes `internal`; the socket keeps working."""
-    from gateway import dialects
+    from gateway.core import dialects
 
     def boom(self: Any, event: Any) -> str:
         raise RuntimeError("bug")

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from gateway.protocol import ErrorCode, ProtocolViolation, parse_client_frame
-from gateway.session import (
+from gateway.core.protocol import ErrorCode, ProtocolViolation, parse_client_frame
+from gateway.core.session import (
     Authenticate,
     CancelUpstream,
     Limits,

@@ -19,11 +19,11 @@ import redis.asyncio as aioredis
 import uvloop
 
 from gateway.config import Config
-from gateway.connection import Connection
-from gateway.mock_upstream import MockUpstream
-from gateway.resume import GONE, TOMBSTONES, Registry
-from gateway.server import Gateway
-from gateway.session import Limits, OpenUpstream, Outbox, Session, Stream, finish_done
+from gateway.core.resume import GONE, TOMBSTONES, Registry
+from gateway.core.session import Limits, OpenUpstream, Outbox, Session, Stream, finish_done
+from gateway.io.connection import Connection
+from gateway.io.server import Gateway
+from gateway.mock.upstream import MockUpstream
 from tests.conftest import TIMEOUT, Stack, StackFactory, check_stream, require_redis
 from tests.test_resume import drop, resume
 

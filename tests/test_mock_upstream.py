@@ -14,7 +14,7 @@ import orjson
 import pytest
 from multidict import CIMultiDictProxy
 
-from gateway.mock_upstream import (
+from gateway.mock.upstream import (
     ANSWERS,
     ENDLESS_WRITE_BYTES,
     GIANT_DEFAULT_SIZE,

@@ -9,7 +9,7 @@ from websockets.frames import Opcode
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
-from gateway.protocol import (
+from gateway.core.protocol import (
     PONG,
     Cancel,
     ErrorCode,
@@ -25,7 +25,7 @@ from gateway.protocol import (
     encode_welcome,
     parse_client_frame,
 )
-from gateway.websocket import text_frames
+from gateway.io.websocket import text_frames
 
 MAX = 65536
 

@@ -11,8 +11,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from gateway.core.retry import RetryPolicy
 from gateway.metrics import LoopLag
-from gateway.retry import RetryPolicy
 from tests.conftest import TIMEOUT, Stack, StackFactory, check_stream
 from tests.faults.client import TCP_CLOSE, tcp_state
 from tests.test_e2e import expected_text, free_port

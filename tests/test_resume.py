@@ -12,9 +12,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from gateway.protocol import ErrorCode
-from gateway.resume import GONE, Registry
-from gateway.session import Limits, OpenUpstream, Session, Stream, finish_done, finish_fail
+from gateway.core.protocol import ErrorCode
+from gateway.core.resume import GONE, Registry
+from gateway.core.session import Limits, OpenUpstream, Session, Stream, finish_done, finish_fail
 from tests.conftest import TIMEOUT, Client, Stack, StackFactory, is_terminal
 from tests.test_e2e import expected_text
 

@@ -14,7 +14,7 @@ import pytest
 from gateway_client import ProtocolError
 from gateway_client._frames import ERROR_CODES, build_start, parse_server_frame
 
-from gateway.protocol import ALLOWED_OPTIONS, ErrorCode, ProtocolViolation, parse_client_frame
+from gateway.core.protocol import ALLOWED_OPTIONS, ErrorCode, ProtocolViolation, parse_client_frame
 from tests.schema import (
     CLIENT_FRAMES,
     SERVER_FRAMES,

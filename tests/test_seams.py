@@ -1,4 +1,4 @@
-"""The dependency shortcuts and their public-API fallbacks (gateway/seams.py): the self-tests
+"""The dependency shortcuts and their public-API fallbacks (gateway/io/seams/): the self-tests
 pass on the releases we allow, `auto` falls back when a dependency's internals change, and
 every mode relays streams correctly. `make test-seams` also runs the end-to-end tests with the
 fallbacks forced."""
@@ -13,7 +13,8 @@ import aiohttp.http_parser
 import pytest
 from structlog.testing import capture_logs
 
-from gateway import seams
+from gateway.io import seams
+from gateway.io.seams import client_frames
 from tests.conftest import Stack, StackFactory, check_stream
 from tests.test_e2e import expected_text
 
@@ -109,7 +110,7 @@ def changed_websockets(monkeypatch: pytest.MonkeyPatch) -> None:
     def elsewhere() -> None:
         pass
 
-    monkeypatch.setattr(seams, "_AT_EOF", elsewhere.__code__)
+    monkeypatch.setattr(client_frames, "_AT_EOF", elsewhere.__code__)
 
 
 @pytest.mark.usefixtures("changed_websockets")

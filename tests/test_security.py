@@ -28,9 +28,9 @@ from gateway.auth import (
     query_has_token,
 )
 from gateway.config import Config
+from gateway.core.quotas import Quotas
+from gateway.io.server import Gateway
 from gateway.observability import configure_logging
-from gateway.quotas import Quotas
-from gateway.server import Gateway
 from tests.conftest import Client, Stack, StackFactory, check_stream
 
 ALICE = "alice-token-0123456789abcdef"

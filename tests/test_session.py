@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.protocol import ErrorCode, Start
-from gateway.session import (
+from gateway.core.protocol import ErrorCode, Start
+from gateway.core.session import (
     Authenticate,
     CancelUpstream,
     CloseSocket,
@@ -449,7 +449,7 @@ def test_done_metadata_of_odd_shapes_is_held_to_the_documented_schema() -> None:
 def test_the_lifecycle_table_moves_active_streams_once_and_terminal_ones_never() -> None:
     """ACTIVE may end as DONE, CANCELLED or FAILED; a terminal state moves nowhere (the table
     is data, and `move` is the only way through it): a second end is an illegal move."""
-    from gateway.session import TRANSITIONS
+    from gateway.core.session import TRANSITIONS
 
     assert TRANSITIONS[State.ACTIVE] == {State.DONE, State.CANCELLED, State.FAILED}
     for terminal in (State.DONE, State.CANCELLED, State.FAILED):

@@ -1,4 +1,4 @@
-"""Conformance and robustness tests for the incremental SSE decoder (gateway/sse.py).
+"""Conformance and robustness tests for the incremental SSE decoder (gateway/core/sse.py).
 
 The vectors in data/sse-vectors.json (a copy of the shared reference file, so CI does not depend
 on ../shared) are run whole, byte by byte, in their given chunkings and in random chunkings.
@@ -19,10 +19,10 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from gateway.sse import SSEDecoder, SSEEvent, SSEEventTooLarge
+from gateway.core.sse import SSEDecoder, SSEEvent, SSEEventTooLarge
 
 VECTORS_FILE = Path(__file__).parent / "data" / "sse-vectors.json"
-SSE_SOURCE = Path(__file__).parent.parent / "gateway" / "sse.py"
+SSE_SOURCE = Path(__file__).parent.parent / "gateway" / "core" / "sse.py"
 VECTORS: list[dict[str, Any]] = json.loads(VECTORS_FILE.read_text(encoding="utf-8"))["vectors"]
 CHUNKED = [v for v in VECTORS if "chunks_b64" in v or "chunk_size" in v]
 
@@ -361,7 +361,7 @@ def test_cap_outcome_independent_of_chunking(raw: bytes, cap: int, data: st.Data
 
 
 def test_module_imports_no_async_io() -> None:
-    """gateway/sse.py stays pure: it imports nothing from asyncio, aiohttp or websockets."""
+    """gateway/core/sse.py stays pure: it imports nothing from asyncio, aiohttp or websockets."""
     tree = ast.parse(SSE_SOURCE.read_text(encoding="utf-8"))
     imported: set[str] = set()
     for node in ast.walk(tree):

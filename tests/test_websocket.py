@@ -1,4 +1,4 @@
-"""The socket layer (gateway/websocket.py) against real websockets clients and raw TCP: what
+"""The socket layer (gateway/io/websocket.py) against real websockets clients and raw TCP: what
 websockets' asyncio server used to do for us and this module now does itself."""
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ async def test_static_file_missing_then_present_is_served(
 ) -> None:
     """A static file that is missing answers 404 and is looked for again next time (it used to
     be remembered as missing for the process's lifetime)."""
-    from gateway import server
+    from gateway.io import server
 
     page = tmp_path / "late.html"
     monkeypatch.setitem(server.STATIC_FILES, "/", (page, "text/html; charset=utf-8"))
@@ -195,7 +195,7 @@ async def test_static_file_missing_then_present_is_served(
 async def test_deadlines_fire_in_order_and_a_restart_moves_one_to_the_back() -> None:
     """Deadlines (one timer for the idle or auth timeouts of every socket) times each socket
     out its delay after it was last started; a restart postpones it, a cancel drops it."""
-    from gateway.connection import Deadlines
+    from gateway.io.connection import Deadlines
 
     fired: list[str] = []
     done = asyncio.Event()

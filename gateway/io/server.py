@@ -24,7 +24,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from gateway import seams
 from gateway.auth import (
     LOOPBACK_ORIGINS,
     AuthError,
@@ -35,22 +34,23 @@ from gateway.auth import (
     query_has_token,
 )
 from gateway.config import Config
-from gateway.connection import Connection, Deadlines, spawn
-from gateway.memory import FullCollections
-from gateway.metrics import LoopLag, Metrics
-from gateway.protocol import ErrorCode
-from gateway.quotas import Quotas
-from gateway.redis_store import RedisStore
-from gateway.resume import Registry
-from gateway.session import (
+from gateway.core.protocol import ErrorCode
+from gateway.core.quotas import Quotas
+from gateway.core.resume import Registry
+from gateway.core.session import (
     Limits,
     State,
     Stream,
     finish_fail,
     move,
 )
-from gateway.upstream import FlowControl, Upstream
-from gateway.websocket import WRITE_LIMIT, Handler, Listener, WebSocket
+from gateway.io import seams
+from gateway.io.connection import Connection, Deadlines, spawn
+from gateway.io.redis_store import RedisStore
+from gateway.io.upstream import FlowControl, Upstream
+from gateway.io.websocket import WRITE_LIMIT, Handler, Listener, WebSocket
+from gateway.memory import FullCollections
+from gateway.metrics import LoopLag, Metrics
 
 log = structlog.get_logger("gateway.server")
 
@@ -58,7 +58,7 @@ WS_PATH: Final = "/v1/ws"
 #: Frames above this are refused by websockets itself with close code 1009; frames between
 #: max_message_bytes and this get a `message_too_large` error and the socket stays open.
 HARD_FRAME_LIMIT_MIN: Final = 1 << 20
-#: Logged when a self-test made `auto` take a public-API fallback (gateway/seams.py).
+#: Logged when a self-test made `auto` take a public-API fallback (gateway/io/seams/).
 SEAM_FALLBACK: Final = (
     "a dependency's internals are not what the fast path expects: using the public-API "
     "fallback (correct, somewhat slower); report the versions of aiohttp and websockets"
@@ -67,7 +67,7 @@ SEAM_FALLBACK: Final = (
 CLOSE_GRACE: Final = 10.0
 
 
-_HERE = Path(__file__).resolve().parent
+_HERE = Path(__file__).resolve().parent.parent  # the gateway package
 #: GET paths served as files: the demo page and the JS client it uses as is (issue 6). The JS
 #: client lives in clients/js of a source checkout; an installed wheel answers 404 for it.
 STATIC_FILES: Final[dict[str, tuple[Path, str]]] = {

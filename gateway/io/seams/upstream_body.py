@@ -1,42 +1,14 @@
-"""The shortcuts into dependencies' internals, each behind one small interface with a public-API
-fallback beside it, and the startup self-tests that pick between them.
-
-Twice a release of a dependency changed its private internals under the hot path. So every
-shortcut here has a mode that uses only the public API, a self-test that runs the shortcut for
-real at startup, and a flag that forces either mode:
-
-- **upstream body** (`--upstream-body auto|push|pull`): `push` turns aiohttp's body reader
-  inside out, so each piece of body its HTTP parser decodes goes straight into the relay in the
-  same callback (`PushReader`: a class swap that relies on the reader's slot layout, on
-  `feed_data`, `feed_eof`, `set_exception` and `total_bytes`, and on pausing the connection's
-  protocol); `pull` reads `resp.content.iter_any()` in the relay's task, and a relay whose
-  socket is behind simply stops reading (aiohttp's own buffer limit then pauses the socket).
-- **client frames** (`--client-frames auto|fast|standard`): `fast` parses whole, unfragmented
-  client frames in the gateway itself when websockets' parser is at a frame boundary, which it
-  learns by walking the parser's generators (`at_frame_boundary`); `standard` gives every byte
-  to websockets' `receive_data`.
-
-`auto` runs the self-test and takes the fast mode only when it passes; otherwise it logs why and
-takes the fallback. The modes in force are logged (`gateway.seams`) and exported
-(`gateway_seam_mode`).
-"""
+"""The upstream-body seam: aiohttp pushes each piece of body into the relay (`PushReader`, a
+class swap onto aiohttp's private reader layout), with its self-test. The public-API fallback,
+pull mode, is `_BodyFeed.pull` in gateway/io/upstream.py (`resp.content.iter_any()`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Final, Protocol
 
 import aiohttp
-from websockets.frames import Frame
-from websockets.http11 import Request
-from websockets.protocol import State
-from websockets.server import ServerProtocol
-from websockets.streams import StreamReader as WsStreamReader
-
-# ------------------------------------------------------------------ upstream body: push
 
 
 class BodySink(Protocol):
@@ -208,84 +180,3 @@ async def push_self_test() -> str | None:
     if recorder.body != b"".join(_SELF_TEST_CHUNKS):
         return f"the body arrived as {recorder.body!r}"
     return None
-
-
-# ------------------------------------------------------------------ client frames: fast path
-
-#: Where websockets' frame parser waits when it is at a frame boundary with nothing buffered.
-_AT_EOF: Final = WsStreamReader.at_eof.__code__
-
-
-def at_frame_boundary(protocol: ServerProtocol) -> bool:
-    """Whether websockets' parser waits for the first byte of a frame, with nothing buffered:
-    its innermost generator is then `StreamReader.at_eof()`, at the top of its frame loop.
-    If websockets' internals change, this is never true and every frame goes its way."""
-    gen: Any = protocol.parser
-    while True:
-        inner = getattr(gen, "gi_yieldfrom", None)
-        if inner is None:
-            return getattr(gen, "gi_code", None) is _AT_EOF
-        gen = inner
-
-
-_UPGRADE: Final = (
-    b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-)
-
-
-def frames_self_test(boundary: Callable[[ServerProtocol], bool] = at_frame_boundary) -> str | None:
-    """Drive a websockets server protocol through a handshake and a frame cut in two: the
-    boundary check must say yes when idle, no in the middle of a frame, yes after it. None
-    when it does, else what it said."""
-    try:
-        protocol = ServerProtocol()
-        protocol.receive_data(_UPGRADE)
-        [request] = protocol.events_received()
-        assert isinstance(request, Request)
-        protocol.send_response(protocol.accept(request))
-        if protocol.state is not State.OPEN:
-            return "the self-test's handshake failed"
-        if not boundary(protocol):
-            return "the parser is not seen at a frame boundary when idle"
-        frame = b"\x81\x82k3y!" + bytes(a ^ b for a, b in zip(b"{}", b"k3", strict=True))
-        protocol.receive_data(frame[:3])
-        if boundary(protocol):
-            return "the parser is seen at a frame boundary in the middle of a frame"
-        protocol.receive_data(frame[3:])
-        events = protocol.events_received()
-        if not (len(events) == 1 and isinstance(events[0], Frame) and events[0].data == b"{}"):
-            return f"the frame was parsed as {events!r}"
-        if not boundary(protocol):
-            return "the parser is not seen at a frame boundary after a frame"
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
-# ------------------------------------------------------------------ choosing
-
-
-@dataclass(frozen=True)
-class Modes:
-    """The mode of each seam in force, and why `auto` fell back where it did."""
-
-    upstream_body: str
-    client_frames: str
-    fallbacks: dict[str, str] = field(default_factory=dict)
-
-
-async def choose(upstream_body: str, client_frames: str) -> Modes:
-    """Resolve `auto` by running the self-tests; forced modes are taken as they are."""
-    fallbacks: dict[str, str] = {}
-    if upstream_body == "auto":
-        problem = await push_self_test()
-        upstream_body = "push" if problem is None else "pull"
-        if problem is not None:
-            fallbacks["upstream_body"] = problem
-    if client_frames == "auto":
-        problem = frames_self_test()
-        client_frames = "fast" if problem is None else "standard"
-        if problem is not None:
-            fallbacks["client_frames"] = problem
-    return Modes(upstream_body, client_frames, fallbacks)

@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
-from gateway.session import Stream
+from gateway.core.session import Stream
 
 log = structlog.get_logger("gateway.redis")
 

@@ -21,8 +21,8 @@ import structlog
 from redis.exceptions import RedisError
 
 from gateway.auth import AuthError, Principal
-from gateway.protocol import ErrorCode, Resume, Start, encode_authenticated, encode_error
-from gateway.session import (
+from gateway.core.protocol import ErrorCode, Resume, Start, encode_authenticated, encode_error
+from gateway.core.session import (
     CLOSE_UNAUTHORIZED,
     Authenticate,
     CancelUpstream,
@@ -35,11 +35,11 @@ from gateway.session import (
     Stream,
     finish_fail,
 )
-from gateway.upstream import FlowControl
-from gateway.websocket import WebSocket
+from gateway.io.upstream import FlowControl
+from gateway.io.websocket import WebSocket
 
 if TYPE_CHECKING:
-    from gateway.server import Gateway
+    from gateway.io.server import Gateway
 
 log = structlog.get_logger("gateway.server")
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from gateway.protocol import (
+from gateway.core.protocol import (
     PONG,
     Auth,
     Cancel,
@@ -43,10 +43,10 @@ from gateway.protocol import (
     encode_welcome,
     parse_client_frame,
 )
-from gateway.resume import GONE
+from gateway.core.resume import GONE
 
 if TYPE_CHECKING:
-    from gateway.resume import Registry
+    from gateway.core.resume import Registry
 
 #: Stands for the stream id in terminal frames kept for other instances (any follower
 #: substitutes its own id; see redis_store.terminal_for).

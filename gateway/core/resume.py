@@ -20,7 +20,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
-    from gateway.session import Stream
+    from gateway.core.session import Stream
 
 
 class _Gone:

@@ -8,7 +8,7 @@ object dict, about 6 KiB of an idle socket's 13 (tracemalloc), and a task switch
 frame. Here a client frame is handled in `data_received` itself (a `cancel` closes its upstream
 in the same callback), and one `Keepalive` pings every socket from a timer wheel.
 
-`WebSocket` calls its `Handler` (gateway/connection.py) back; the `Listener` owns the listening
+`WebSocket` calls its `Handler` (gateway/io/connection.py) back; the `Listener` owns the listening
 socket and the sockets still in their handshake.
 """
 
@@ -37,7 +37,7 @@ try:
 except ImportError:  # pragma: no cover - websockets built without its C extension
     from websockets.utils import apply_mask as _apply_mask
 
-from gateway.seams import at_frame_boundary
+from gateway.io.seams import at_frame_boundary
 
 log = structlog.get_logger("gateway.websocket")
 
@@ -75,7 +75,7 @@ def text_frames(messages: list[bytes]) -> bytes:
 
 
 class Handler(Protocol):
-    """What an open socket calls back (gateway/connection.py's Connection)."""
+    """What an open socket calls back (gateway/io/connection.py's Connection)."""
 
     def on_message(self, data: str | bytes) -> None:
         """One whole client message: str for a text message, bytes for a binary one."""
@@ -605,7 +605,7 @@ class Listener:
         # would pay about 40 KiB of zlib state (STYLE.md).
         self.extensions = enable_server_permessage_deflate(None) if compression else None
         #: Whole client frames are parsed by the gateway itself (--client-frames; the server
-        #: sets it from the self-test's verdict, gateway/seams.py).
+        #: sets it from the self-test's verdict, gateway/io/seams/).
         self.fast_frames = True
         self.open_timeout = open_timeout
         self.close_timeout = close_timeout

@@ -15,8 +15,8 @@ from typing import Any, Final
 
 import orjson
 
-from gateway.protocol import ErrorCode
-from gateway.sse import SSEEvent
+from gateway.core.protocol import ErrorCode
+from gateway.core.sse import SSEEvent
 
 #: Top-level metadata keys relayed in `done` when the upstream sent them (protocol.md, "done").
 META_KEYS: Final = ("citations", "search_results", "images", "related_questions", "videos", "usage")

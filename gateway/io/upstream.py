@@ -24,19 +24,19 @@ import yarl
 
 from gateway import __version__
 from gateway.config import Config
-from gateway.dialects import (
+from gateway.core.dialects import (
     Translator,
     UpstreamFailure,
     parse_error_body,
     status_retryable,
     translator_for,
 )
+from gateway.core.protocol import ErrorCode
+from gateway.core.retry import RETRY_STATUSES, RetryPolicy
+from gateway.core.session import Outbox, State, Stream, finish_done, finish_fail
+from gateway.core.sse import SSEDecoder, SSEEventTooLarge
+from gateway.io.seams import attach_push, detach_push, set_reading
 from gateway.metrics import Metrics
-from gateway.protocol import ErrorCode
-from gateway.retry import RETRY_STATUSES, RetryPolicy
-from gateway.seams import attach_push, detach_push, set_reading
-from gateway.session import Outbox, State, Stream, finish_done, finish_fail
-from gateway.sse import SSEDecoder, SSEEventTooLarge
 
 if TYPE_CHECKING:
     from prometheus_client import Counter
@@ -410,7 +410,7 @@ class Upstream:
             self._live[stream] = feed
             # The first bytes came with the response; then each piece of body goes to the feed
             # (the hot path, see _BodyFeed.data): pushed by aiohttp as it is parsed, or pulled
-            # here with aiohttp's public API (gateway/seams.py).
+            # here with aiohttp's public API (gateway/io/seams/).
             feed.data(data)
             if not feed.done.done():
                 if self.push:
