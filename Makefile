@@ -80,6 +80,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gateway tests clients/python
 	$(VENV)/bin/ruff format --check gateway tests clients/python
+	$(VENV)/bin/lint-imports --no-cache
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

@@ -21,7 +21,7 @@ import uvloop
 from gateway.config import Config
 from gateway.core.resume import GONE, TOMBSTONES, Registry
 from gateway.core.session import Limits, OpenUpstream, Outbox, Session, Stream, finish_done
-from gateway.io.connection import Connection
+from gateway.io.connection import Connection, new_resume_token
 from gateway.io.server import Gateway
 from gateway.mock.upstream import MockUpstream
 from tests.conftest import TIMEOUT, Stack, StackFactory, check_stream, require_redis
@@ -323,7 +323,9 @@ def test_retained_streams_hold_no_more_memory_than_the_total_bound() -> None:
     bound = 1 << 20
     with traced() as held:
         registry = Registry(max_stream_bytes=64 << 10, max_total_bytes=bound)
-        session = Session("s", Limits(max_streams=1 << 20), registry=registry)
+        session = Session(
+            "s", Limits(max_streams=1 << 20), registry=registry, new_token=new_resume_token
+        )
         for n in range(1400):  # token-sized chunks: the chunk offsets cost as much as the text
             registry.ended(ended_stream(session, f"s{n}", chunks=150, size=5))
             assert 0 <= registry.retained_bytes <= bound
@@ -340,7 +342,7 @@ def test_one_answer_over_the_per_stream_bound_is_not_retained() -> None:
     token answers GONE (resume_unavailable)."""
     with traced() as held:
         registry = Registry(max_stream_bytes=64 << 10, max_total_bytes=1 << 30)
-        session = Session("s", Limits(), registry=registry)
+        session = Session("s", Limits(), registry=registry, new_token=new_resume_token)
         stream = ended_stream(session, "big", chunks=2000, size=50)  # about 100 KiB
         token = stream.resume_token
         assert token is not None
@@ -355,7 +357,9 @@ def test_tombstones_are_bounded() -> None:
     """Forgotten tokens are remembered as GONE up to TOMBSTONES, the oldest dropped first; three
     times as many forgets hold no more."""
     registry = Registry()
-    session = Session("s", Limits(max_streams=1 << 20), registry=registry)
+    session = Session(
+        "s", Limits(max_streams=1 << 20), registry=registry, new_token=new_resume_token
+    )
     tokens = []
     with traced() as held:
         for n in range(3 * TOMBSTONES):

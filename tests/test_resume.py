@@ -15,6 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from gateway.core.protocol import ErrorCode
 from gateway.core.resume import GONE, Registry
 from gateway.core.session import Limits, OpenUpstream, Session, Stream, finish_done, finish_fail
+from gateway.io.connection import new_resume_token
 from tests.conftest import TIMEOUT, Client, Stack, StackFactory, is_terminal
 from tests.test_e2e import expected_text
 
@@ -297,7 +298,13 @@ class RetentionMachine(RuleBasedStateMachine):
         super().__init__()
         self.registry = Registry(max_stream_bytes=1300, max_total_bytes=4000)
         self.sessions = [
-            Session(f"s{i}", Limits(max_streams=1000), registry=self.registry) for i in range(3)
+            Session(
+                f"s{i}",
+                Limits(max_streams=1000),
+                registry=self.registry,
+                new_token=new_resume_token,
+            )
+            for i in range(3)
         ]
         self.streams: list[Stream] = []
         self.ids = 0

@@ -17,10 +17,22 @@ recorded sizes of the retained streams, never negative, and within `max_total_by
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Final
+from typing import Final, Generic, Protocol, TypeVar
 
-if TYPE_CHECKING:
-    from gateway.core.session import Stream
+
+class Retainable(Protocol):
+    """What the registry needs of a stream (gateway.core.session.Stream), so that this module
+    does not import the session's."""
+
+    @property
+    def resume_token(self) -> str | None: ...
+
+    def compact(self) -> None: ...
+
+    def retained_size(self) -> int: ...
+
+
+Stream = TypeVar("Stream", bound=Retainable)
 
 
 class _Gone:
@@ -36,7 +48,7 @@ GONE: Final = _Gone()
 TOMBSTONES: Final = 10_000
 
 
-class Registry:
+class Registry(Generic[Stream]):
     """Resume tokens -> streams, with the retention bounds (in bytes, see
     `Stream.retained_size`)."""
 

@@ -14,13 +14,12 @@ Invariants (protocol.md, "Streams"), each pinned by tests:
 
 from __future__ import annotations
 
-import secrets
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import Any, Final, Protocol
 
 from gateway.core.protocol import (
     PONG,
@@ -43,10 +42,7 @@ from gateway.core.protocol import (
     encode_welcome,
     parse_client_frame,
 )
-from gateway.core.resume import GONE
-
-if TYPE_CHECKING:
-    from gateway.core.resume import Registry
+from gateway.core.resume import GONE, Registry
 
 #: Stands for the stream id in terminal frames kept for other instances (any follower
 #: substitutes its own id; see redis_store.terminal_for).
@@ -328,8 +324,8 @@ class Outbox:
     __slots__ = ("_notify", "_queue", "buffered")
 
     def __init__(self, notify: Callable[[bool], None] | None = None) -> None:
-        # A list, swapped out whole by drain(): an empty deque would cost 760 bytes per idle
-        # socket (its first block is allocated up front), an empty list 56.
+        # A list, swapped out whole by drain(): an empty deque allocates its first block up
+        # front, which every idle socket would pay (docs/performance.md).
         self._queue: list[bytes | Stream] = []
         self.buffered = 0
         #: Wakes the writer: `notify(False)` when the queue goes from empty to non-empty (the
@@ -595,7 +591,7 @@ class Session:
         *,
         admit: Callable[[Start], Refused | None] | None = None,
         awaiting_auth: bool = False,
-        registry: Registry | None = None,
+        registry: Registry[Stream] | None = None,
         principal: str | None = None,
         new_token: Callable[[], str] | None = None,
         remote: bool = False,
@@ -616,7 +612,10 @@ class Session:
         #: Who this socket belongs to; resume tokens are bound to it.
         self.principal = principal
         self.registry = registry
-        self._new_token = new_token if new_token is not None else _token
+        if registry is not None and new_token is None:
+            raise ValueError("resumable streams need a source of unguessable resume tokens")
+        #: Makes resume tokens (the shell passes one backed by `secrets`: this module is pure).
+        self._new_token = new_token
         #: Whether unknown resume tokens may belong to another instance (a shared store).
         self.remote = remote
         self.streams_started = 0
@@ -700,7 +699,7 @@ class Session:
                 if refused.retry_after_ms is not None:
                     extra["retry_after_ms"] = refused.retry_after_ms
                 return self._refuse(refused.code, refused.message, sid, **extra)
-        token = self._new_token() if self.registry is not None else None
+        token = self._new_token() if self._new_token is not None else None
         stream = Stream(msg, self.outbox, resume_token=token, principal=self.principal)
         stream.owner = self
         self.streams[sid] = stream
@@ -856,8 +855,3 @@ def terminal_for(template: bytes, stream_id: str) -> bytes:
     """A terminal frame kept with the placeholder id, for the id a follower uses. Only the
     `"id":` field can match: inside JSON strings quotes are escaped, so text cannot forge it."""
     return template.replace(_ID_FIELD, b'"id":"' + stream_id.encode() + b'"', 1)
-
-
-def _token() -> str:
-    """An unguessable resume token (128 bits)."""
-    return secrets.token_urlsafe(16)

@@ -105,7 +105,8 @@ class SSEDecoder:
             # (another line, a CR inside an LF stream, a split) goes the general way.
             # Slices, and `in` on the decoded text, not find()/endswith() (they parse their
             # arguments with PyArg_ParseTuple) nor `in` on bytes (it first tries the operand
-            # as an int and formats a TypeError): each cost more than the search (callgrind).
+            # as an int and formats a TypeError): each cost more than the search
+            # (docs/performance.md).
             # A CR or LF byte decodes to that character and nothing else decodes to one.
             tail = data[-4:]
             value = None

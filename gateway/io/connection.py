@@ -15,17 +15,21 @@ import contextvars
 import secrets
 import time
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 import structlog
 from redis.exceptions import RedisError
 
-from gateway.auth import AuthError, Principal
+from gateway.auth import AuthError, Principal, TokenAuthenticator
+from gateway.config import Config
 from gateway.core.protocol import ErrorCode, Resume, Start, encode_authenticated, encode_error
+from gateway.core.quotas import Quotas
+from gateway.core.resume import Registry
 from gateway.core.session import (
     CLOSE_UNAUTHORIZED,
     Authenticate,
     CancelUpstream,
+    Limits,
     OpenUpstream,
     Outbox,
     Refused,
@@ -35,11 +39,45 @@ from gateway.core.session import (
     Stream,
     finish_fail,
 )
+from gateway.io.redis_store import RedisStore
 from gateway.io.upstream import FlowControl
 from gateway.io.websocket import WebSocket
+from gateway.metrics import Metrics
 
-if TYPE_CHECKING:
-    from gateway.io.server import Gateway
+
+class GatewayPort(Protocol):
+    """What a connection uses of the server (gateway/io/server.py's Gateway), declared here so
+    that this module does not import the server's: the process-wide settings, stores and
+    timers, and the streams' relays, which belong to the server because a stream may outlive
+    its socket."""
+
+    config: Config
+    auth: TokenAuthenticator
+    limits: Limits
+    quotas: Quotas
+    metrics: Metrics
+    registry: Registry[Stream]
+    store: RedisStore | None
+    draining: bool
+    context: contextvars.Context
+    idle_deadlines: Deadlines
+    auth_deadlines: Deadlines
+    followers: dict[Stream, Connection]
+
+    def open_stream(self, stream: Stream) -> None: ...
+
+    def cancel_stream(self, stream: Stream) -> None: ...
+
+    def attach(self, stream: Stream, connection: Connection) -> None: ...
+
+    def detach(self, stream: Stream) -> None: ...
+
+    def has_capacity(self) -> bool: ...
+
+    def control(self, coro: Coroutine[Any, Any, None]) -> None: ...
+
+    def own(self, task: asyncio.Task[None]) -> None: ...
+
 
 log = structlog.get_logger("gateway.server")
 
@@ -51,8 +89,8 @@ CLOSE_TOO_MANY_CONNECTIONS: Final = 4429
 class Deadlines:
     """One timer for many sockets' deadlines that all lie the same delay after they were set
     (the idle and the auth timeout). A dict keeps insertion order, so it is also in deadline
-    order: setting one is a pop and an insert, and only the earliest is armed on the loop. A
-    TimerHandle per socket cost about 600 bytes (tracemalloc)."""
+    order: setting one is a pop and an insert, and only the earliest is armed on the loop,
+    instead of a TimerHandle per socket (docs/performance.md)."""
 
     __slots__ = ("_deadlines", "_loop", "_timer", "delay")
 
@@ -110,6 +148,11 @@ class Deadlines:
             connection.timed_out()
 
 
+def new_resume_token() -> str:
+    """An unguessable resume token (128 bits)."""
+    return secrets.token_urlsafe(16)
+
+
 def spawn(
     coro: Coroutine[Any, Any, None], name: str, context: contextvars.Context | None = None
 ) -> asyncio.Task[None]:
@@ -121,8 +164,7 @@ class Connection:
     """One open socket: its session and its writer. The streams' relay tasks belong to the
     gateway, because a stream may outlive its socket (resume)."""
 
-    # Slots: one of these per socket, 20,000 sockets per process (an instance dict costs
-    # about 1 KiB with this many attributes).
+    # Slots: one of these per socket, 20,000 sockets per process (docs/performance.md).
     __slots__ = (
         "_busy",
         "_close_request",
@@ -147,7 +189,7 @@ class Connection:
         "ws",
     )
 
-    def __init__(self, gateway: Gateway, ws: WebSocket, principal: Principal | None) -> None:
+    def __init__(self, gateway: GatewayPort, ws: WebSocket, principal: Principal | None) -> None:
         self.gateway = gateway
         self.ws = ws
         self.id = secrets.token_urlsafe(12)
@@ -176,6 +218,7 @@ class Connection:
             admit=self._admit,
             awaiting_auth=awaiting_auth,
             registry=gateway.registry,
+            new_token=new_resume_token,
             principal=self.principal.name if self.principal else None,
             remote=gateway.store is not None,
         )
@@ -211,8 +254,7 @@ class Connection:
 
         The replies (`started`, errors) are written after the commands are carried out, and
         after a new stream's upstream request has gone out: the upstream's answer, which the
-        user waits on, starts sooner (measured: 80 us of the time to first chunk, when the
-        `started` write went first).
+        user waits on, starts sooner (docs/performance.md, "time to first chunk").
         """
         hold = not self._flush_scheduled
         self._flush_scheduled = self._busy = True  # nothing is written while they run
@@ -614,8 +656,7 @@ class Connection:
         ws = self.ws
         if frames:
             ws.write_frames(frames)  # dropped if the socket is closing
-            # An idle socket must not pin its last batch (orjson keeps a 4 KiB block per
-            # frame): measured as 4 KiB per idle socket before this line.
+            # An idle socket must not pin its last batch (orjson keeps a block per frame).
             del frames
             if ws.paused:  # behind now: wait for the client before writing more
                 # In the gateway's context: an urgent write runs in the relay's.

@@ -157,7 +157,7 @@ class Gateway:
         self.relays: dict[Stream, asyncio.Task[None]] = {}
         #: The socket each running stream's output goes to (absent while detached).
         self.followers: dict[Stream, Connection] = {}
-        self.registry = Registry(
+        self.registry: Registry[Stream] = Registry(
             config.resume_max_bytes, config.resume_total_bytes, config.resume_tombstones
         )
         #: The shared store for resume across instances (--redis-url), else None.

@@ -4,9 +4,9 @@ websockets' `ServerProtocol` does all of RFC 6455 here: the opening handshake's 
 parsing and masking, size limits, permessage-deflate, pings' pongs and the closing handshake.
 This module does only the I/O around it. Why not websockets' asyncio server: it gives every
 socket a handler task, a keepalive task, a message assembler (two deques and futures) and an
-object dict, about 6 KiB of an idle socket's 13 (tracemalloc), and a task switch per client
-frame. Here a client frame is handled in `data_received` itself (a `cancel` closes its upstream
-in the same callback), and one `Keepalive` pings every socket from a timer wheel.
+object dict, close to half of an idle socket's memory (docs/performance.md), and a task switch
+per client frame. Here a client frame is handled in `data_received` itself (a `cancel` closes
+its upstream in the same callback), and one `Keepalive` pings every socket from a timer wheel.
 
 `WebSocket` calls its `Handler` (gateway/io/connection.py) back; the `Listener` owns the listening
 socket and the sockets still in their handshake.
@@ -37,7 +37,7 @@ try:
 except ImportError:  # pragma: no cover - websockets built without its C extension
     from websockets.utils import apply_mask as _apply_mask
 
-from gateway.io.seams import at_frame_boundary
+from gateway.io.seams import at_frame_boundary, forget_parser_error
 
 log = structlog.get_logger("gateway.websocket")
 
@@ -214,12 +214,7 @@ class WebSocket(asyncio.Protocol):
         listener.keepalive.remove(self)
         self._wake_drain()
         self._fragments = None
-        # websockets keeps the exception that ended its parser (bad framing, a frame over the
-        # limit, the EOF); its traceback holds the parser's frame, which holds the protocol: a
-        # reference cycle per hostile socket. Nothing reads the traceback once the socket is gone.
-        parser_exc = getattr(self.protocol, "parser_exc", None)
-        if parser_exc is not None:
-            parser_exc.__traceback__ = None
+        forget_parser_error(self.protocol)  # a reference cycle per hostile socket otherwise
         handler, self.handler = self.handler, None
         if handler is not None:
             # In the gateway's context: a connection_lost is scheduled by whatever noticed the
@@ -440,7 +435,8 @@ class WebSocket(asyncio.Protocol):
         `data`, which starts at a frame boundary (RFC 6455, 5.2), and return the rest.
 
         The fast path for client messages: websockets' parser (a generator per frame, a Frame
-        object, an event list) cost about 20 us of a start's time to first chunk (A/B).
+        object, an event list) is a measurable part of a start's time to first chunk
+        (docs/performance.md).
         Anything else (control frames, fragments, a 64-bit length, over max_size, a partial
         frame) stays websockets' to parse, from a frame boundary as it expects, so its checks
         and errors are unchanged.

@@ -25,13 +25,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gateway.io.seams.client_frames import at_frame_boundary, frames_self_test
+from gateway.io.seams.client_frames import (
+    at_frame_boundary,
+    forget_parser_error,
+    frames_self_test,
+)
 from gateway.io.seams.upstream_body import (
     FEEDS,
     BodySink,
     PushReader,
     attach_push,
     detach_push,
+    pool_idle,
     push_self_test,
     set_reading,
 )
@@ -45,7 +50,9 @@ __all__ = [
     "attach_push",
     "choose",
     "detach_push",
+    "forget_parser_error",
     "frames_self_test",
+    "pool_idle",
     "push_self_test",
     "set_reading",
 ]

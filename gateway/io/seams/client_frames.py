@@ -29,6 +29,16 @@ def at_frame_boundary(protocol: ServerProtocol) -> bool:
         gen = inner
 
 
+def forget_parser_error(protocol: ServerProtocol) -> None:
+    """The socket is gone: drop the traceback of the exception that ended websockets' parser
+    (bad framing, a frame over the limit, the EOF), which it keeps as `parser_exc`. Its frames
+    hold the parser, which holds the protocol: a reference cycle per hostile socket, freed only
+    by a full collection. Without that attribute there is nothing to do."""
+    exc = getattr(protocol, "parser_exc", None)
+    if isinstance(exc, BaseException):
+        exc.__traceback__ = None
+
+
 _UPGRADE: Final = (
     b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"

@@ -95,6 +95,15 @@ def set_reading(resp: aiohttp.ClientResponse, on: bool) -> None:
             protocol.pause_reading()
 
 
+def pool_idle(connector: aiohttp.BaseConnector | None) -> int:
+    """Idle keep-alive connections in the connector's pool (each holds a file descriptor).
+    aiohttp keeps no public count: read its pool, or say 0 where it has none."""
+    conns = getattr(connector, "_conns", None)
+    if not isinstance(conns, dict):
+        return 0
+    return sum(len(c) for c in conns.values())
+
+
 class _Recorder:
     """The self-test's sink: keeps the body and, like a relay whose socket falls behind,
     pauses the connection from inside the first push and resumes it a loop turn later."""
