@@ -366,9 +366,16 @@ class Outbox:
 
     def unbind(self) -> None:
         """The socket is closed: forget its writer, which refers back to this outbox through
-        its connection (a cycle that would keep a closed socket's objects until a full
-        collection)."""
+        its connection, and what is still queued, whose streams refer back to this outbox as
+        their sink (cycles that would keep a closed socket's objects, and its streams, until a
+        full collection)."""
         self._notify = None
+        for entry in self._queue:
+            if isinstance(entry, Stream) and entry.sink is self:
+                entry.sink = DETACHED
+                entry.queued = False
+        self._queue = []
+        self.buffered = 0
 
     def abandon(self) -> None:
         """The socket is gone: produce every queued stream's pending output into its retained
