@@ -199,7 +199,7 @@ class Gateway:
         m.mirror(m.resume_tombstones, lambda: self.registry.tombstones)
         #: A full collection every few minutes: the bound on anything a dependency leaves in a
         #: reference cycle (gateway/memory.py).
-        self.full_collections = FullCollections(m.gc_full_collection)
+        self.full_collections = FullCollections(m.gc_full_collection, config.gc_interval)
 
     # ------------------------------------------------------------------ stream lifecycle
 
