@@ -166,11 +166,15 @@ async def test_client_that_never_reads_again_is_reset_after_the_close_timeout(
     stack = await make_stack(
         dialect="openai", slow_client_timeout=0.3, close_timeout=0.3, resume_grace=0.2
     )
+    # Small kernel buffers on the gateway's side too: the backlog reaches the gateway's own
+    # buffers in milliseconds, not after megabytes (which, under coverage, took about 10 s).
+    for listener in stack.gateway.sockets:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", stack.gateway.port))
     client = await stack.client(max_queue=2, sock=sock)
-    await client.start("s", "ocean [[mock chunks=200000 tag=gone]]")
+    await client.start("s", "ocean [[mock chunks=20000 words=10 tag=gone]]")
     await stack.mock.wait_request("gone")
     client.ws.transport.pause_reading()  # the client froze and never reads again
     connection = next(iter(stack.gateway.connections))
