@@ -33,10 +33,15 @@ def forget_parser_error(protocol: ServerProtocol) -> None:
     """The socket is gone: drop the traceback of the exception that ended websockets' parser
     (bad framing, a frame over the limit, the EOF), which it keeps as `parser_exc`. Its frames
     hold the parser, which holds the protocol: a reference cycle per hostile socket, freed only
-    by a full collection. Without that attribute there is nothing to do."""
+    by a full collection. The exceptions it was raised from (`__cause__`, `__context__`: an
+    invalid opcode is a ValueError underneath) carry frames of the same parser, so the whole
+    chain is cleared. Without that attribute there is nothing to do."""
     exc = getattr(protocol, "parser_exc", None)
-    if isinstance(exc, BaseException):
+    seen: set[int] = set()
+    while isinstance(exc, BaseException) and id(exc) not in seen:
+        seen.add(id(exc))
         exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
 
 
 _UPGRADE: Final = (
