@@ -2,7 +2,7 @@
 
 Like `python -m gateway mock-upstream`, but on uvloop (as the gateway runs), keeping more
 records (run.py reads `ended_ns` of the cancelled streams); the benchmark's streams use the fast
-mode (`[[mock fast=1 ...]]`, see `Knobs` in gateway/mock/upstream.py).
+mode (`[[mock fast=1 ...]]`, see `Knobs` in gateway/mock/knobs.py).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 import asyncio
 import sys
 
-from gateway.mock.upstream import MockUpstream
+from gateway.mock import MockUpstream
 
 
 async def main(port: int) -> None:

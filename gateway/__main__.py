@@ -85,7 +85,7 @@ def _redact(url: str) -> str:
 async def serve(config: Config) -> None:
     """Run the gateway (and the mock upstream when none is configured) until SIGINT/SIGTERM."""
     from gateway.io.server import Gateway
-    from gateway.mock.upstream import MockUpstream
+    from gateway.mock import MockUpstream
 
     # Signal handlers first: a SIGTERM during startup, or just after "gateway.listening" (a
     # supervisor or Kubernetes may send one at any time), must drain, not kill outright.
@@ -311,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_workers(config)
         run(config)
         return 0
-    from gateway.mock.upstream import serve_forever
+    from gateway.mock import serve_forever
 
     configure_logging("console" if sys.stderr.isatty() else "json", "info")
     with contextlib.suppress(KeyboardInterrupt):

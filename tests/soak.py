@@ -161,7 +161,7 @@ class Socket:
         self.reader.cancel()
 
 
-#: The mix: (kind, weight). Faults are the mock's knobs (tests/faults and mock_upstream.py).
+#: The mix: (kind, weight). Faults are the mock's knobs (tests/faults and gateway/mock/knobs.py).
 MIX = (
     ("normal", 55),
     ("cancel", 10),

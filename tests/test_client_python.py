@@ -39,7 +39,7 @@ from websockets.exceptions import ConnectionClosed
 
 from gateway.config import Config
 from gateway.io.server import Gateway
-from gateway.mock.upstream import choose_answer
+from gateway.mock import choose_answer
 from tests.conftest import TIMEOUT, Stack, StackFactory
 from tests.schema import validate_client_frame, validate_server_frame
 from tests.test_e2e import expected_text, free_port

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from websockets.asyncio.client import connect
 
-from gateway.mock.upstream import MockUpstream
+from gateway.mock import MockUpstream
 from tests.conftest import Client, check_stream, require_redis
 from tests.test_cli import Process, spawn
 from tests.test_deploy import free_port, require_nginx, running_nginx

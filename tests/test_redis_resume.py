@@ -11,7 +11,7 @@ import pytest
 
 from gateway.config import Config
 from gateway.io.server import Gateway
-from gateway.mock.upstream import MockUpstream
+from gateway.mock import MockUpstream
 from tests.conftest import Client, check_stream, require_redis
 from tests.test_e2e import expected_text
 from tests.test_resume import chunks_text, drop, resume, resume_frame

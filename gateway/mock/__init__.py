@@ -1,4 +1,72 @@
-"""The built-in fake upstream: answers, knobs, wire formats and the server (see `upstream`)."""
+"""A fake LLM upstream: an aiohttp server that streams answers the way real APIs do.
 
-from gateway.mock.upstream import *  # noqa: F403
-from gateway.mock.upstream import __all__ as __all__
+It serves two masters:
+
+* the offline demo of `make run`: plausible multi-sentence answers with citations, chosen
+  deterministically from the question and streamed word by word at a human-readable pace;
+* the test suite: a ``[[mock key=value ...]]`` directive in the last user message turns knobs
+  (chunk count, pace, HTTP errors, transport faults, framing variants) and every request leaves a
+  `RequestRecord` so tests can observe what the upstream saw, including client disconnects.
+
+Routes (streams are POST with an OpenAI-style JSON body and ``"stream": true``):
+
+=============================================  ==============================================
+``/perplexity``, ``/chat/completions``          Perplexity Sonar: fat ``chat.completion`` chunks,
+                                                CRLF separators, no ``[DONE]``, clean EOF ends it
+``/openai``, ``/v1/chat/completions``           OpenAI ``chat.completion.chunk``, ``data: [DONE]``
+``/events``                                     ``event: text_chunk`` ... ``event: done``
+``GET /_mock/stats``, ``POST /_mock/reset``     observation from another process
+=============================================  ==============================================
+
+The knobs are listed in `gateway.mock.knobs`.
+
+The modules are layered, each importing only those below it (an import-linter contract in
+pyproject.toml checks it):
+
+* `server`: `MockUpstream` and `serve_forever`, the only aiohttp code (I/O);
+* `pacer`: the benchmark's fast=1 writer: pre-rendered events, one timer for every paced stream;
+* `formats`: the wire formats, one module per upstream API (pure: `plan_stream` yields
+  `Emit`/`Fault` steps);
+* `knobs`: the ``[[mock ...]]`` directive and its `Knobs` (pure);
+* `answers`: the canned answers and how a stream cuts them into chunks (pure).
+"""
+
+from gateway.mock.answers import ANSWERS, Answer, Source, choose_answer, text_chunks
+from gateway.mock.formats import (
+    ROUTES,
+    Emit,
+    Fault,
+    StreamSpec,
+    error_body,
+    keepalive_comment,
+    keepalive_offsets,
+    plan_stream,
+    validate_for_dialect,
+)
+from gateway.mock.knobs import GIANT_DEFAULT_SIZE, DirectiveError, Knobs, parse_directive
+from gateway.mock.server import ENDLESS_WRITE_BYTES, MockUpstream, RequestRecord, serve_forever
+
+__all__ = [
+    "ANSWERS",
+    "ENDLESS_WRITE_BYTES",
+    "GIANT_DEFAULT_SIZE",
+    "ROUTES",
+    "Answer",
+    "DirectiveError",
+    "Emit",
+    "Fault",
+    "Knobs",
+    "MockUpstream",
+    "RequestRecord",
+    "Source",
+    "StreamSpec",
+    "choose_answer",
+    "error_body",
+    "keepalive_comment",
+    "keepalive_offsets",
+    "parse_directive",
+    "plan_stream",
+    "serve_forever",
+    "text_chunks",
+    "validate_for_dialect",
+]

@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 
-from gateway.mock.upstream import choose_answer, parse_directive, text_chunks
+from gateway.mock import choose_answer, parse_directive, text_chunks
 from tests.faults.client import Expect, Frame, WsClient, check_stream
 from tests.faults.procs import GatewayProcess, MockProcess
 

@@ -1,6 +1,6 @@
 // The client against a REAL gateway: `python -m gateway serve` with its built-in mock upstream,
 // started once for this file. Prompts steer the mock with `[[mock ...]]` directives
-// (gateway/mock/upstream.py); its `/_mock/stats` endpoint shows what the upstream saw.
+// (gateway/mock/knobs.py); its `/_mock/stats` endpoint shows what the upstream saw.
 
 import assert from "node:assert/strict";
 import { execFile, spawn } from "node:child_process";
@@ -63,7 +63,7 @@ async function startGateway(...extraArgs) {
 async function expectedText(prompt) {
   const code = [
     "import sys",
-    "from gateway.mock.upstream import choose_answer, parse_directive, text_chunks",
+    "from gateway.mock import choose_answer, parse_directive, text_chunks",
     "q, k = parse_directive(sys.argv[1])",
     "sys.stdout.write(''.join(text_chunks(choose_answer(q).text, k.chunks)))",
   ].join("\n");

@@ -1,0 +1,114 @@
+"""What every wire format shares (pure): `_Formatter`, the base class of a format module's
+formatter, and `SpecView`, what a formatter reads of the stream it renders.
+
+A format module (`gateway.mock.formats.perplexity`, ...) holds one `_Formatter` subclass: the
+dialect's events, and its facts as class attributes (routes, default model, line ending, request
+ids, which knobs it can honour). It imports only this module; `gateway.mock.formats` registers it
+in its table.
+"""
+
+from __future__ import annotations
+
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from typing import Any, ClassVar, Protocol
+
+import orjson
+
+from gateway.mock.answers import Answer
+from gateway.mock.knobs import Knobs
+
+
+class SpecView(Protocol):
+    """What a formatter reads of its `gateway.mock.formats.StreamSpec`. That module imports this
+    one, so the shape is declared here rather than imported (no import goes back up)."""
+
+    @property
+    def model(self) -> str: ...
+    @property
+    def answer(self) -> Answer: ...
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def knobs(self) -> Knobs: ...
+    @property
+    def include_usage(self) -> bool: ...
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def created(self) -> int: ...
+    @property
+    def eol(self) -> bytes: ...
+
+
+def _dumps(obj: object) -> bytes:
+    return orjson.dumps(obj)
+
+
+class _Formatter(ABC):
+    """One dialect's events. Stateful (running text, token count): call in stream order.
+
+    The class attributes are the dialect's facts, which the rest of the mock reads from the
+    class (`gateway.mock.formats._FORMATTERS`) without rendering anything."""
+
+    #: The POST routes that serve this format; the first is its short name (``/openai``).
+    routes: ClassVar[tuple[str, ...]]
+    #: The model the events name when the request names none.
+    default_model: ClassVar[str]
+    #: Whether lines end in CRLF when the crlf knob does not say.
+    crlf: ClassVar[bool] = False
+    #: Whether the stream ends with a finish_reason chunk (which finish=0 leaves out).
+    finish_chunk: ClassVar[bool] = True
+    #: Whether fast=1 can pre-render a text event as prefix + JSON-escaped text + suffix.
+    prerenderable: ClassVar[bool] = True
+
+    @staticmethod
+    def make_request_id(token: uuid.UUID) -> str:
+        """The stream's id (its events' "id", the X-Request-Id header) from a random UUID."""
+        return str(token)
+
+    def __init__(self, spec: SpecView) -> None:
+        self.spec = spec
+        self.eol = spec.eol
+        self.text_parts: list[str] = []
+
+    def event(self, data: bytes, name: str | None = None) -> bytes:
+        lines = [b"data: " + data]
+        if name is not None:
+            lines.insert(0, b"event: " + name.encode())
+        return self.eol.join(lines) + self.eol + self.eol
+
+    def usage(self) -> dict[str, int]:
+        completion = len(self.text_parts)
+        prompt = self.spec.prompt_tokens
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+
+    def padded(self, obj: dict[str, Any], size: int) -> bytes:
+        """`obj` plus a "padding" string sized so the JSON is `size` bytes (if it can be)."""
+        obj["padding"] = ""
+        base = len(_dumps(obj))
+        obj["padding"] = "x" * max(0, size - base)
+        return _dumps(obj)
+
+    def preamble(self) -> Iterator[bytes]:
+        return iter(())
+
+    @abstractmethod
+    def text(self, piece: str) -> bytes:
+        """The event carrying one text piece."""
+
+    @abstractmethod
+    def finale(self) -> Iterator[tuple[bytes, bool]]:
+        """Terminal events as (bytes, paced)."""
+
+    def malformed(self) -> bytes:
+        return b'data: {"choices": [' + self.eol + self.eol
+
+    @abstractmethod
+    def giant(self, size: int) -> bytes:
+        """One event of about `size` bytes that is still valid for the dialect."""

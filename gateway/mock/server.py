@@ -1,0 +1,733 @@
+"""The mock upstream's server (I/O): `MockUpstream`, an aiohttp server that streams the planned
+answers, performs the faults and keeps a `RequestRecord` of every request.
+
+``GET /_mock/stats`` takes ``?records=0`` (counters only, cheap to poll) and ``?tag=T`` (only the
+records tagged T); ``POST /_mock/reset`` clears the records and counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+import orjson
+from aiohttp import hdrs, web
+
+from gateway.mock.answers import choose_answer, text_chunks
+from gateway.mock.formats import (
+    _FORMATTERS,
+    DEFAULT_MODELS,
+    ROUTES,
+    Dialect,
+    Fault,
+    StreamSpec,
+    error_body,
+    keepalive_comment,
+    keepalive_offsets,
+    plan_stream,
+    validate_for_dialect,
+)
+from gateway.mock.formats.base import _dumps
+from gateway.mock.knobs import (
+    _DIRECTIVE_RE,
+    BodyKind,
+    DirectiveError,
+    FaultKind,
+    Knobs,
+    parse_directive,
+)
+from gateway.mock.pacer import FAST_BATCH_BYTES, _FastRender, _PacedJob, _Pacer
+
+Outcome = Literal["completed", "client_closed", "fault", "error_status", "server_stopped", "open"]
+
+#: Size of each write of `fault=endless` (the line of x's that never ends).
+ENDLESS_WRITE_BYTES: Final = 64 * 1024
+
+
+# --------------------------------------------------------------------------------------------
+# Request decoding (pure)
+# --------------------------------------------------------------------------------------------
+
+
+class _BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _content_text(content: object) -> str:
+    """A message's text: a string, or the text parts of an OpenAI-style content list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(
+            p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+        )
+    return ""
+
+
+def _decode_request(raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise _BadRequest(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise _BadRequest("request body must be a JSON object")
+    return body
+
+
+def _question_and_knobs(body: Mapping[str, Any]) -> tuple[str, Knobs, int]:
+    """(question, knobs, prompt_tokens) from the messages; the directive is read from the last
+    user message only."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise _BadRequest("'messages' must be a list of objects", "messages")
+    texts = [_content_text(m.get("content")) for m in messages]
+    user = [i for i, m in enumerate(messages) if m.get("role") == "user"]
+    question, knobs = parse_directive(texts[user[-1]]) if user else ("", Knobs())
+    prompt_tokens = sum(len(_DIRECTIVE_RE.sub(" ", t).split()) for t in texts)
+    return question, knobs, max(prompt_tokens, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# The server (I/O)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class RequestRecord:
+    """What the mock saw of one streaming request, and how it ended."""
+
+    tag: str | None
+    path: str
+    body: Any
+    authorization: str | None
+    status: int | None = None
+    chunks_sent: int = 0
+    outcome: Outcome = "open"
+    fault: FaultKind | None = None
+    #: Body bytes handed to the transport (an endless line shows how much the client took).
+    bytes_sent: int = 0
+    #: `: ping` heartbeats written because of keepalive_ms.
+    keepalives_sent: int = 0
+    #: Whether the client went away while the handler ran (seen through handler cancellation).
+    client_gone: bool = False
+    #: time.monotonic_ns() when the handler finished (the benchmark joins it with the times its
+    #: clients cancelled, to measure cancel-to-upstream-close).
+    ended_ns: int | None = None
+    #: time.monotonic_ns() when the mock's server first heard that the connection was lost
+    #: (aiohttp's connection_lost, before the handler's cancellation is even scheduled): when
+    #: the upstream learned of a cancel, without the mock's own task switches after it.
+    closed_ns: int | None = None
+    #: The client's address ("host:port"): requests that share it came over one kept-alive
+    #: connection (tests check that the gateway pools its upstream connections).
+    peer: str | None = None
+    #: Set when the handler finished for any reason (client disconnect included).
+    ended: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    #: Set when the requested fault took effect (e.g. the stall began, the reset happened).
+    fault_fired: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "tag": self.tag,
+            "path": self.path,
+            "body": self.body,
+            "authorization": self.authorization,
+            "status": self.status,
+            "chunks_sent": self.chunks_sent,
+            "outcome": self.outcome,
+            "fault": self.fault,
+            "bytes_sent": self.bytes_sent,
+            "keepalives_sent": self.keepalives_sent,
+            "ended": self.ended.is_set(),
+            "ended_ns": self.ended_ns,
+            "closed_ns": self.closed_ns,
+            "peer": self.peer,
+        }
+
+
+def _json_response(obj: object, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=_dumps(obj), content_type="application/json")
+
+
+def _client_closed(rec: RequestRecord, exc: ConnectionResetError) -> None:
+    """The gateway went away mid-answer. aiohttp keeps the exception on the request's body
+    reader, and its traceback holds this handler's frames, which hold the request: a reference
+    cycle per dropped request unless the traceback goes."""
+    rec.outcome = "client_closed"
+    exc.__traceback__ = None
+
+
+class MockUpstream:
+    """The fake upstream server; see `gateway.mock` for routes and `gateway.mock.knobs` for
+    knobs."""
+
+    def __init__(
+        self,
+        default_delay_ms: float = 35.0,
+        require_key: str | None = None,
+        *,
+        max_records: int = 10_000,
+    ) -> None:
+        self.default_delay_ms = default_delay_ms
+        self.require_key = require_key
+        #: Streaming requests in arrival order; only the newest `max_records` are kept, so that
+        #: a long demo or load test does not grow without bound.
+        self.records: list[RequestRecord] = []
+        self.max_records = max_records
+        self.open_requests = 0
+        self._total = 0
+        self._outcomes: Counter[str] = Counter()
+        #: Requests seen per tag among those with `times=N` (which errors only N times).
+        self._times_seen: Counter[str] = Counter()
+        self.base_url: str | None = None
+        self._runner: web.AppRunner | None = None
+        self._handler_tasks: set[asyncio.Task[Any]] = set()
+        #: The record of each connection's request in flight (for `closed_ns`).
+        self._in_flight: dict[object, RequestRecord] = {}
+        self._stopping = False
+        # Replaced on every change; waiters re-check their condition when it fires.
+        self._changed = asyncio.Event()
+        #: Paces every fast=1 rate=R stream with one timer.
+        self._pacer = _Pacer()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def make_app(self) -> web.Application:
+        app = web.Application()
+        for path, dialect in ROUTES.items():
+            app.router.add_post(path, self._stream_handler(dialect))
+        app.router.add_get("/_mock/stats", self._stats)
+        app.router.add_post("/_mock/reset", self._reset)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Listen on host:port (0 = any free port); return the base URL."""
+        if self._runner is not None:
+            raise RuntimeError("mock upstream already started")
+        # handler_cancellation: a client disconnect cancels its handler, which is how we see it.
+        runner = web.AppRunner(self.make_app(), handler_cancellation=True, shutdown_timeout=1.0)
+        await runner.setup()
+        self._stamp_connection_lost(runner.server)
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        bound_host, bound_port = runner.addresses[0][:2]
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        self.base_url = f"http://{shown}:{bound_port}"
+        return self.base_url
+
+    def _stamp_connection_lost(self, server: web.Server | None) -> None:
+        """Stamp `closed_ns` on the request in flight when its connection is lost. aiohttp has
+        no hook for it: its per-connection handler tells the server first thing in its own
+        connection_lost, so the server's method is wrapped (on this instance only)."""
+        if server is None:
+            return
+        lost = server.connection_lost
+        in_flight = self._in_flight
+
+        def connection_lost(handler: Any, exc: BaseException | None) -> None:
+            rec = in_flight.get(handler)
+            if rec is not None and rec.closed_ns is None:
+                rec.closed_ns = time.monotonic_ns()
+            lost(handler, exc)
+
+        server.connection_lost = connection_lost  # type: ignore[method-assign,assignment]
+
+    async def stop(self) -> None:
+        """Cut every open stream (outcome "server_stopped") and close the listener."""
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        self._stopping = True
+        try:
+            for task in list(self._handler_tasks):
+                task.cancel()
+            # runner.cleanup() below force-closes whatever is still left.
+            with contextlib.suppress(TimeoutError):
+                await self.wait_idle(timeout=5.0)
+            await runner.cleanup()
+        finally:
+            self._stopping = False
+
+    async def __aenter__(self) -> MockUpstream:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    # -- observation ------------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def _wait_until(self, predicate: Callable[[], bool], limit: float) -> None:
+        async with asyncio.timeout(limit):
+            while not predicate():
+                await self._changed.wait()
+
+    async def wait_idle(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 (API)
+        """Wait until no streaming request is open (TimeoutError otherwise)."""
+        await self._wait_until(lambda: self.open_requests == 0, timeout)
+
+    def record(self, tag: str) -> RequestRecord:
+        """The most recent request tagged `tag` (KeyError if none)."""
+        for rec in reversed(self.records):
+            if rec.tag == tag:
+                return rec
+        raise KeyError(tag)
+
+    async def wait_request(self, tag: str, timeout: float = 5.0) -> RequestRecord:  # noqa: ASYNC109
+        """Wait until a request tagged `tag` has arrived; return its record."""
+        await self._wait_until(lambda: any(r.tag == tag for r in self.records), timeout)
+        return self.record(tag)
+
+    def stats(self, *, records: bool = True, tag: str | None = None) -> dict[str, Any]:
+        """Counters since start (or the last reset) and the retained records, as JSON.
+
+        `records=False` leaves the records out (a poller wants the counters, and ten thousand
+        records are a megabyte of JSON); `tag` keeps only the records with that tag.
+        """
+        stats: dict[str, Any] = {
+            "open": self.open_requests,
+            "total": self._total,
+            "completed": self._outcomes["completed"],
+            "client_closed": self._outcomes["client_closed"],
+        }
+        if records:
+            stats["records"] = [r.to_json() for r in self.records if tag is None or r.tag == tag]
+        return stats
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        query = request.query
+        with_records = query.get("records", "1")
+        if with_records not in ("0", "1"):
+            error = {"message": "records must be 0 or 1", "param": "records", "code": 400}
+            return _json_response({"error": error}, status=400)
+        return _json_response(self.stats(records=with_records == "1", tag=query.get("tag")))
+
+    async def _reset(self, request: web.Request) -> web.Response:
+        cleared = len(self.records)
+        self.records.clear()
+        self._total = 0
+        self._outcomes.clear()
+        self._times_seen.clear()
+        self._notify()
+        return _json_response({"cleared": cleared})
+
+    # -- streaming endpoints ----------------------------------------------------------------
+
+    def _stream_handler(
+        self, dialect: Dialect
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return await self._handle(request, dialect)
+
+        return handler
+
+    async def _handle(self, request: web.Request, dialect: Dialect) -> web.StreamResponse:
+        raw = await request.read()
+        body: dict[str, Any] | None = None
+        problem: _BadRequest | DirectiveError | None = None
+        question, knobs, prompt_tokens = "", Knobs(), 1
+        try:
+            body = _decode_request(raw)
+            question, knobs, prompt_tokens = _question_and_knobs(body)
+            validate_for_dialect(knobs, dialect)
+        except (_BadRequest, DirectiveError) as exc:
+            problem = exc
+        rec = RequestRecord(
+            tag=knobs.tag,
+            path=request.path,
+            body=body,
+            authorization=request.headers.get(hdrs.AUTHORIZATION),
+            fault=knobs.fault,
+            peer=_peer(request),
+        )
+        task = asyncio.current_task()
+        self._in_flight[request.protocol] = rec
+        self.records.append(rec)
+        if len(self.records) > self.max_records:
+            del self.records[: len(self.records) - self.max_records]
+        self._total += 1
+        self.open_requests += 1
+        if task is not None:
+            self._handler_tasks.add(task)
+        self._notify()
+        try:
+            if self.require_key is not None and rec.authorization != f"Bearer {self.require_key}":
+                return await self._send_error(request, rec, 401, "html")
+            if problem is not None:
+                return await self._send_bad_request(request, rec, problem)
+            assert body is not None
+            if body.get("stream") is not True:
+                problem = _BadRequest(
+                    'the mock upstream only streams: set "stream": true', "stream"
+                )
+                return await self._send_bad_request(request, rec, problem)
+            if knobs.header_delay_ms > 0:
+                await asyncio.sleep(knobs.header_delay_ms / 1000)
+            if knobs.status is not None and self._error_due(knobs):
+                return await self._send_error(
+                    request, rec, knobs.status, knobs.body, knobs.retry_after
+                )
+            spec = self._spec(dialect, body, question, knobs, prompt_tokens)
+            if knobs.fast:
+                return await self._stream_fast(request, rec, spec)
+            if knobs.ignore_close:
+                return await self._stream_ignoring_close(request, rec, spec)
+            return await self._stream(request, rec, spec)
+        except asyncio.CancelledError:
+            rec.client_gone = not self._stopping
+            if rec.outcome == "open":
+                rec.outcome = "server_stopped" if self._stopping else "client_closed"
+            raise
+        except Exception:
+            if rec.outcome == "open":
+                rec.outcome = "error_status"
+                rec.status = rec.status or 500
+            raise
+        finally:
+            if task is not None:
+                self._handler_tasks.discard(task)
+            if self._in_flight.get(request.protocol) is rec:
+                del self._in_flight[request.protocol]
+            self.open_requests -= 1
+            self._outcomes[rec.outcome] += 1
+            rec.ended_ns = time.monotonic_ns()
+            rec.ended.set()
+            self._notify()
+
+    def _error_due(self, knobs: Knobs) -> bool:
+        """Whether this request gets its `status`: always, or with `times=N` only the first N
+        requests of its tag."""
+        if knobs.times is None or knobs.tag is None:
+            return True
+        self._times_seen[knobs.tag] += 1
+        return self._times_seen[knobs.tag] <= knobs.times
+
+    async def _stream_ignoring_close(
+        self, request: web.Request, rec: RequestRecord, spec: StreamSpec
+    ) -> web.StreamResponse:
+        """`ignore_close=1`: run the stream in its own task that a disconnect does not cancel.
+
+        aiohttp reports a disconnect by cancelling the handler; the handler then waits for the
+        stream task, which notices only when a write fails. `stop()` still cancels both (the
+        task is registered with the handler tasks).
+        """
+        task = asyncio.get_running_loop().create_task(
+            self._stream(request, rec, spec), name=f"mock stream ignoring close {rec.tag}"
+        )
+        self._handler_tasks.add(task)
+        task.add_done_callback(self._handler_tasks.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if self._stopping:
+                task.cancel()
+            else:
+                rec.client_gone = True
+                # Keep writing: the shielded task runs on until a write fails. Another
+                # cancellation here (stop()) also reaches the task through _handler_tasks.
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                if rec.outcome in ("open", "completed"):
+                    rec.outcome = "client_closed"
+            raise
+
+    def _spec(
+        self,
+        dialect: Dialect,
+        body: Mapping[str, Any],
+        question: str,
+        knobs: Knobs,
+        prompt_tokens: int,
+    ) -> StreamSpec:
+        answer = choose_answer(question)
+        model = body.get("model")
+        options = body.get("stream_options")
+        return StreamSpec(
+            dialect=dialect,
+            model=model if isinstance(model, str) and model else DEFAULT_MODELS[dialect],
+            answer=answer,
+            pieces=tuple(text_chunks(answer.text, knobs.chunks, knobs.words)),
+            prompt_tokens=prompt_tokens,
+            knobs=knobs,
+            include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+            request_id=_FORMATTERS[dialect].make_request_id(uuid.uuid4()),
+            created=int(time.time()),
+        )
+
+    async def _send_bad_request(
+        self, request: web.Request, rec: RequestRecord, problem: _BadRequest | DirectiveError
+    ) -> web.StreamResponse:
+        param = problem.key if isinstance(problem, DirectiveError) else problem.param
+        error = {
+            "message": str(problem),
+            "type": "invalid_request_error",
+            "param": param,
+            "code": 400,
+        }
+        return await self._send(request, rec, 400, _dumps({"error": error}), "application/json")
+
+    async def _send_error(
+        self,
+        request: web.Request,
+        rec: RequestRecord,
+        status: int,
+        kind: BodyKind,
+        retry_after: str | None = None,
+    ) -> web.StreamResponse:
+        payload, content_type = error_body(status, kind)
+        headers: dict[str, str] = {hdrs.RETRY_AFTER: retry_after} if retry_after is not None else {}
+        return await self._send(request, rec, status, payload, content_type, headers)
+
+    async def _send(
+        self,
+        request: web.Request,
+        rec: RequestRecord,
+        status: int,
+        payload: bytes,
+        content_type: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> web.StreamResponse:
+        """Send a whole non-stream answer inside the handler, so `ended` means "sent"."""
+        resp = web.Response(status=status, body=payload, content_type=content_type, headers=headers)
+        rec.status = status
+        rec.outcome = "error_status"
+        try:
+            await resp.prepare(request)
+            await resp.write_eof()
+        except ConnectionResetError as exc:
+            _client_closed(rec, exc)
+        return resp
+
+    async def _stream(
+        self, request: web.Request, rec: RequestRecord, spec: StreamSpec
+    ) -> web.StreamResponse:
+        delay = (
+            spec.knobs.delay_ms if spec.knobs.delay_ms is not None else self.default_delay_ms
+        ) / 1000
+        resp = web.StreamResponse(
+            status=200,
+            headers={
+                hdrs.CONTENT_TYPE: "text/event-stream; charset=utf-8",
+                hdrs.CACHE_CONTROL: "no-cache",
+                "X-Request-Id": spec.request_id,
+            },
+        )
+        try:
+            await resp.prepare(request)
+            rec.status = 200
+            paced_before = False
+            for step in plan_stream(spec):
+                if isinstance(step, Fault):
+                    rec.fault_fired.set()
+                    await self._perform(request, resp, rec, step, spec)
+                    return resp
+                if step.paced:
+                    if paced_before and delay > 0:
+                        await self._pause(resp, rec, spec, delay)
+                    elif delay == 0:
+                        # write() does not suspend while the transport takes the data, so an
+                        # unpaced stream to a fast reader would starve every other request.
+                        await asyncio.sleep(0)
+                    paced_before = True
+                await self._write(request, resp, rec, step.data, spec.knobs.bytewise)
+                if step.kind == "text":
+                    rec.chunks_sent += 1
+                elif step.kind == "fault":
+                    rec.fault_fired.set()
+            if spec.knobs.linger_ms is not None:
+                await asyncio.sleep(spec.knobs.linger_ms / 1000)
+            await resp.write_eof()
+            rec.outcome = "completed"
+        except ConnectionResetError as exc:  # aiohttp: "Cannot write to closing transport"
+            _client_closed(rec, exc)
+        return resp
+
+    async def _stream_fast(
+        self, request: web.Request, rec: RequestRecord, spec: StreamSpec
+    ) -> web.StreamResponse:
+        """fast=1: pre-rendered events in big writes (no rate), or paced by the shared pacer
+        (rate=R). A client that goes away cancels the handler, as on the slow path."""
+        resp = web.StreamResponse(
+            status=200,
+            headers={
+                hdrs.CONTENT_TYPE: "text/event-stream; charset=utf-8",
+                hdrs.CACHE_CONTROL: "no-cache",
+                "X-Request-Id": spec.request_id,
+            },
+        )
+        fast = _FastRender(spec)
+        try:
+            await resp.prepare(request)
+            rec.status = 200
+            if spec.knobs.rate is None:
+                await self._write_fast(resp, rec, fast, spec.pieces)
+            else:
+                # Headers and preamble through aiohttp; then the pacer writes chunked-encoding
+                # frames to the transport itself, and write_eof() ends the body as usual.
+                if fast.preamble:
+                    await resp.write(fast.preamble)
+                    rec.bytes_sent += len(fast.preamble)
+                else:
+                    # aiohttp 3.11+ holds the headers back for the first body write; before,
+                    # prepare() wrote them and there is no send_headers().
+                    send_headers = getattr(request.writer, "send_headers", None)
+                    if send_headers is not None:
+                        send_headers()
+                job = _PacedJob(fast, spec.pieces, spec.knobs.rate, rec)
+                try:
+                    self._pacer.add(job, request.transport)
+                    await job.done
+                finally:
+                    job.finished = True
+            await resp.write_eof()
+            rec.outcome = "completed"
+        except ConnectionResetError as exc:
+            _client_closed(rec, exc)
+        return resp
+
+    @staticmethod
+    async def _write_fast(
+        resp: web.StreamResponse, rec: RequestRecord, fast: _FastRender, pieces: tuple[str, ...]
+    ) -> None:
+        batch = [fast.preamble]
+        size = len(fast.preamble)
+        stamp = time.monotonic_ns()
+        for piece in pieces:
+            if size >= FAST_BATCH_BYTES:
+                data = b"".join(batch)
+                await resp.write(data)
+                rec.bytes_sent += len(data)
+                batch.clear()
+                size = 0
+                # write() does not suspend while the transport takes the data: yield, so the
+                # other streams (and the pacer) get their turn.
+                await asyncio.sleep(0)
+                stamp = time.monotonic_ns()
+            event = fast.text(piece, stamp)
+            batch.append(event)
+            size += len(event)
+            rec.chunks_sent += 1
+        batch.append(fast.finale())
+        data = b"".join(batch)
+        await resp.write(data)
+        rec.bytes_sent += len(data)
+
+    @staticmethod
+    async def _pause(
+        resp: web.StreamResponse, rec: RequestRecord, spec: StreamSpec, wait: float
+    ) -> None:
+        """Sleep `wait` seconds, sending `: ping` heartbeats meanwhile if keepalive_ms says so."""
+        if spec.knobs.keepalive_ms is None:
+            await asyncio.sleep(wait)
+            return
+        ping = keepalive_comment(spec.eol)
+        elapsed = 0.0
+        for offset in keepalive_offsets(wait, spec.knobs.keepalive_ms / 1000):
+            await asyncio.sleep(offset - elapsed)
+            elapsed = offset
+            await resp.write(ping)
+            rec.bytes_sent += len(ping)
+            rec.keepalives_sent += 1
+        await asyncio.sleep(wait - elapsed)
+
+    async def _perform(
+        self,
+        request: web.Request,
+        resp: web.StreamResponse,
+        rec: RequestRecord,
+        fault: Fault,
+        spec: StreamSpec,
+    ) -> None:
+        if fault.kind == "stall":
+            # Hold the connection open until the client goes away (its handler gets cancelled,
+            # or with ignore_close a heartbeat fails) or the server stops.
+            keepalive_ms = spec.knobs.keepalive_ms
+            if keepalive_ms is None:
+                await asyncio.Event().wait()
+                return
+            ping = keepalive_comment(spec.eol)
+            while True:
+                await asyncio.sleep(keepalive_ms / 1000)
+                await self._write(request, resp, rec, ping, False)
+                rec.keepalives_sent += 1
+        elif fault.kind == "endless":
+            # One data line that never ends: "data: " then x's, 64 KiB per write, until the
+            # client goes away (a failed write raises ConnectionResetError; a disconnect
+            # otherwise cancels the handler). write() drains, so this is paced by the client.
+            piece = b"x" * ENDLESS_WRITE_BYTES
+            await self._write(request, resp, rec, b"data: ", False)
+            while True:
+                await self._write(request, resp, rec, piece, False)
+                await asyncio.sleep(0)  # fair to other requests while the reader keeps up
+        elif fault.kind == "eof":
+            # A clean end without any terminal marker (chunked terminator included).
+            await resp.write_eof()
+            rec.outcome = "fault"
+        else:  # reset
+            transport = request.transport
+            if transport is not None:
+                # Let what was written reach the socket first: abort() drops the write buffer.
+                transport.set_write_buffer_limits(high=0)
+                await request.writer.drain()
+                transport.abort()
+            rec.outcome = "fault"
+
+    @staticmethod
+    async def _write(
+        request: web.Request,
+        resp: web.StreamResponse,
+        rec: RequestRecord,
+        data: bytes,
+        bytewise: bool,
+    ) -> None:
+        if not bytewise:
+            await resp.write(data)
+            rec.bytes_sent += len(data)
+            return
+        view = memoryview(data)
+        for i in range(len(view)):
+            await resp.write(view[i : i + 1])
+            rec.bytes_sent += 1
+            await request.writer.drain()
+            # Yield so that every byte can reach the peer on its own.
+            await asyncio.sleep(0)
+
+
+async def serve_forever(
+    host: str = "127.0.0.1",
+    port: int = 8081,
+    default_delay_ms: float = 35.0,
+    *,
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
+    """Run a MockUpstream until cancelled (the `python -m gateway mock-upstream` command)."""
+    mock = MockUpstream(default_delay_ms=default_delay_ms)
+    url = await mock.start(host, port)
+    routes = " ".join(fmt.routes[0] for fmt in _FORMATTERS.values())
+    print(f"mock upstream listening on {url} (POST {routes}; GET /_mock/stats)", flush=True)
+    if on_ready is not None:
+        on_ready(url)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await mock.stop()
+
+
+def _peer(request: web.Request) -> str | None:
+    peername = request.transport.get_extra_info("peername") if request.transport else None
+    return f"{peername[0]}:{peername[1]}" if peername else None
