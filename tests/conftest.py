@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -19,9 +20,10 @@ import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection, connect
 
 from gateway.config import Config
+from gateway.core.clock import ManualClock, Timer
 from gateway.io.seams import FEEDS as upstream_feeds
 from gateway.io.server import Gateway
-from gateway.mock.upstream import MockUpstream
+from gateway.mock import MockUpstream
 from tests.schema import validate_server_frame
 
 TIMEOUT = 10.0
@@ -93,6 +95,36 @@ def check_stream(frames: list[dict[str, Any]]) -> str:
     if frames[-1]["type"] == "done":
         assert frames[-1]["text"] == text
     return text
+
+
+class FakeClock(ManualClock):
+    """The gateway's clock in tests of time-based behaviour (grace, retention, auth and idle
+    deadlines, keepalive, read gaps, handshake and close timeouts): it moves only when the test
+    calls `advance()`, and the test can wait until the gateway has set a timer, which it does
+    from network callbacks, at a moment the test cannot otherwise know. The wall clock starts
+    at the real time, so that tokens made by the tests are valid on it."""
+
+    def __init__(self) -> None:
+        super().__init__(wall_start=time.time())
+        #: Delays of the timers set and not yet waited for by `timer_set`.
+        self.set_delays: list[float] = []
+        self._changed = asyncio.Event()
+
+    def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> Timer:
+        self.set_delays.append(delay)
+        self._changed.set()
+        return super().call_later(delay, callback, *args)
+
+    async def timer_set(self, delay: float, timeout: float = TIMEOUT) -> None:
+        """Wait until a timer of `delay` seconds has been set (each one is waited for once)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                for i, set_delay in enumerate(self.set_delays):
+                    if abs(set_delay - delay) < 1e-6:
+                        del self.set_delays[i]
+                        return
+                self._changed.clear()
+                await self._changed.wait()
 
 
 @dataclasses.dataclass
@@ -174,12 +206,17 @@ async def make_stack() -> AsyncIterator[StackFactory]:
     baseline = asyncio.all_tasks()
 
     async def factory(
-        dialect: str = "perplexity", url: str | None = None, **overrides: Any
+        dialect: str = "perplexity",
+        url: str | None = None,
+        clock: ManualClock | None = None,
+        **overrides: Any,
     ) -> Stack:
+        """`clock`: a ManualClock that the gateway's timers run on (grace, retention, auth
+        and idle deadlines, keepalive, read gaps), which the test moves instead of sleeping."""
         mock = MockUpstream(default_delay_ms=0)
         base = await mock.start()
         config = Config(port=0, dialect=dialect, **{**SEAM_MODES, **overrides})
-        gateway = Gateway(config, url or f"{base}/{dialect}")
+        gateway = Gateway(config, url or f"{base}/{dialect}", clock=clock)
         await gateway.start()
         stack = Stack(mock, gateway, [])
         stacks.append(stack)

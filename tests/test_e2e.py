@@ -20,8 +20,8 @@ from websockets.exceptions import ConnectionClosed
 from gateway.core.protocol import ErrorCode
 from gateway.io.upstream import _BodyFeed
 from gateway.io.websocket import WebSocket
-from gateway.mock.upstream import choose_answer, parse_directive, text_chunks
-from tests.conftest import TIMEOUT, Stack, StackFactory, check_stream, is_terminal
+from gateway.mock import choose_answer, parse_directive, text_chunks
+from tests.conftest import TIMEOUT, FakeClock, Stack, StackFactory, check_stream, is_terminal
 
 
 def expected_text(prompt: str) -> str:
@@ -413,10 +413,20 @@ async def test_perplexity_clean_eof_is_done(stack: Stack) -> None:
 
 
 async def test_upstream_read_timeout(make_stack: StackFactory) -> None:
-    """An upstream that goes silent longer than the read timeout ends with upstream_timeout."""
-    stack = await make_stack(upstream_read_timeout=0.3)
+    """An upstream that goes silent longer than the read timeout ends with upstream_timeout,
+    between 1 and 1.25 times the timeout after its last bytes. On the fake clock."""
+    clock = FakeClock()
+    stack = await make_stack(clock=clock, upstream_read_timeout=60, ping_interval=0)
     client = await stack.client()
     await client.start("s", "sky [[mock chunks=10 fault=stall after=2 tag=t]]")
+    await client.recv_until(lambda f: f["type"] == "text_chunk" and f["seq"] == 2)
+    await stack.mock.record("t").fault_fired.wait()  # the last bytes have been sent
+    await client.send({"type": "ping"})  # ...and read: the gateway answers in order
+    await client.recv_until(lambda f: f["type"] == "pong")
+    clock.advance(59)
+    assert stack.gateway.active_streams == 1
+    assert not stack.mock.record("t").ended.is_set()
+    clock.advance(16)
     frames = (await client.finish("s"))["s"]
     assert (frames[-1]["code"], frames[-1]["retryable"]) == ("upstream_timeout", True)
     check_stream(frames)

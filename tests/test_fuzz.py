@@ -125,7 +125,7 @@ def test_session_never_raises_and_keeps_its_invariants(
             if closed:
                 break
         elif kind == "drain":
-            sent.extend(orjson.loads(f) for f in session.outbox.drain())
+            sent.extend(orjson.loads(f) for f in session.outbox.take_frames())
         elif arg in live:
             stream = live[arg]
             if kind == "text":
@@ -134,7 +134,7 @@ def test_session_never_raises_and_keeps_its_invariants(
                 finish_done(stream, {"usage": {"n": 1}})
             else:
                 finish_fail(stream, ErrorCode.STREAM_INTERRUPTED, "x")
-    sent.extend(orjson.loads(f) for f in session.outbox.drain())
+    sent.extend(orjson.loads(f) for f in session.outbox.take_frames())
     lives: dict[str, int] = {}
     for f in sent:
         assert isinstance(f, dict)

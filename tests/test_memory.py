@@ -24,7 +24,7 @@ from gateway.core.resume import GONE, TOMBSTONES, Registry
 from gateway.core.session import Limits, OpenUpstream, Outbox, Session, Stream, finish_done
 from gateway.io.connection import Connection, new_resume_token
 from gateway.io.server import Gateway
-from gateway.mock.upstream import MockUpstream
+from gateway.mock import MockUpstream
 from tests.conftest import TIMEOUT, Stack, StackFactory, check_stream, require_redis
 from tests.test_resume import drop, resume
 
@@ -56,9 +56,7 @@ def is_ours(obj: object) -> bool:
         code = obj.cr_code  # type: ignore[attr-defined]
     if code is not None:
         return "/gateway/" in code.co_filename and "/gateway/mock/" not in code.co_filename
-    return (module == "gateway" or module.startswith("gateway.")) and not module.startswith(
-        MOCK
-    )
+    return (module == "gateway" or module.startswith("gateway.")) and not module.startswith(MOCK)
 
 
 #: The mock upstream is the test's aiohttp *server*, in the same process. On Python 3.12 and
@@ -316,9 +314,9 @@ def ended_stream(session: Session, sid: str, chunks: int, size: int) -> Stream:
     stream = opened.stream
     for i in range(chunks):
         stream.push(f"{i:0{size}d}")
-        session.outbox.drain()
+        session.outbox.take_frames()
     finish_done(stream, {"citations": ["https://example.com/a"], "usage": {"total_tokens": 9}})
-    session.outbox.drain()
+    session.outbox.take_frames()
     return stream
 
 

@@ -13,7 +13,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway.core.retry import RetryPolicy
 from gateway.metrics import LoopLag
-from tests.conftest import TIMEOUT, Stack, StackFactory, check_stream
+from tests.conftest import TIMEOUT, FakeClock, Stack, StackFactory, check_stream
 from tests.faults.client import TCP_CLOSE, tcp_state
 from tests.test_e2e import expected_text, free_port
 
@@ -187,38 +187,63 @@ async def test_client_that_never_reads_again_is_reset_after_the_close_timeout(
 
 
 async def test_client_that_stops_answering_pings_is_closed(make_stack: StackFactory) -> None:
-    """A peer that no longer answers WebSocket pings is closed, and its streams are cancelled
-    once the resume grace has passed."""
+    """A peer that no longer answers WebSocket pings is closed with 1011 --ping-timeout after
+    the ping, dropped --close-timeout later when it does not answer the close either, and its
+    streams are cancelled once the resume grace has passed. On the fake clock, every step."""
+    clock = FakeClock()
     stack = await make_stack(
-        ping_interval=0.2, ping_timeout=0.3, close_timeout=0.5, resume_grace=0.2
+        clock=clock, ping_interval=20, ping_timeout=10, close_timeout=3, resume_grace=30
     )
     client = await stack.client()
     await client.start("s", "sky [[mock fault=stall after=1 tag=p]]")
     await client.recv_until(lambda f: f["type"] == "text_chunk")
     client.ws.transport.pause_reading()  # the phone went into a tunnel
+    clock.advance(20)  # its ping goes out within the interval
+    assert len(stack.gateway.connections) == 1
+    clock.advance(10)  # unanswered for --ping-timeout: closing with 1011
+    assert len(stack.gateway.connections) == 1  # waiting for the close to be answered
+    clock.advance(3)  # not answered within --close-timeout: dropped
+    await clock.timer_set(30)  # the drop detached the stream: the grace runs
+    assert not stack.gateway.connections
+    assert stack.gateway.active_streams == 1
+    clock.advance(30)
     record = stack.mock.record("p")
-    await asyncio.wait_for(record.ended.wait(), 10)
+    await asyncio.wait_for(record.ended.wait(), TIMEOUT)
     assert record.outcome == "client_closed"
     await stack.assert_no_leaks()
-    assert not stack.gateway.connections
     client.ws.transport.abort()  # our side of the dead link
 
 
 async def test_idle_socket_is_closed_with_1000(make_stack: StackFactory) -> None:
     """No stream and no message for --idle-timeout closes the socket normally; a running
-    stream keeps it open."""
-    stack = await make_stack(idle_timeout=0.3)
+    stream keeps it open, and its idle time counts from the stream's end."""
+    clock = FakeClock()
+    # No keepalive and no read-gap watchdog: 300 s on the fake clock would fire them too.
+    stack = await make_stack(
+        clock=clock, idle_timeout=300, ping_interval=0, upstream_read_timeout=0
+    )
     busy = await stack.client()
-    await busy.start("s", "sky [[mock chunks=6 delay_ms=100]]")
-    idle = await stack.client()
+    await busy.start("s", "sky [[mock fault=stall after=1 tag=i]]")
+    await busy.recv_until(lambda f: f["type"] == "text_chunk")
+    [busy_connection] = stack.gateway.connections
+    idle = await stack.client()  # its deadline is set before its welcome
+    clock.advance(300)
     with pytest.raises(ConnectionClosed):
-        await idle.recv(timeout=5)
+        await idle.recv(timeout=TIMEOUT)
     assert idle.ws.close_code == 1000
-    frames = (await busy.finish("s"))["s"]
-    assert frames[-1]["type"] == "done"  # 600 ms of streaming > idle timeout: still served
+    await busy.send({"type": "ping"})  # 300 s with a stream running: still open
+    assert (await busy.recv_until(lambda f: f["type"] == "pong"))["type"] == "pong"
+    clock.set_delays.clear()
+    await busy.cancel("s")
+    await clock.timer_set(300)  # the stream's end started its idle time
+    await busy.recv_until(lambda f: f["type"] == "cancelled")
+    clock.advance(299.9)
+    assert busy_connection in stack.gateway.idle_deadlines  # not yet
+    clock.advance(0.1)
     with pytest.raises(ConnectionClosed):
-        await busy.recv(timeout=5)
+        await busy.recv(timeout=TIMEOUT)
     assert busy.ws.close_code == 1000
+    await stack.assert_no_leaks()
 
 
 # ------------------------------------------------------------------ graceful drain

@@ -16,7 +16,7 @@ from gateway.core.protocol import ErrorCode
 from gateway.core.resume import GONE, Registry
 from gateway.core.session import Limits, OpenUpstream, Session, Stream, finish_done, finish_fail
 from gateway.io.connection import new_resume_token
-from tests.conftest import TIMEOUT, Client, Stack, StackFactory, is_terminal
+from tests.conftest import TIMEOUT, Client, FakeClock, Stack, StackFactory, is_terminal
 from tests.test_e2e import expected_text
 
 ALICE = "alice-token-0123456789abcdef"
@@ -72,9 +72,9 @@ def test_replay_reproduces_the_frames_with_a_new_id() -> None:
     stream = command.stream
     for word in ("one ", "two ", "three"):
         stream.push(word)
-        session.outbox.drain()
+        session.outbox.take_frames()
     finish_done(stream, {"usage": {"n": 3}})
-    session.outbox.drain()
+    session.outbox.take_frames()
     assert registry.lookup("tok") is stream
     frames = [f.decode() for f in stream.replay(1, "b")]
     assert frames[0] == '{"type":"text_chunk","id":"b","seq":2,"text":"two "}'
@@ -95,9 +95,9 @@ def test_registry_bounds_and_tombstones() -> None:
         assert isinstance(command, OpenUpstream)
         stream: Stream = command.stream
         stream.push(text)
-        session.outbox.drain()
+        session.outbox.take_frames()
         finish_done(stream, {})
-        session.outbox.drain()
+        session.outbox.take_frames()
         streams.append(stream)
         registry.ended(stream)
     assert registry.lookup("t0") is GONE  # over the per-stream bound
@@ -180,10 +180,15 @@ async def test_clean_close_cancels_and_resume_is_unavailable(stack: Stack) -> No
 
 
 async def test_grace_expiry_cancels_the_upstream(make_stack: StackFactory) -> None:
-    """A dropped stream nobody resumes within --resume-grace has its upstream cancelled; a
-    late resume is resume_unavailable."""
-    stack = await make_stack(resume_grace=0.3)
+    """A dropped stream nobody resumes within --resume-grace has its upstream cancelled (not a
+    moment before); a late resume is resume_unavailable. On the fake clock: no waiting."""
+    clock = FakeClock()
+    stack = await make_stack(clock=clock, resume_grace=30, ping_interval=0)
     started, _ = await start_and_drop(stack, "sky [[mock fault=stall after=2 tag=g]]", 1)
+    await clock.timer_set(30)  # the gateway saw the drop: the grace runs
+    clock.advance(29.9)
+    assert stack.gateway.active_streams == 1  # still running, waiting for a resume
+    clock.advance(0.1)
     record = stack.mock.record("g")
     await asyncio.wait_for(record.ended.wait(), 5)
     assert record.outcome == "client_closed"
@@ -196,15 +201,19 @@ async def test_grace_expiry_cancels_the_upstream(make_stack: StackFactory) -> No
 
 
 async def test_retention_ends(make_stack: StackFactory) -> None:
-    """An ended stream is resumable for --resume-retention, then resume_unavailable."""
-    stack = await make_stack(resume_retention=0.3)
+    """An ended stream is resumable for --resume-retention (counted from its end, not from
+    the last resume), then resume_unavailable."""
+    clock = FakeClock()
+    stack = await make_stack(clock=clock, resume_retention=120, ping_interval=0)
     client = await stack.client()
     await client.start("s", "sky [[mock chunks=3]]")
     started = await client.recv_until(lambda f: f["type"] == "started")
     await client.finish("s")
+    await clock.timer_set(120)  # the stream's end was retained
+    clock.advance(119.9)
     again = await resume(client, started["resume_token"], 0, sid="t")
     assert again[-1]["type"] == "done"
-    await asyncio.sleep(0.4)  # the retention period is the subject of this test
+    clock.advance(0.1)
     await client.send(
         {"type": "resume", "id": "u", "resume_token": started["resume_token"], "after": 0}
     )
@@ -324,7 +333,7 @@ class RetentionMachine(RuleBasedStateMachine):
 
     @rule(session=st.integers(0, 2))
     def drain(self, session: int) -> None:
-        self.sessions[session].outbox.drain()
+        self.sessions[session].outbox.take_frames()
 
     @rule(data=st.data(), how=st.sampled_from(["done", "fail", "cancel"]))
     def end(self, data: st.DataObject, how: str) -> None:

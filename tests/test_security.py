@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import ssl
 import time
@@ -31,7 +30,7 @@ from gateway.config import Config
 from gateway.core.quotas import Quotas
 from gateway.io.server import Gateway
 from gateway.observability import configure_logging
-from tests.conftest import Client, Stack, StackFactory, check_stream
+from tests.conftest import Client, FakeClock, Stack, StackFactory, check_stream
 
 ALICE = "alice-token-0123456789abcdef"
 BOB = "bob-token-0123456789abcdef01"
@@ -205,7 +204,12 @@ async def test_header_auth(make_stack: StackFactory, tokens_file: Path) -> None:
 async def test_first_message_auth(make_stack: StackFactory, tokens_file: Path) -> None:
     """Browsers send `auth` first: welcome comes only after it; a bad token, another message
     first, or silence past --auth-timeout close the socket with 4401."""
-    stack = await make_stack(auth_tokens_file=str(tokens_file), auth_timeout=0.5)
+    clock = FakeClock()
+    stack = await make_stack(
+        clock=clock, auth_tokens_file=str(tokens_file), auth_timeout=5, ping_interval=0
+    )
+    silent = Client(await connect(stack.url))
+    await clock.timer_set(5)  # its deadline runs from the open
     ws = await connect(stack.url)
     good = Client(ws)
     await good.send({"type": "auth", "token": BOB})
@@ -217,7 +221,9 @@ async def test_first_message_auth(make_stack: StackFactory, tokens_file: Path) -
         bad = Client(await connect(stack.url))
         await bad.send(first)
         assert await closed_code(bad) == 4401
-    silent = Client(await connect(stack.url))
+    clock.advance(4.9)
+    assert len(stack.gateway.auth_deadlines) == 1
+    clock.advance(0.1)
     assert await closed_code(silent) == 4401
     assert silent.log == []  # not even a welcome
 
@@ -225,14 +231,18 @@ async def test_first_message_auth(make_stack: StackFactory, tokens_file: Path) -
 async def test_expiring_jwt_refuses_starts_then_closes(make_stack: StackFactory) -> None:
     """When a JWT expires mid-socket: the running stream finishes, new starts get
     `unauthorized`, and the socket closes with 4401 once no stream runs."""
-    stack = await make_stack(jwt_secret=SECRET)
-    client = await stack.client(additional_headers=bearer(make_jwt(ttl=1)))
-    await client.start("long", "sky [[mock chunks=40 delay_ms=50]]")
+    clock = FakeClock()
+    stack = await make_stack(
+        clock=clock, jwt_secret=SECRET, ping_interval=0, upstream_read_timeout=0
+    )
+    client = await stack.client(additional_headers=bearer(make_jwt(ttl=60)))
+    await client.start("long", "sky [[mock chunks=40 delay_ms=20]]")
     await client.recv_until(lambda f: f["type"] == "text_chunk")
-    connection = next(iter(stack.gateway.connections))
-    async with asyncio.timeout(5):
-        while connection.session.authorized:
-            await client.recv()
+    [connection] = stack.gateway.connections
+    clock.advance(59)
+    assert connection.session.authorized
+    clock.advance(2)  # past the token's expiry (a whole second: exp is an integer)
+    assert not connection.session.authorized
     await client.start("late", "sky")
     refused = await client.recv_until(lambda f: f.get("id") == "late")
     assert (refused["code"], refused["retryable"]) == ("unauthorized", False)
@@ -244,13 +254,14 @@ async def test_expiring_jwt_refuses_starts_then_closes(make_stack: StackFactory)
 async def test_refreshed_jwt_keeps_the_socket(make_stack: StackFactory) -> None:
     """A fresh `auth` before expiry is acknowledged and keeps the socket usable after the old
     token's expiry; a refresh for another principal closes with 4401."""
-    stack = await make_stack(jwt_secret=SECRET)
-    client = await stack.client(additional_headers=bearer(make_jwt(ttl=1)))
+    clock = FakeClock()
+    stack = await make_stack(clock=clock, jwt_secret=SECRET, ping_interval=0)
+    client = await stack.client(additional_headers=bearer(make_jwt(ttl=10)))
     await client.send({"type": "auth", "token": make_jwt(ttl=120)})
     ack = await client.recv()
     assert ack["type"] == "authenticated"
     assert ack["expires_at"] > time.time() + 60
-    await asyncio.sleep(1.2)  # let the first token's expiry pass (the subject of this test)
+    clock.advance(30)  # the first token's expiry passes (the subject of this test)
     await client.start("s", "sky [[mock chunks=2]]")
     assert (await client.finish("s"))["s"][-1]["type"] == "done"
     await client.send({"type": "auth", "token": make_jwt(sub="mallory")})

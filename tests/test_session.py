@@ -38,7 +38,7 @@ def make(max_streams: int = 16, capacity: bool = True, **limits: Any) -> Session
 
 
 def frames(session: Session) -> list[dict[str, Any]]:
-    return [orjson.loads(f) for f in session.outbox.drain()]
+    return [orjson.loads(f) for f in session.outbox.take_frames()]
 
 
 def start(session: Session, sid: str, prompt: str = "hi") -> Stream:
@@ -105,7 +105,7 @@ def test_outbox_counts_buffered_bytes_and_notifies_once_per_batch() -> None:
     stream.push("ef")
     assert wakes == [False, True]  # still queued: no further wake-up
     assert s.outbox.buffered == len(b'{"type":"started","id":"s"}') + 6
-    s.outbox.drain()
+    s.outbox.take_frames()
     assert s.outbox.buffered == 0
     stream.push("g")
     assert wakes == [False, True, False]  # seq 1 was produced: no longer urgent
@@ -281,7 +281,7 @@ def test_detached_streams_produce_their_later_output_whether_queued_or_not() -> 
     assert terminals == ["idle", "busy"]
     assert idle.terminal_sent
     assert busy.terminal_sent
-    assert s.outbox.drain() == []
+    assert s.outbox.take_frames() == []
 
 
 @settings(max_examples=300, deadline=None)
@@ -476,5 +476,5 @@ def test_finishing_an_ended_stream_is_ignored_not_an_illegal_move() -> None:
     s.receive('{"type":"cancel","id":"a"}')
     finish_done(stream, {})
     finish_fail(stream, ErrorCode.STREAM_INTERRUPTED, "late")
-    frames = [f for f in s.outbox.drain() if b'"id":"a"' in f]
+    frames = [f for f in s.outbox.take_frames() if b'"id":"a"' in f]
     assert [orjson.loads(f)["type"] for f in frames] == ["started", "cancelled"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
 import time
 from typing import Any
@@ -15,7 +16,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 
-from tests.conftest import TIMEOUT, Stack, StackFactory, check_stream
+from tests.conftest import TIMEOUT, FakeClock, Stack, StackFactory, check_stream
 
 
 async def test_fragmented_message_is_handled_as_one(stack: Stack) -> None:
@@ -42,29 +43,38 @@ async def test_invalid_utf8_closes_with_1007(stack: Stack) -> None:
 async def test_keepalive_pings_every_socket_and_keeps_answering_ones_open(
     make_stack: StackFactory,
 ) -> None:
-    """The keepalive wheel pings each socket about once per --ping-interval; a client that
-    answers stays open well past --ping-timeout, and nothing waits on it afterwards."""
-    stack = await make_stack(ping_interval=0.1, ping_timeout=0.1)
+    """The keepalive wheel pings each socket once per --ping-interval, spread over the
+    interval rather than in a burst; a client that answers stays open however many
+    --ping-timeouts pass, and nothing waits on it afterwards. On the fake clock."""
+    clock = FakeClock()
+    stack = await make_stack(clock=clock, ping_interval=20, ping_timeout=10)
     clients = [await stack.client() for _ in range(3)]
-    seen: dict[int, int] = {}
-    enough = asyncio.Event()
+    pings: dict[int, list[float]] = {i: [] for i in range(len(clients))}
 
     for i, client in enumerate(clients):
         original = client.ws.process_event
 
         def counting(event: Any, i: int = i, original: Any = original) -> None:
             if isinstance(event, Frame) and event.opcode is Opcode.PING:
-                seen[i] = seen.get(i, 0) + 1
-                if len(seen) == len(clients) and min(seen.values()) >= 4:
-                    enough.set()
-            original(event)
+                pings[i].append(clock.now())
+            original(event)  # answers with a pong
 
         client.ws.process_event = counting  # type: ignore[method-assign]
-    started = time.monotonic()
-    await asyncio.wait_for(enough.wait(), TIMEOUT)
-    # Four pings at 0.1 s apart: not a burst, and spread over the interval.
-    assert time.monotonic() - started >= 0.3
+    start = clock.now()
+    for rounds in range(1, 5):
+        clock.advance(20)
+        for client in clients:
+            # A round trip: the ping (sent before the pong) has arrived and been answered,
+            # and the gateway has read the answer before it reads this.
+            await client.send({"type": "ping"})
+            await client.recv_until(lambda f: f["type"] == "pong")
+        assert [len(times) for times in pings.values()] == [rounds] * 3
     assert len(stack.gateway.connections) == 3
+    # Each socket's pings are one interval apart, and the sockets', not all at one tick.
+    for times in pings.values():
+        assert [round(b - a, 6) for a, b in itertools.pairwise(times)] == [20.0] * 3
+        assert start < times[0] <= start + 20
+    assert not stack.gateway._listener.keepalive.waiting  # type: ignore[union-attr]
     await clients[0].start("k", "sky")
     frames = (await clients[0].finish("k"))["k"]
     assert frames[-1]["type"] == "done"
@@ -89,15 +99,18 @@ async def test_stop_does_not_wait_for_a_silent_handshake(stack: Stack) -> None:
 
 async def test_handshake_timeout_drops_a_silent_connection(make_stack: StackFactory) -> None:
     """A connection that sends no request within --open-timeout is dropped, and one that does
-    is not (the timer is cancelled by the handshake)."""
-    stack = await make_stack(open_timeout=0.3)
+    is not (the timer is cancelled by the handshake). On the fake clock."""
+    clock = FakeClock()
+    stack = await make_stack(clock=clock, open_timeout=10, ping_interval=0)
     assert stack.gateway._listener is not None
-    opened = asyncio.get_running_loop().time()
     reader, writer = await asyncio.open_connection("127.0.0.1", stack.gateway.port)
+    await clock.timer_set(10)  # the gateway has accepted it
     client = await stack.client()
+    clock.advance(9.9)
+    assert len(stack.gateway._listener.handshaking) == 1
+    clock.advance(0.1)
     with pytest.raises(ConnectionResetError):  # dropped, with a reset (docs/reliability.md)
         await asyncio.wait_for(reader.read(), TIMEOUT)
-    assert asyncio.get_running_loop().time() - opened >= 0.3
     assert not stack.gateway._listener.handshaking
     # The client that finished its handshake outlives the timeout and still works.
     await client.start("s", "hello [[mock chunks=2 delay_ms=0]]")
@@ -190,38 +203,6 @@ async def test_static_file_missing_then_present_is_served(
     assert response.startswith(b"HTTP/1.1 200 OK\r\n")
     assert b"\r\nConnection: close\r\n" in response  # the gateway ends the connection
     assert response.endswith(b"<p>hello</p>")
-
-
-async def test_deadlines_fire_in_order_and_a_restart_moves_one_to_the_back() -> None:
-    """Deadlines (one timer for the idle or auth timeouts of every socket) times each socket
-    out its delay after it was last started; a restart postpones it, a cancel drops it."""
-    from gateway.io.connection import Deadlines
-
-    fired: list[str] = []
-    done = asyncio.Event()
-
-    class Fake:
-        def __init__(self, name: str) -> None:
-            self.name = name
-
-        def timed_out(self) -> None:
-            fired.append(self.name)
-            if len(fired) == 3:
-                done.set()
-
-    deadlines = Deadlines(0.05)
-    a, b, c, d = Fake("a"), Fake("b"), Fake("c"), Fake("d")
-    for fake in (a, b, c, d):
-        deadlines.start(fake)
-    deadlines.start(a)  # restarted: now after d
-    deadlines.start(b, restart=False)  # kept its place
-    deadlines.cancel(c)
-    started = asyncio.get_running_loop().time()
-    await asyncio.wait_for(done.wait(), TIMEOUT)
-    assert fired == ["b", "d", "a"]
-    assert asyncio.get_running_loop().time() - started >= 0.04
-    assert len(deadlines) == 0
-    deadlines.stop()
 
 
 def client_frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bytes = b"k3y!") -> bytes:

@@ -8,8 +8,8 @@ Invariants (protocol.md, "Streams"), each pinned by tests:
 - every accepted stream gets exactly one terminal frame (`done`, `cancelled` or `error`), and no
   frame of that stream follows it: terminal states are sticky and the outbox drops late output;
 - `seq` numbers the text_chunk frames actually sent, from 1, without gaps. Text is turned into a
-  frame only when the writer takes it (`Outbox.drain`), so deltas that wait together for a busy
-  socket are coalesced into one frame rather than queued one by one.
+  frame only when the writer takes it (`Outbox.take_frames`), so deltas that wait together for a
+  busy socket are coalesced into one frame rather than queued one by one.
 """
 
 from __future__ import annotations
@@ -214,7 +214,7 @@ class Stream:
             parts[:] = ["".join(parts)]
         return parts[0] if parts else ""
 
-    def flush(self) -> list[bytes]:
+    def encode_pending(self) -> list[bytes]:
         """Frames for everything pending: at most one text_chunk, then the terminal if set."""
         frames: list[bytes] = []
         pending = self.pending
@@ -263,7 +263,7 @@ class Stream:
         """Another instance follows this stream now: produce what is pending here (into the
         shared store), and send nothing to a local socket any more."""
         if self.sink is not DETACHED:
-            self.flush()
+            self.encode_pending()
             self.sink = DETACHED
 
     def compact(self) -> None:
@@ -303,11 +303,11 @@ class _Detached:
 
     def push_text(self, stream: Stream, text: str) -> None:
         stream.pending.append(text)
-        stream.flush()
+        stream.encode_pending()
 
     def push_terminal(self, stream: Stream, build: TerminalBuilder) -> None:
         stream._terminal = build
-        stream.flush()
+        stream.encode_pending()
 
 
 DETACHED: Final = _Detached()
@@ -324,7 +324,7 @@ class Outbox:
     __slots__ = ("_notify", "_queue", "buffered")
 
     def __init__(self, notify: Callable[[bool], None] | None = None) -> None:
-        # A list, swapped out whole by drain(): an empty deque allocates its first block up
+        # A list, swapped out whole by take_frames(): an empty deque allocates its first block up
         # front, which every idle socket would pay (docs/performance.md).
         self._queue: list[bytes | Stream] = []
         self.buffered = 0
@@ -382,7 +382,7 @@ class Outbox:
         log (it may be resumed) and hand the streams to `DETACHED`."""
         for entry in self._queue:
             if isinstance(entry, Stream) and entry.sink is self:
-                entry.flush()
+                entry.encode_pending()
         for entry in self._queue:
             if isinstance(entry, Stream) and entry.sink is self:
                 entry.sink = DETACHED
@@ -395,7 +395,7 @@ class Outbox:
             self.buffered -= len(text)
         stream.pending.clear()
 
-    def drain(self) -> list[bytes]:
+    def take_frames(self) -> list[bytes]:
         """Everything queued, as frames in order; the outbox is empty afterwards."""
         queue = self._queue
         if not queue:
@@ -407,7 +407,7 @@ class Outbox:
             if isinstance(entry, bytes):
                 frames.append(entry)
             elif entry.sink is self:  # a stream that moved to another socket is not ours
-                frames.extend(entry.flush())
+                frames.extend(entry.encode_pending())
         return frames
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import secrets
-import time
 from collections.abc import Coroutine
 from typing import Any, Final, Protocol
 
@@ -22,6 +21,8 @@ from redis.exceptions import RedisError
 
 from gateway.auth import AuthError, Principal, TokenAuthenticator
 from gateway.config import Config
+from gateway.core.clock import Clock, Timer
+from gateway.core.deadlines import Deadlines
 from gateway.core.protocol import ErrorCode, Resume, Start, encode_authenticated, encode_error
 from gateway.core.quotas import Quotas
 from gateway.core.resume import Registry
@@ -60,8 +61,9 @@ class GatewayPort(Protocol):
     store: RedisStore | None
     draining: bool
     context: contextvars.Context
-    idle_deadlines: Deadlines
-    auth_deadlines: Deadlines
+    clock: Clock
+    idle_deadlines: Deadlines[Connection]
+    auth_deadlines: Deadlines[Connection]
     followers: dict[Stream, Connection]
 
     def open_stream(self, stream: Stream) -> None: ...
@@ -84,68 +86,6 @@ log = structlog.get_logger("gateway.server")
 #: Close codes (docs/protocol.md, "Close codes").
 CLOSE_SLOW_CONSUMER: Final = 4408
 CLOSE_TOO_MANY_CONNECTIONS: Final = 4429
-
-
-class Deadlines:
-    """One timer for many sockets' deadlines that all lie the same delay after they were set
-    (the idle and the auth timeout). A dict keeps insertion order, so it is also in deadline
-    order: setting one is a pop and an insert, and only the earliest is armed on the loop,
-    instead of a TimerHandle per socket (docs/performance.md)."""
-
-    __slots__ = ("_deadlines", "_loop", "_timer", "delay")
-
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._deadlines: dict[Connection, float] = {}
-        self._timer: asyncio.TimerHandle | None = None
-
-    def __len__(self) -> int:
-        return len(self._deadlines)
-
-    def start(self, connection: Connection, *, restart: bool = True) -> None:
-        """Time `connection` out `delay` from now (from its first start if not `restart`)."""
-        deadlines = self._deadlines
-        if connection in deadlines:
-            if not restart:
-                return
-            del deadlines[connection]
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-        deadlines[connection] = self._loop.time() + self.delay
-        if self._timer is None:
-            self._arm()
-
-    def cancel(self, connection: Connection) -> None:
-        self._deadlines.pop(connection, None)
-
-    def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._deadlines.clear()
-
-    def _arm(self) -> None:
-        assert self._loop is not None
-        for when in self._deadlines.values():
-            self._timer = self._loop.call_at(when, self._fire)
-            return
-        self._timer = None
-
-    def _fire(self) -> None:
-        assert self._loop is not None
-        now = self._loop.time()
-        deadlines = self._deadlines
-        due = []
-        for connection, when in deadlines.items():
-            if when > now:
-                break
-            due.append(connection)
-        for connection in due:
-            del deadlines[connection]
-        self._arm()
-        for connection in due:
-            connection.timed_out()
 
 
 def new_resume_token() -> str:
@@ -226,8 +166,8 @@ class Connection:
         self.remote: dict[Stream, tuple[str, str, asyncio.Task[None]]] = {}
         self.session.accepting = not gateway.draining
         self._socket_counted = False
-        self._expiry: asyncio.TimerHandle | None = None
-        self._opened_at = self._loop.time()
+        self._expiry: Timer | None = None
+        self._opened_at = gateway.clock.now()
         self.outbox = outbox
         self.flow = FlowControl(gateway.config.send_buffer_bytes, outbox)
         #: Streams whose output this socket receives (their relays belong to the gateway).
@@ -319,7 +259,7 @@ class Connection:
             for task in self._remote_pending:
                 task.cancel()  # owned by the gateway, which awaits it
         if self._socket_counted and self.principal is not None:
-            self.gateway.quotas.close_socket(self.principal.name, time.monotonic())
+            self.gateway.quotas.close_socket(self.principal.name, self.gateway.clock.now())
         # A writer waiting for the client wakes now (the socket's drain waiter is released)
         # and finds the socket stopped; the gateway owns it until it has.
         if self._writer is not None and not self._writer.done():
@@ -333,7 +273,7 @@ class Connection:
             streams=self.session.streams_started,
             frames_in=self.session.frames_in,
             stalls=self.flow.stalls,
-            duration_ms=round((self._loop.time() - self._opened_at) * 1000, 1),
+            duration_ms=round((self.gateway.clock.now() - self._opened_at) * 1000, 1),
         )
 
     def dropped(self) -> bool:
@@ -414,7 +354,7 @@ class Connection:
         if not self.gateway.has_capacity():
             return Refused(ErrorCode.TOO_MANY_STREAMS, "the gateway is at capacity; retry shortly")
         assert self.principal is not None
-        refused = self.gateway.quotas.start_stream(self.principal.name, time.monotonic())
+        refused = self.gateway.quotas.start_stream(self.principal.name, self.gateway.clock.now())
         if refused is None:
             return None
         if refused.retry_after_ms is not None:
@@ -428,7 +368,7 @@ class Connection:
             self.outbox.push_frame(encode_authenticated(None))
             return
         try:
-            principal = auth.authenticate(token, time.time())
+            principal = auth.authenticate(token, self.gateway.clock.wall())
         except AuthError as exc:
             self.close_reason = "unauthorized"
             log.info("auth.failed", session=self.id, reason=str(exc))
@@ -461,8 +401,8 @@ class Connection:
             self._expiry = None
         if self.principal is None or self.principal.expires_at is None:
             return
-        delay = max(0.0, self.principal.expires_at - time.time())
-        self._expiry = self._loop.call_at(self._loop.time() + delay, self._expired)
+        clock = self.gateway.clock
+        self._expiry = clock.call_later(self.principal.expires_at - clock.wall(), self._expired)
 
     def _expired(self) -> None:
         self._expiry = None
@@ -645,7 +585,7 @@ class Connection:
             self._flush_scheduled = False
         if self._writer is not None or self._stopped:
             return
-        frames = self.outbox.drain()
+        frames = self.outbox.take_frames()
         flow = self.flow
         if flow.waiting:
             self._busy = True
@@ -673,7 +613,7 @@ class Connection:
         slow = self.gateway.config.slow_client_timeout
         try:
             async with asyncio.timeout(slow):
-                await self.ws.drained()
+                await self.ws.wait_writable()
         except TimeoutError:
             self._close_slow_consumer(slow)
             return  # the writer slot stays taken: nothing more is written

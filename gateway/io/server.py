@@ -13,7 +13,6 @@ import asyncio
 import contextvars
 import socket
 import ssl
-import time
 from collections.abc import Coroutine
 from http import HTTPStatus
 from pathlib import Path
@@ -34,6 +33,8 @@ from gateway.auth import (
     query_has_token,
 )
 from gateway.config import Config
+from gateway.core.clock import Clock, Timer
+from gateway.core.deadlines import Deadlines
 from gateway.core.protocol import ErrorCode
 from gateway.core.quotas import Quotas
 from gateway.core.resume import Registry
@@ -45,8 +46,9 @@ from gateway.core.session import (
     move,
 )
 from gateway.io import seams
-from gateway.io.connection import Connection, Deadlines, spawn
+from gateway.io.connection import Connection, spawn
 from gateway.io.redis_store import RedisStore
+from gateway.io.timers import LoopClock
 from gateway.io.upstream import FlowControl, Upstream
 from gateway.io.websocket import WRITE_LIMIT, Handler, Listener, WebSocket
 from gateway.memory import FullCollections
@@ -110,8 +112,11 @@ def _static(path: str) -> Response:
 class Gateway:
     """The server: the listening socket, the upstream client and every open connection."""
 
-    def __init__(self, config: Config, upstream_url: str) -> None:
+    def __init__(self, config: Config, upstream_url: str, clock: Clock | None = None) -> None:
         self.config = config
+        #: Every timer of the gateway (grace, retention, deadlines, keepalive, read gaps) and
+        #: every reading of time goes through this: tests pass a ManualClock.
+        self.clock: Clock = clock if clock is not None else LoopClock()
         self.limits = Limits(
             max_streams=config.max_streams,
             max_message_bytes=config.max_message_bytes,
@@ -149,7 +154,7 @@ class Gateway:
             on_change=self._on_overload,
             on_tick=self.metrics.refresh,  # writes the shared gauges (--workers); else a no-op
         )
-        self.upstream = Upstream(config, upstream_url, self.metrics)
+        self.upstream = Upstream(config, upstream_url, self.metrics, self.clock)
         #: The seams' modes in force (decided in start(), by the self-tests for `auto`).
         self.modes = seams.Modes(config.upstream_body, config.client_frames)
         self.connections: set[Connection] = set()
@@ -168,8 +173,8 @@ class Gateway:
         #: writers of closed sockets finishing are owned here.
         self._control_tasks: set[asyncio.Task[None]] = set()
         #: Grace timers of detached streams and retention timers of ended ones.
-        self._grace: dict[Stream, asyncio.TimerHandle] = {}
-        self._retention: dict[Stream, asyncio.TimerHandle] = {}
+        self._grace: dict[Stream, Timer] = {}
+        self._retention: dict[Stream, Timer] = {}
         self.active_streams = 0
         self.draining = False
         self._listener: Listener | None = None
@@ -181,8 +186,12 @@ class Gateway:
         self.idle = asyncio.Event()
         self.idle.set()
         #: The sockets' idle (--idle-timeout) and authentication (--auth-timeout) deadlines.
-        self.idle_deadlines = Deadlines(config.idle_timeout)
-        self.auth_deadlines = Deadlines(config.auth_timeout)
+        self.idle_deadlines: Deadlines[Connection] = Deadlines(
+            self.clock, config.idle_timeout, Connection.timed_out
+        )
+        self.auth_deadlines: Deadlines[Connection] = Deadlines(
+            self.clock, config.auth_timeout, Connection.timed_out
+        )
         #: Set while no socket is open (after its handshake).
         self._no_connections = asyncio.Event()
         self._no_connections.set()
@@ -208,7 +217,7 @@ class Gateway:
         self.active_streams += 1
         self.upstream.started_total.inc()
         self.idle.clear()
-        stream.started_at = time.monotonic()
+        stream.started_at = self.clock.now()
         if self.store is not None:
             self.store.register(stream)
         # The relay's log lines (and its end's, in the done callback) say which stream,
@@ -239,15 +248,14 @@ class Gateway:
         if self.active_streams == 0:
             self.idle.set()
         if stream.principal is not None:
-            self.quotas.end_stream(stream.principal, time.monotonic())
+            self.quotas.end_stream(stream.principal, self.clock.now())
         timer = self._grace.pop(stream, None)
         if timer is not None:
             timer.cancel()
         if self.store is not None and not stream.terminal_sent:
             self.store.stream_gone(stream)  # cancelled without a frame anyone could replay
         if self.registry.ended(stream):
-            loop = asyncio.get_running_loop()
-            self._retention[stream] = loop.call_later(
+            self._retention[stream] = self.clock.call_later(
                 self.config.resume_retention, self._retention_over, stream
             )
         connection = self.followers.pop(stream, None)
@@ -298,7 +306,7 @@ class Gateway:
         self.registry.forget(stream)
         task = self.relays.get(stream)
         if task is not None and not task.done():
-            stream.cancelled_at = time.monotonic()
+            stream.cancelled_at = self.clock.now()
             self.upstream.abort(stream)
             task.cancel()
 
@@ -312,8 +320,7 @@ class Gateway:
         """No socket follows `stream` now: keep it running for --resume-grace, then give up."""
         self.followers.pop(stream, None)
         if stream.active and stream in self.relays:
-            loop = asyncio.get_running_loop()
-            self._grace[stream] = loop.call_later(
+            self._grace[stream] = self.clock.call_later(
                 self.config.resume_grace, self._grace_over, stream
             )
             log.info("stream.detached", stream=stream.id, grace_s=self.config.resume_grace)
@@ -446,6 +453,7 @@ class Gateway:
             close_timeout=self.config.close_timeout,
             ping_interval=self.config.ping_interval,
             ping_timeout=self.config.ping_timeout,
+            clock=self.clock,
         )
         self._listener.fast_frames = self.modes.client_frames == "fast"
         await self._listener.start(
@@ -611,7 +619,7 @@ class Gateway:
                     conn, HTTPStatus.UNAUTHORIZED, "unauthorized", "use Authorization: Bearer"
                 )
             try:
-                principal = self.auth.authenticate(token.strip(), time.time())
+                principal = self.auth.authenticate(token.strip(), self.clock.wall())
             except AuthError as exc:
                 return self._refuse(conn, HTTPStatus.UNAUTHORIZED, "unauthorized", str(exc))
             self._principals[conn] = principal

@@ -24,6 +24,7 @@ import yarl
 
 from gateway import __version__
 from gateway.config import Config
+from gateway.core.clock import Clock, Timer
 from gateway.core.dialects import (
     Translator,
     UpstreamFailure,
@@ -36,6 +37,7 @@ from gateway.core.retry import RETRY_STATUSES, RetryPolicy
 from gateway.core.session import Outbox, State, Stream, finish_done, finish_fail
 from gateway.core.sse import SSEDecoder, SSEEventTooLarge
 from gateway.io.seams import attach_push, detach_push, pool_idle, set_reading
+from gateway.io.timers import LoopClock
 from gateway.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -59,7 +61,7 @@ class FlowControl:
 
     A reader checks `congested()` after each upstream read (a plain attribute read on the hot
     path) and only then awaits `wait()`: it stops reading (and aiohttp stops reading the
-    upstream socket) until the writer has drained the outbox. The future readers wait on is
+    upstream socket) until the writer has emptied the outbox. The future readers wait on is
     created only when one has to wait, so an idle socket pays nothing for it.
     """
 
@@ -130,7 +132,10 @@ class FlowControl:
 class Upstream:
     """The process-wide upstream client: one `ClientSession`, sized for `max_active_streams`."""
 
-    def __init__(self, config: Config, url: str, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, config: Config, url: str, metrics: Metrics | None = None, clock: Clock | None = None
+    ) -> None:
+        self.clock: Clock = clock if clock is not None else LoopClock()
         self.config = config
         self.url = url
         self._url = yarl.URL(url)  # parsed once, not on every request
@@ -161,7 +166,7 @@ class Upstream:
         #: The bodies being relayed now, by stream (the read-gap watchdog looks at them; a
         #: cancel closes their connections).
         self._live: dict[Stream, _BodyFeed] = {}
-        self._watchdog: asyncio.TimerHandle | None = None
+        self._watchdog: Timer | None = None
         #: Push mode (aiohttp hands each piece of body over in its callback) or pull mode
         #: (public API); set from the self-test's verdict before the first stream.
         self.push = config.upstream_body != "pull"
@@ -190,9 +195,7 @@ class Upstream:
             cookie_jar=aiohttp.DummyCookieJar(),
         )
         if self.config.upstream_read_timeout:
-            self._watchdog = asyncio.get_running_loop().call_later(
-                self._watch_period(), self._check_read_gaps
-            )
+            self._watchdog = self.clock.call_later(self._watch_period(), self._check_read_gaps)
 
     async def close(self) -> None:
         if self._watchdog is not None:
@@ -211,12 +214,10 @@ class Upstream:
         """Fail every body that has been silent longer than --upstream-read-timeout (not
         counting our own flow-control pauses): the relay reports `upstream_timeout`."""
         limit = self.config.upstream_read_timeout
-        deadline = time.monotonic() - limit
+        deadline = self.clock.now() - limit
         for feed in [f for f in self._live.values() if f.last_read < deadline]:
             feed.fail(TimeoutError(f"no upstream bytes for {limit:g} s"))
-        self._watchdog = asyncio.get_running_loop().call_later(
-            self._watch_period(), self._check_read_gaps
-        )
+        self._watchdog = self.clock.call_later(self._watch_period(), self._check_read_gaps)
 
     def abort(self, stream: Stream) -> None:
         """Close `stream`'s upstream connection now (a cancel): the upstream sees it before the
@@ -226,7 +227,7 @@ class Upstream:
         if feed is not None:
             feed.close()
             if stream.cancelled_at is not None:
-                self.metrics.cancel_latency.observe(time.monotonic() - stream.cancelled_at)
+                self.metrics.cancel_latency.observe(self.clock.now() - stream.cancelled_at)
                 stream.cancelled_at = None  # observed: the relay's cancellation does not again
 
     @property
@@ -245,7 +246,7 @@ class Upstream:
         Every outcome becomes `finish_done` or `finish_fail`; only cancellation propagates.
         `flow_for(stream)` is the flow control of the socket following it now, if any.
         """
-        started = time.monotonic()
+        started = self.clock.now()
         try:
             await self._relay(stream, flow_for, started)
         except UpstreamFailure as failure:
@@ -267,13 +268,13 @@ class Upstream:
             if stream.cancelled_at is not None:
                 # Cancelled before its body was live (connecting, or waiting for the response
                 # headers): the connection is closed by now, by the cancellation in _relay.
-                self.metrics.cancel_latency.observe(time.monotonic() - stream.cancelled_at)
+                self.metrics.cancel_latency.observe(self.clock.now() - stream.cancelled_at)
 
     def stream_ended(self, stream: Stream, started: float) -> None:
         """Count and log a finished stream: one canonical line per stream (called by the
         server when the relay task is over, even one cancelled before it ever ran)."""
         m, dialect = self.metrics, self.dialect
-        duration = time.monotonic() - started
+        duration = self.clock.now() - started
         self._duration.observe(duration)
         m.coalesced.inc(stream.coalesced)
         ended = self._ended.get(stream.outcome)
@@ -452,6 +453,7 @@ class _BodyFeed:
         "_first_seen",
         "_flow_for",
         "_limit",
+        "_monotonic",
         "_paused",
         "_pulling",
         "_resp",
@@ -460,9 +462,9 @@ class _BodyFeed:
         "_translator",
         "_upstream",
         "at_eof",
+        "decode_sse",
         "done",
         "error",
-        "events",
         "last_read",
     )
 
@@ -485,11 +487,12 @@ class _BodyFeed:
         self._content = resp.content
         #: Pull mode: what the reading loop waits on while the feed is paused.
         self._pulling: asyncio.Future[None] | None = None
-        self.events = SSEDecoder(MAX_EVENT_BYTES).feed
+        self.decode_sse = SSEDecoder(MAX_EVENT_BYTES).feed
+        self._monotonic = upstream.clock.now
         self._first_seen = False
         self._paused = False
         #: When body bytes last arrived (monotonic; inf while we hold the reading ourselves).
-        self.last_read = time.monotonic()
+        self.last_read = self._monotonic()
         #: The body ended with a clean EOF (so the connection can be pooled as it is).
         self.at_eof = False
         #: Resolves when the body is over; `error` then says what ended it, if anything (kept
@@ -546,15 +549,15 @@ class _BodyFeed:
         if not self._paused:
             # While we pause reading, the silence is ours (last_read stays inf), even if aiohttp
             # still delivers the rest of a read: before 3.14 it did not pause its parser.
-            self.last_read = time.monotonic()
+            self.last_read = self._monotonic()
         stream, translator = self._stream, self._translator
         try:
             stream.bytes_in += len(data)
-            translate, emit = translator.feed, stream.push
-            for event in self.events(data):
-                text = translate(event)
+            translate_event, push_text = translator.feed, stream.push
+            for event in self.decode_sse(data):
+                text = translate_event(event)
                 if text is not None:
-                    emit(text)
+                    push_text(text)
                 if translator.finished:
                     break
         except (UpstreamFailure, SSEEventTooLarge) as exc:
@@ -567,7 +570,7 @@ class _BodyFeed:
             return
         if not self._first_seen and stream.chunks_in:
             self._first_seen = True
-            self._upstream._ttfc.observe(time.monotonic() - self._started)
+            self._upstream._ttfc.observe(self._monotonic() - self._started)
         if translator.finished or stream.state is not State.ACTIVE:
             self._finish(None)
             return
@@ -600,7 +603,7 @@ class _BodyFeed:
 
     def _resume(self) -> None:
         self._paused = False
-        self.last_read = time.monotonic()
+        self.last_read = self._monotonic()
         self._reading(True)
 
     def _reading(self, on: bool) -> None:

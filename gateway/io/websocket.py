@@ -32,6 +32,8 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+from gateway.core.clock import Clock, Timer
+
 try:
     from websockets.speedups import apply_mask as _apply_mask
 except ImportError:  # pragma: no cover - websockets built without its C extension
@@ -89,11 +91,11 @@ class WebSocket(asyncio.Protocol):
 
     # One per socket, 20,000 per process.
     __slots__ = (
-        "_drain",
         "_fragments",
         "_fragments_text",
         "_head",
         "_timer",
+        "_writable",
         "handler",
         "listener",
         "paused",
@@ -115,9 +117,9 @@ class WebSocket(asyncio.Protocol):
         self.handler: Handler | None = None
         #: The transport's buffer is over its high-water mark (the client is behind).
         self.paused = False
-        self._drain: asyncio.Future[None] | None = None
+        self._writable: asyncio.Future[None] | None = None
         #: The handshake deadline, then the closing handshake's deadline.
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: Timer | None = None
         self._fragments: bytearray | None = None
         self._fragments_text = False
         #: Until the request's headers have ended: the last bytes seen (their end may be split
@@ -139,7 +141,7 @@ class WebSocket(asyncio.Protocol):
             self.abort()
             return
         listener.handshaking[self] = None
-        self._timer = listener.loop.call_later(listener.open_timeout, self.abort)
+        self._timer = listener.clock.call_later(listener.open_timeout, self.abort)
 
     def data_received(self, data: bytes) -> None:
         if self._head is not None:
@@ -212,7 +214,7 @@ class WebSocket(asyncio.Protocol):
         listener = self.listener
         listener.handshaking.pop(self, None)
         listener.keepalive.remove(self)
-        self._wake_drain()
+        self._wake_writer()
         self._fragments = None
         forget_parser_error(self.protocol)  # a reference cycle per hostile socket otherwise
         handler, self.handler = self.handler, None
@@ -229,7 +231,7 @@ class WebSocket(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.paused = False
-        self._wake_drain()
+        self._wake_writer()
 
     # ------------------------------------------------------------------ what the gateway calls
 
@@ -287,14 +289,14 @@ class WebSocket(asyncio.Protocol):
                 return
         transport.write(text_frames(messages))
 
-    async def drained(self) -> None:
+    async def wait_writable(self) -> None:
         """Return once the client has read enough that writing may go on (or the socket is
         gone)."""
         if not self.paused or self.transport is None or self.transport.is_closing():
             return
-        if self._drain is None:
-            self._drain = self.listener.loop.create_future()
-        await asyncio.shield(self._drain)
+        if self._writable is None:
+            self._writable = self.listener.loop.create_future()
+        await asyncio.shield(self._writable)
 
     def close(self, code: int, reason: str) -> None:
         """Start the closing handshake behind everything written so far; the connection is
@@ -358,12 +360,12 @@ class WebSocket(asyncio.Protocol):
         """The connection should end soon: abort it after --close-timeout if it has not."""
         if self._timer is None:
             listener = self.listener
-            self._timer = listener.loop.call_later(listener.close_timeout, self.abort)
+            self._timer = listener.clock.call_later(listener.close_timeout, self.abort)
 
-    def _wake_drain(self) -> None:
-        drain, self._drain = self._drain, None
-        if drain is not None and not drain.done():
-            drain.set_result(None)
+    def _wake_writer(self) -> None:
+        waiter, self._writable = self._writable, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _request(self, request: Request) -> None:
         """The opening handshake's request: an HTTP route, a refusal, or the upgrade."""
@@ -503,8 +505,8 @@ class Keepalive:
     socket costs a dict entry instead of a task, a coroutine and a sleeping future.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float, timeout: float) -> None:
-        self.loop = loop
+    def __init__(self, clock: Clock, interval: float, timeout: float) -> None:
+        self.clock = clock
         self.interval = interval
         self.timeout = timeout
         self.tick = interval / KEEPALIVE_SLOTS
@@ -512,7 +514,7 @@ class Keepalive:
         self.index = 0
         #: Sockets pinged whose pong has not come yet: when the ping went out.
         self.waiting: dict[WebSocket, float] = {}
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: Timer | None = None
         self._count = 0
         self.sockets = 0
 
@@ -524,7 +526,7 @@ class Keepalive:
         self.slots[ws.slot][ws] = None
         self.sockets += 1
         if self._timer is None:
-            self._timer = self.loop.call_later(self.tick, self._tick)
+            self._timer = self.clock.call_later(self.tick, self._tick)
 
     def remove(self, ws: WebSocket) -> None:
         if ws.slot >= 0:
@@ -542,7 +544,7 @@ class Keepalive:
             self._timer = None
 
     def _tick(self) -> None:
-        now = self.loop.time()
+        now = self.clock.now()
         if self.waiting:
             late = [ws for ws, sent in self.waiting.items() if now - sent >= self.timeout]
             for ws in late:
@@ -559,7 +561,7 @@ class Keepalive:
                     ws.ping(data)
                     waiting[ws] = now
         self._timer = (
-            self.loop.call_later(self.tick, self._tick) if self.sockets or self.waiting else None
+            self.clock.call_later(self.tick, self._tick) if self.sockets or self.waiting else None
         )
 
 
@@ -586,8 +588,10 @@ class Listener:
         close_timeout: float,
         ping_interval: float,
         ping_timeout: float,
+        clock: Clock,
     ) -> None:
         self.loop = asyncio.get_running_loop()
+        self.clock = clock
         self.process_request = process_request
         self.on_open = on_open
         self.on_reject = on_reject
@@ -605,7 +609,7 @@ class Listener:
         self.fast_frames = True
         self.open_timeout = open_timeout
         self.close_timeout = close_timeout
-        self.keepalive = Keepalive(self.loop, ping_interval, ping_timeout)
+        self.keepalive = Keepalive(clock, ping_interval, ping_timeout)
         self.ws_logger = logging.getLogger("websockets.server")
         #: Sockets accepted whose handshake has not finished (stop() aborts them).
         self.handshaking: dict[WebSocket, None] = {}
