@@ -1,8 +1,8 @@
 """Run the mock upstream for the benchmark: `python bench/mock_server.py --port P`.
 
 Like `python -m gateway mock-upstream`, but on uvloop (as the gateway runs), keeping more
-records (run.py reads `ended_ns` of the cancelled streams); the benchmark's streams use the fast
-mode (`[[mock fast=1 ...]]`, see `Knobs` in gateway/mock/knobs.py).
+records (the cancel scenario reads `ended_ns` of the cancelled streams); the benchmark's streams
+use the fast mode (`[[mock fast=1 ...]]`, see `Knobs` in gateway/mock/knobs.py).
 """
 
 from __future__ import annotations
