@@ -30,8 +30,7 @@ test: $(STAMP) lint typecheck
 
 ## test-seams: the end-to-end tests again with every dependency shortcut's public-API fallback
 ## forced (--upstream-body pull, --client-frames standard; gateway/io/seams/__init__.py); CI runs it
-SEAM_TESTS := tests/test_e2e.py tests/test_websocket.py tests/test_reliability.py tests/test_resume.py \
-	tests/test_redis_resume.py tests/test_memory.py tests/test_security.py tests/test_fuzz.py
+SEAM_TESTS := tests/io tests/e2e/test_streams.py tests/e2e/test_resume.py
 test-seams: $(STAMP)
 	GATEWAY_TEST_UPSTREAM_BODY=pull GATEWAY_TEST_CLIENT_FRAMES=standard PYTHONASYNCIODEBUG=1 \
 		$(PY) -m pytest $(SEAM_TESTS) $(PYTEST_ARGS)

@@ -1,9 +1,10 @@
 """The process's memory policy: what the cyclic collector does, and how often it looks at all.
 
-The gateway's own per-stream and per-socket objects form no reference cycles (tests/test_memory.py
-proves it for every outcome), so reference counting frees them the moment a stream or socket is
-done, whatever the collector does. Cycles can still come from elsewhere (asyncio's own selector
-transports on Python 3.11 refer to themselves; a library's error path may keep a traceback), and
+The gateway's own per-stream and per-socket objects form no reference cycles
+(tests/io/test_memory.py proves it for every outcome), so reference counting frees them the
+moment a stream or socket is done, whatever the collector does. Cycles can still come from
+elsewhere (asyncio's own selector transports on Python 3.11 refer to themselves; a library's
+error path may keep a traceback), and
 with the thresholds below a full collection would come only every few hours under load. So a
 timer runs one every `FULL_COLLECTION_INTERVAL`: whatever a dependency leaves in a cycle is freed
 within minutes, never hours (docs/reliability.md, "Memory").

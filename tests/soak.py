@@ -47,7 +47,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from tests.faults.procs import GatewayProcess, MockProcess, http_session
-from tests.test_e2e import expected_text as _expected_text
+from tests.support import expected_text as _expected_text
 
 REDIS_URL = os.environ.get("SOAK_REDIS_URL", "redis://127.0.0.1:6379/11")
 COLUMNS = (

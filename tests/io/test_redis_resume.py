@@ -13,8 +13,7 @@ from gateway.config import Config
 from gateway.io.server import Gateway
 from gateway.mock import MockUpstream
 from tests.conftest import Client, check_stream, require_redis
-from tests.test_e2e import expected_text
-from tests.test_resume import chunks_text, drop, resume, resume_frame
+from tests.support import chunks_text, drop, expected_text, resume, resume_frame
 
 
 class Pair:

@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 from gateway.io import seams
 from gateway.io.seams import client_frames
 from tests.conftest import Stack, StackFactory, check_stream
-from tests.test_e2e import expected_text
+from tests.support import expected_text
 
 
 def mode(stack: Stack, seam: str) -> str:

@@ -26,7 +26,7 @@ from gateway.io.connection import Connection, new_resume_token
 from gateway.io.server import Gateway
 from gateway.mock import MockUpstream
 from tests.conftest import TIMEOUT, Stack, StackFactory, check_stream, require_redis
-from tests.test_resume import drop, resume
+from tests.support import drop, resume
 
 #: Every knob that makes the outcomes below quick: a stalled upstream times out in 0.4 s, a
 #: client that does not read is closed after 2 s, a dropped socket's streams wait 0.3 s.

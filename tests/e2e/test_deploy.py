@@ -17,7 +17,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -35,8 +34,9 @@ from websockets.asyncio.client import connect
 from gateway.config import Config, add_serve_arguments, config_from_args
 from gateway.io.server import CLOSE_GRACE
 from tests.conftest import Client, StackFactory, check_stream
+from tests.support import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 NGINX_CONF = DEPLOY / "nginx.conf"
@@ -199,13 +199,6 @@ def render_nginx_conf(listen_port: int, gateway_ports: list[int], tmp: Path) -> 
     assert gateways_done, "deploy/nginx.conf lost its '# @gateway' markers"
     assert listen_done, "deploy/nginx.conf lost its '# @listen' marker"
     return "\n".join(out) + "\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def write_nginx_conf(tmp: Path, listen_port: int, gateway_ports: list[int]) -> Path:

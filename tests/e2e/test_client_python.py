@@ -42,9 +42,9 @@ from gateway.io.server import Gateway
 from gateway.mock import choose_answer
 from tests.conftest import TIMEOUT, Stack, StackFactory
 from tests.schema import validate_client_frame, validate_server_frame
-from tests.test_e2e import expected_text, free_port
+from tests.support import expected_text, free_port
 
-CLIENT_SRC = Path(__file__).resolve().parents[1] / "clients" / "python"
+CLIENT_SRC = Path(__file__).resolve().parents[2] / "clients" / "python"
 FAST = Backoff(base=0.01, cap=0.05, max_attempts=None)
 
 

@@ -15,10 +15,9 @@ from websockets.asyncio.client import connect
 
 from gateway.mock import MockUpstream
 from tests.conftest import Client, check_stream, require_redis
-from tests.test_cli import Process, spawn
-from tests.test_deploy import free_port, require_nginx, running_nginx
-from tests.test_e2e import expected_text
-from tests.test_resume import chunks_text, drop, resume_frame
+from tests.e2e.test_cli import Process, spawn
+from tests.e2e.test_deploy import require_nginx, running_nginx
+from tests.support import chunks_text, drop, expected_text, free_port, resume_frame
 
 
 class Cluster:

@@ -15,7 +15,7 @@ from gateway.core.retry import RetryPolicy
 from gateway.metrics import LoopLag
 from tests.conftest import TIMEOUT, FakeClock, Stack, StackFactory, check_stream
 from tests.faults.client import TCP_CLOSE, tcp_state
-from tests.test_e2e import expected_text, free_port
+from tests.support import expected_text, free_port
 
 
 def metric(stack: Stack, name: str, **labels: str) -> float:

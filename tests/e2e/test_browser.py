@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 
 from tests.conftest import Stack, StackFactory
-from tests.test_e2e import expected_text
+from tests.support import expected_text
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",

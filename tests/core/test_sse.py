@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 
 from gateway.core.sse import SSEDecoder, SSEEvent, SSEEventTooLarge
 
-VECTORS_FILE = Path(__file__).parent / "data" / "sse-vectors.json"
-SSE_SOURCE = Path(__file__).parent.parent / "gateway" / "core" / "sse.py"
+VECTORS_FILE = Path(__file__).parents[1] / "data" / "sse-vectors.json"
+SSE_SOURCE = Path(__file__).parents[2] / "gateway" / "core" / "sse.py"
 VECTORS: list[dict[str, Any]] = json.loads(VECTORS_FILE.read_text(encoding="utf-8"))["vectors"]
 CHUNKED = [v for v in VECTORS if "chunks_b64" in v or "chunk_size" in v]
 

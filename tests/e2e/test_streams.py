@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import socket
 from typing import Any
 
 import aiohttp
@@ -20,14 +19,9 @@ from websockets.exceptions import ConnectionClosed
 from gateway.core.protocol import ErrorCode
 from gateway.io.upstream import _BodyFeed
 from gateway.io.websocket import WebSocket
-from gateway.mock import choose_answer, parse_directive, text_chunks
+from gateway.mock import choose_answer
 from tests.conftest import TIMEOUT, FakeClock, Stack, StackFactory, check_stream, is_terminal
-
-
-def expected_text(prompt: str) -> str:
-    """What the mock upstream streams for `prompt` (deterministic)."""
-    question, knobs = parse_directive(prompt)
-    return "".join(text_chunks(choose_answer(question).text, knobs.chunks, knobs.words))
+from tests.support import expected_text, free_port
 
 
 async def test_welcome_announces_protocol_session_and_limits(make_stack: StackFactory) -> None:
@@ -211,7 +205,7 @@ async def test_closing_the_socket_cancels_every_upstream(stack: Stack) -> None:
 
 async def test_abrupt_tcp_close_cancels_every_upstream(make_stack: StackFactory) -> None:
     """With --resume-grace 0, a client that vanishes without a close frame has its upstreams
-    cancelled at once (with a grace, tests/test_resume.py)."""
+    cancelled at once (with a grace, tests/e2e/test_resume.py)."""
     stack = await make_stack(resume_grace=0)
     client = await stack.client()
     for i in range(4):
@@ -312,13 +306,6 @@ async def test_duplicate_unknown_and_too_many(make_stack: StackFactory) -> None:
     await stack.assert_no_leaks()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
 async def test_upstream_unavailable(make_stack: StackFactory) -> None:
     """A refused upstream connection ends the stream with retryable upstream_unavailable."""
     stack = await make_stack(url=f"http://127.0.0.1:{free_port()}/perplexity")
@@ -342,7 +329,7 @@ async def test_upstream_http_errors(
     make_stack: StackFactory, knobs: str, status: int, retryable: bool, message: str
 ) -> None:
     """Non-2xx answers become upstream_error with the status, retryable for 429/5xx only."""
-    stack = await make_stack(upstream_retries=0)  # retries: tests/test_reliability.py
+    stack = await make_stack(upstream_retries=0)  # retries: tests/io/test_reliability.py
     client = await stack.client()
     await client.start("s", f"sky [[mock {knobs}]]")
     err = (await client.finish("s"))["s"][-1]

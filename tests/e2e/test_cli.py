@@ -24,6 +24,7 @@ from gateway.__main__ import MAX_FAST_EXITS, build_parser, restart_delay
 from gateway.config import PERPLEXITY_URL, Config, add_serve_arguments, config_from_args
 from gateway.observability import NeverFails
 from tests.conftest import Client, check_stream
+from tests.support import free_port
 
 FLAGS = [
     "host",
@@ -262,13 +263,6 @@ async def test_health_endpoints_on_the_same_port(gateway_process: Process) -> No
             async with http.get(base + path) as resp:
                 assert resp.status == status, path
     assert await gateway_process.stop(signal.SIGINT) == 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 async def spawn_workers(port: int, workers: int = 2) -> Process:
