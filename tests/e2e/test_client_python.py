@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -376,12 +377,17 @@ async def test_without_reconnect_a_dropped_stream_fails_with_connection_lost(sta
 TOKEN = "client-test-token-0123456789"
 
 
-@pytest.fixture
-async def auth_stack(make_stack: StackFactory, tmp_path: Path) -> Stack:
+async def start_auth_stack(make_stack: StackFactory, tmp_path: Path, auth_timeout: float) -> Stack:
     """A gateway that requires the bearer token TOKEN (principal `alice`)."""
     tokens = tmp_path / "tokens"
     tokens.write_text(f"{TOKEN} alice\n", encoding="utf-8")
-    return await make_stack(auth_tokens_file=str(tokens), auth_timeout=1.0)
+    return await make_stack(auth_tokens_file=str(tokens), auth_timeout=auth_timeout)
+
+
+@pytest.fixture
+async def auth_stack(make_stack: StackFactory, tmp_path: Path) -> Stack:
+    """A gateway that requires the bearer token TOKEN, with a 1 s auth timeout."""
+    return await start_auth_stack(make_stack, tmp_path, auth_timeout=1.0)
 
 
 @pytest.mark.parametrize("auth", ["header", "message"])
@@ -406,19 +412,42 @@ async def test_wrong_token_raises_unauthorized(
     assert (info.value.retryable, info.value.close_code) == (False, close_code)
 
 
+async def test_without_a_token_unauthorized_comes_at_once(
+    make_stack: StackFactory, tmp_path: Path
+) -> None:
+    """A client without a token learns at once that the gateway wants one: its first frame (a
+    ping) is not `auth`, so the gateway closes with 4401 instead of waiting out its auth
+    timeout (60 s here), and the error says that a token is required, not that it was refused."""
+    stack = await start_auth_stack(make_stack, tmp_path, auth_timeout=60.0)
+    async with asyncio.timeout(5):
+        with pytest.raises(Unauthorized) as info:
+            async with GatewayClient(stack.url):
+                pass
+    assert (info.value.retryable, info.value.close_code) == (False, 4401)
+    assert info.value.message == "the gateway requires a token and none was given"
+
+
 # ------------------------------------------------------------------ scripted server (auth, resume)
 
 Handler = Callable[[ServerConnection, int], Awaitable[None]]
 
 
 @contextlib.asynccontextmanager
-async def scripted(handler: Handler) -> AsyncIterator[tuple[str, list[ServerConnection]]]:
-    """A protocol-v1 server whose n-th connection runs `handler(ws, n)` after the welcome."""
+async def scripted(
+    handler: Handler, *, probe: bool = True
+) -> AsyncIterator[tuple[str, list[ServerConnection]]]:
+    """A protocol-v1 server whose n-th connection runs `handler(ws, n)` after the welcome.
+
+    With `probe`, each connection first answers the ping that a client without a token sends
+    to learn whether the server requires one (an open server answers pong)."""
     seen: list[ServerConnection] = []
 
     async def run(ws: ServerConnection) -> None:
         seen.append(ws)
         await ws.send(orjson.dumps(WELCOME).decode())
+        if probe:
+            assert await recv_json(ws) == {"type": "ping"}
+            await send_json(ws, {"type": "pong"})
         await handler(ws, len(seen))
 
     async with serve(run, "127.0.0.1", 0) as server:
@@ -455,7 +484,7 @@ async def test_token_goes_in_the_upgrade_header_or_an_auth_frame() -> None:
         with contextlib.suppress(ConnectionClosed):
             frames.append(await recv_json(ws))
 
-    async with scripted(handler) as (url, seen):
+    async with scripted(handler, probe=False) as (url, seen):
         async with GatewayClient(url, token="t0k3n"):
             pass
         async with GatewayClient(url, token="t0k3n", auth="message"):
@@ -546,9 +575,16 @@ async def test_refused_resume_fails_the_stream_with_the_gateway_code() -> None:
 # ------------------------------------------------------------------ the CLI
 
 
-async def run_cli(*args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
-    """Start `python -m gateway_client ...` with piped stdout and stderr."""
-    full_env = {**os.environ, **(env or {})}
+async def run_cli(
+    *args: str,
+    env: dict[str, str] | None = None,
+    stdout: int = asyncio.subprocess.PIPE,
+    stderr: int = asyncio.subprocess.PIPE,
+) -> asyncio.subprocess.Process:
+    """Start `python -m gateway_client ...`, by default with piped stdout and stderr (pass
+    `stderr=asyncio.subprocess.STDOUT` for both on one pipe, as on a terminal)."""
+    inherited = {k: v for k, v in os.environ.items() if k not in ("GATEWAY_URL", "GATEWAY_TOKEN")}
+    full_env = {**inherited, **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join(
         [str(CLIENT_SRC), *filter(None, [full_env.get("PYTHONPATH")])]
     )
@@ -557,16 +593,17 @@ async def run_cli(*args: str, env: dict[str, str] | None = None) -> asyncio.subp
         "-m",
         "gateway_client",
         *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        stdout=stdout,
+        stderr=stderr,
         env=full_env,
     )
 
 
 async def finish(proc: asyncio.subprocess.Process) -> tuple[int, str, str]:
+    """Wait for the CLI to exit: its status and the rest of what it wrote to the pipes."""
     out, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
     assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return proc.returncode, (out or b"").decode(), (err or b"").decode()
 
 
 async def test_cli_ask_streams_the_answer_and_numbers_citations(stack: Stack) -> None:
@@ -622,12 +659,15 @@ async def test_cli_error_exits_nonzero_with_the_code(make_stack: StackFactory) -
 
 
 async def test_cli_sends_the_token_from_token_env(auth_stack: Stack) -> None:
-    """`--token-env NAME` authenticates with the token held by NAME; without it the gateway
-    refuses the upgrade and the CLI exits 1 naming `unauthorized`."""
+    """`--token-env NAME` authenticates with the token held by NAME, and without the flag the
+    token in GATEWAY_TOKEN is used; with neither, the CLI exits 1 naming `unauthorized`."""
     env = {"GATEWAY_CLIENT_TEST_TOKEN": TOKEN}
     args = ("ask", "sky [[mock chunks=2]]", "--url", auth_stack.url)
     proc = await run_cli(*args, "--token-env", "GATEWAY_CLIENT_TEST_TOKEN", env=env)
     code, out, _err = await finish(proc)
+    assert code == 0
+    assert out.startswith(expected_text("sky [[mock chunks=2]]"))
+    code, out, _err = await finish(await run_cli(*args, env={"GATEWAY_TOKEN": TOKEN}))
     assert code == 0
     assert out.startswith(expected_text("sky [[mock chunks=2]]"))
     code, _out, err = await finish(await run_cli(*args))
@@ -648,16 +688,20 @@ async def test_cli_missing_token_env_is_a_usage_error(stack: Stack) -> None:
 
 async def test_cli_sigint_cancels_the_stream_and_exits_130(stack: Stack) -> None:
     """Ctrl-C mid-stream sends `cancel` (the gateway ends the stream as cancelled and closes
-    the upstream) and the CLI exits 130."""
-    proc = await run_cli(
-        "ask", "sky [[mock chunks=500 delay_ms=20 tag=sigint]]", "--url", stack.url
-    )
+    the upstream) and the CLI exits 130; with stdout and stderr on one terminal, the partial
+    answer is ended with a newline so that `gateway-client: cancelled` has a line of its own."""
+    prompt = "sky [[mock chunks=500 delay_ms=20 tag=sigint]]"
+    proc = await run_cli("ask", prompt, "--url", stack.url, stderr=asyncio.subprocess.STDOUT)
     assert proc.stdout is not None
-    assert await asyncio.wait_for(proc.stdout.read(1), TIMEOUT)  # the answer is streaming
+    first = await asyncio.wait_for(proc.stdout.read(1), TIMEOUT)  # the answer is streaming
+    assert first
     proc.send_signal(signal.SIGINT)
-    code, _out, err = await finish(proc)
+    code, rest, _err = await finish(proc)
     assert code == 130
-    assert "cancelled" in err
+    partial, sep, message = (first.decode() + rest).rpartition("\n" + CANCELLED)
+    assert (sep, message) == ("\n" + CANCELLED, "")
+    assert partial
+    assert expected_text(prompt).startswith(partial)
     record = stack.mock.record("sigint")
     await asyncio.wait_for(record.ended.wait(), TIMEOUT)
     assert record.outcome == "client_closed"
@@ -665,3 +709,115 @@ async def test_cli_sigint_cancels_the_stream_and_exits_130(stack: Stack) -> None
     await stack.assert_no_leaks()
     ended = metric(stack, "gateway_streams_ended_total", dialect="perplexity", outcome="cancelled")
     assert ended == 1  # a cancel frame, not just a closed socket
+
+
+CANCELLED = "gateway-client: cancelled\n"
+
+
+@pytest.mark.parametrize("text", ["The sky is", "The sky is blue.\n"], ids=["mid-line", "eol"])
+async def test_cli_cancelled_message_starts_a_line_of_its_own(text: str) -> None:
+    """After Ctrl-C the output so far is ended with a newline only when it does not already end
+    with one, so `gateway-client: cancelled` starts its own line with no blank line before."""
+    cancels: list[dict[str, Any]] = []
+
+    async def handler(ws: ServerConnection, n: int) -> None:
+        sid = (await recv_json(ws))["id"]
+        await send_json(ws, {"type": "started", "id": sid})
+        await send_json(ws, {"type": "text_chunk", "id": sid, "seq": 1, "text": text})
+        cancels.append(await recv_json(ws))
+        await send_json(ws, {"type": "cancelled", "id": sid, "seq": 1})
+        await ws.wait_closed()
+
+    async with scripted(handler) as (url, _seen):
+        proc = await run_cli("ask", "sky", "--url", url, stderr=asyncio.subprocess.STDOUT)
+        assert proc.stdout is not None
+        shown = await asyncio.wait_for(proc.stdout.readexactly(len(text.encode())), TIMEOUT)
+        proc.send_signal(signal.SIGINT)
+        code, rest, _err = await finish(proc)
+    assert code == 130
+    assert shown.decode() + rest == text.removesuffix("\n") + "\n" + CANCELLED
+    assert [c["type"] for c in cancels] == ["cancel"]
+
+
+@pytest.mark.parametrize("json_mode", [True, False], ids=["json", "plain"])
+async def test_cli_closed_stdout_cancels_the_stream_and_exits_141(
+    stack: Stack, json_mode: bool
+) -> None:
+    """`gateway-client ask ... | head -3`: once the reader of stdout has gone, the CLI cancels
+    the stream with a `cancel` frame (the upstream stops after a few of its 400 chunks) and exits
+    141 (128 + SIGPIPE) without a word on stderr: no traceback, no BrokenPipeError."""
+    prompt = "sky [[mock chunks=400 delay_ms=20 tag=pipe]]"
+    read_fd, write_fd = os.pipe()
+    try:
+        args = ("ask", prompt, "--url", stack.url, *(["--json"] if json_mode else []))
+        proc = await run_cli(*args, stdout=write_fd)
+    finally:
+        os.close(write_fd)
+    reader = asyncio.StreamReader()
+    transport, _protocol = await asyncio.get_running_loop().connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
+    )
+    try:
+        if json_mode:  # head -3
+            lines = [await asyncio.wait_for(reader.readline(), TIMEOUT) for _ in range(3)]
+            assert [orjson.loads(line)["type"] for line in lines] == [
+                "welcome",
+                "started",
+                "text_chunk",
+            ]
+        else:  # head -c 1
+            assert await asyncio.wait_for(reader.read(1), TIMEOUT)
+    finally:
+        transport.close()  # the reader goes away
+    code, _out, err = await finish(proc)
+    assert (code, err) == (141, "")
+    record = stack.mock.record("pipe")
+    await asyncio.wait_for(record.ended.wait(), TIMEOUT)
+    assert record.outcome == "client_closed"
+    assert record.chunks_sent < 100
+    await stack.assert_no_leaks()
+    ended = metric(stack, "gateway_streams_ended_total", dialect="perplexity", outcome="cancelled")
+    assert ended == 1  # a cancel frame, not just a closed socket
+
+
+BAD_USAGE = [
+    ["ask", ""],
+    ["ask", " \t\n"],
+    [],
+    ["ask"],
+    ["ask", "Why?", "--model", ""],
+    ["ask", "Why?", "--url", "http://127.0.0.1:8080/v1/ws"],
+    ["ask", "Why?", "--no-such-flag"],
+]
+
+
+async def test_cli_bad_usage_is_one_line_and_exit_2() -> None:
+    """An empty or blank prompt, no prompt or command, an empty model, a URL that is not
+    ws:// or wss://, an unknown flag: each exits 2 with one line on stderr (what is wrong and
+    which --help to read), nothing on stdout, and no traceback."""
+    procs = [await run_cli(*argv) for argv in BAD_USAGE]
+    results = await asyncio.gather(*(finish(proc) for proc in procs))
+    for argv, (code, out, err) in zip(BAD_USAGE, results, strict=True):
+        assert (code, out) == (2, ""), (argv, err)
+        assert err.startswith("gateway-client: "), (argv, err)
+        assert err.endswith(" --help')\n"), (argv, err)
+        assert err.count("\n") == 1, (argv, err)
+    assert "the prompt is empty" in results[0][2]
+    assert "the prompt is empty" in results[1][2]
+
+
+async def test_cli_without_a_token_says_at_once_how_to_pass_one(
+    make_stack: StackFactory, tmp_path: Path
+) -> None:
+    """Against a gateway that requires a token, `ask` without one fails at once, not after the
+    gateway's auth timeout (60 s here), and says how to give one: GATEWAY_TOKEN or
+    --token-env NAME."""
+    stack = await start_auth_stack(make_stack, tmp_path, auth_timeout=60.0)
+    began = time.monotonic()
+    code, out, err = await finish(await run_cli("ask", "sky", "--url", stack.url))
+    assert time.monotonic() - began < 5  # the interpreter's start included
+    assert (code, out) == (1, "")
+    assert err.startswith("gateway-client: unauthorized: the gateway requires a token")
+    assert "GATEWAY_TOKEN" in err
+    assert "--token-env NAME" in err
+    assert err.count("\n") == 1

@@ -236,7 +236,9 @@ class GatewayClient:
             never 4401), pacing attempts with `backoff`.
         backoff: reconnect pacing and when to give up.
         open_timeout: seconds to open a socket and receive the gateway's `welcome`.
-        on_frame: called with every server frame (decoded JSON) as it arrives, for tracing.
+        on_frame: called with every server frame (decoded JSON) as it arrives, for tracing
+            (except the pong answering the ping that a client without a token sends first, to
+            learn at once whether the gateway requires a token).
     """
 
     def __init__(
@@ -277,6 +279,8 @@ class GatewayClient:
         self._stopping = asyncio.Event()
         self._closing = False
         self._fatal: GatewayError | None = None
+        #: The current socket still owes the pong for the auth probe `_open` sent.
+        self._probe_pong = False
         self._runner: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._id_prefix = secrets.token_hex(3)
@@ -300,7 +304,8 @@ class GatewayClient:
         """Open the socket and wait for the gateway's `welcome`.
 
         Raises `ConnectionLost` when the gateway cannot be reached (not retried here) and
-        `Unauthorized` when it refuses the token.
+        `Unauthorized` when it refuses the token, or at once when it requires one and none was
+        given.
         """
         if self._runner is not None:
             raise RuntimeError("GatewayClient.connect() was already called")
@@ -506,8 +511,15 @@ class GatewayClient:
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             why = str(exc) or type(exc).__name__
             raise ConnectionLost(f"could not connect to {self.url}: {why}") from exc
+        self._probe_pong = False
         try:
-            if self._token is not None and self._auth == "message":
+            if self._token is None:
+                # Without a token, learn at once whether the gateway wants one instead of
+                # waiting out its auth timeout: a gateway that requires auth closes a socket
+                # whose first frame is not `auth` with 4401, while an open one has already sent
+                # welcome and answers this ping with a pong (docs/protocol.md, "Authentication").
+                await ws.send(dumps({"type": "ping"}))
+            elif self._auth == "message":
                 # Before welcome: a gateway that requires auth sends welcome only after it.
                 await ws.send(dumps({"type": "auth", "token": self._token}))
             async with asyncio.timeout(self._open_timeout):
@@ -526,12 +538,13 @@ class GatewayClient:
                     retryable=False,
                 )
             self._pending.clear()
+            self._probe_pong = self._token is None
         except BaseException as exc:
             await ws.close()
             if isinstance(exc, ConnectionClosed):
                 code = ws.close_code
                 if code == CLOSE_UNAUTHORIZED:
-                    raise Unauthorized("the gateway refused the token", close_code=code) from exc
+                    raise self._unauthorized(code) from exc
                 raise ConnectionLost(f"the gateway closed the socket (code {code})") from exc
             if isinstance(exc, TimeoutError):
                 raise ConnectionLost("the gateway sent no welcome") from exc
@@ -550,7 +563,7 @@ class GatewayClient:
                     return
                 if code == CLOSE_UNAUTHORIZED or not self._auto_reconnect:
                     self._fatal = (
-                        Unauthorized("the gateway refused the token", close_code=code)
+                        self._unauthorized(code)
                         if code == CLOSE_UNAUTHORIZED
                         else ConnectionLost(
                             f"the socket closed (code {code}) and reconnect is off",
@@ -654,7 +667,7 @@ class GatewayClient:
         if self._closing:
             return ConnectionLost("the client was closed", retryable=False, stream_id=sid)
         if code == CLOSE_UNAUTHORIZED:
-            error = Unauthorized("the gateway refused the token", close_code=code)
+            error = self._unauthorized(code)
             error.stream_id = sid
             return error
         why = f"code {code}" + (f", {reason}" if reason else "")
@@ -662,9 +675,16 @@ class GatewayClient:
             f"the connection to the gateway was lost ({why})", stream_id=sid, close_code=code
         )
 
+    def _unauthorized(self, code: int | None) -> Unauthorized:
+        """The gateway closed the socket with 4401."""
+        if self._token is None:
+            return Unauthorized("the gateway requires a token and none was given", close_code=code)
+        return Unauthorized("the gateway refused the token", close_code=code)
+
     def _on_lost(self, code: int | None, reason: str) -> None:
         """The socket is gone: resume what can be resumed, fail the rest."""
         self._ws = None
+        self._probe_pong = False
         self._pending.clear()
         while self._pongs:
             waiter = self._pongs.popleft()
@@ -710,6 +730,11 @@ class GatewayClient:
             obj = decode(raw)
         except ProtocolError as exc:
             log.warning("gateway_client ignored a frame: %s", exc)
+            return
+        if self._probe_pong and isinstance(obj, dict) and obj.get("type") == "pong":
+            # The answer to the ping `_open` sent (the first pong on the socket: the gateway
+            # answers in order), not to a `ping()` call, and not news to `on_frame`.
+            self._probe_pong = False
             return
         if self._on_frame is not None:
             self._call_hook(obj)
