@@ -10,17 +10,32 @@ import os
 import re
 import shutil
 import signal
+import socket
+import ssl
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Sequence
-from typing import Final
+from pathlib import Path
+from typing import Final, NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
 import structlog
 
 from gateway import __version__
-from gateway.config import METRICS_DIR_ENV, Config, add_serve_arguments, config_from_args
+from gateway.auth import TokenAuthenticator, TokensFileError
+from gateway.config import (
+    EXIT_MISCONFIGURED,
+    METRICS_DIR_ENV,
+    Config,
+    StartupError,
+    add_serve_arguments,
+    check_exposure,
+    config_from_args,
+    listen_failed,
+    port_number,
+)
 from gateway.memory import tune_gc
 from gateway.observability import configure_logging
 
@@ -43,9 +58,24 @@ def restart_delay(fast_exits: int) -> float:
     return 0.0 if fast_exits <= 0 else min(5.0, 0.1 * 2 ** (fast_exits - 1))
 
 
+#: How the command names itself in usage and error lines.
+PROG: Final = "python -m gateway"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are the usage on one line and the error: `serve`'s whole usage is
+    some 50 lines, which buried the one that says what is wrong."""
+
+    def error(self, message: str) -> NoReturn:
+        usage = self.format_usage().strip()
+        if "\n" in usage:
+            usage = f"usage: {self.prog} [-h] [OPTION ...]  (--help lists them)"
+        self.exit(EXIT_MISCONFIGURED, f"{usage}\n{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m gateway",
+    parser = _Parser(
+        prog=PROG,
         description="WebSocket bridge gateway for streamed LLM answers (protocol v1 at /v1/ws).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -64,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(and /chat/completions, /v1/chat/completions); knobs via [[mock ...]] in the prompt.",
     )
     mock.add_argument("--host", default="127.0.0.1", help="interface (default: %(default)s)")
-    mock.add_argument("--port", type=int, default=8081, help="TCP port (default: %(default)s)")
+    mock.add_argument(
+        "--port", type=port_number, default=8081, help="TCP port (default: %(default)s)"
+    )
     mock.add_argument(
         "--delay-ms",
         type=float,
@@ -109,36 +141,45 @@ async def serve(config: Config) -> None:
         loop.add_signal_handler(sig, on_signal, sig)
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
     mock: MockUpstream | None = None
-    url = config.upstream_url
-    if url is None:
-        mock = MockUpstream(default_delay_ms=config.mock_delay_ms)
-        base = await mock.start("127.0.0.1", 0)
-        url = f"{base}/{config.dialect}"
-        log.warning(
-            "upstream.simulated",
-            message=f"no {config.api_key_env} and no --upstream-url: answers are SIMULATED "
-            "by the built-in mock upstream",
-            mock_url=url,
-        )
-    gateway = Gateway(config, url)
-    await gateway.start()
-    tune_gc()
-    log.info(
-        "gateway.listening",
-        url=f"{gateway.scheme}://{config.host}:{gateway.port}/v1/ws",
-        auth="on" if gateway.auth.enabled else "off",
-        upstream=_redact(url),
-        dialect=config.dialect,
-        api_key="set" if config.api_key else "not set",
-    )
+    listening = False
+    # Nothing is logged before the gateway listens: a misconfiguration found on the way
+    # (StartupError) is then the only line, and whatever was opened is closed again.
     try:
-        await stop.wait()
-        await gateway.drain()
+        url = config.upstream_url
+        if url is None:
+            mock = MockUpstream(default_delay_ms=config.mock_delay_ms)
+            url = f"{await mock.start('127.0.0.1', 0)}/{config.dialect}"
+        gateway = Gateway(config, url)
+        try:
+            await gateway.start()
+            listening = True
+            tune_gc()
+            if mock is not None:
+                log.warning(
+                    "upstream.simulated",
+                    message=f"no {config.api_key_env} and no --upstream-url: answers are "
+                    "SIMULATED by the built-in mock upstream",
+                    mock_url=url,
+                )
+            metrics = gateway.metrics_listener
+            log.info(
+                "gateway.listening",
+                url=f"{gateway.scheme}://{config.host}:{gateway.port}/v1/ws",
+                auth="on" if gateway.auth.enabled else "off",
+                upstream=_redact(url),
+                dialect=config.dialect,
+                api_key="set" if config.api_key else "not set",
+                metrics=f"http://{config.host}:{metrics.port if metrics else gateway.port}/metrics",
+            )
+            await stop.wait()
+            await gateway.drain()
+        finally:
+            await gateway.stop()  # after a failed start too: the upstream session, Redis
     finally:
-        await gateway.stop()
         if mock is not None:
             await mock.stop()
-        log.info("gateway.stopped")
+        if listening:
+            log.info("gateway.stopped")
 
 
 #: The oldest uvloop the gateway runs on. 0.21 and 0.22 abort or crash the process now and then
@@ -161,7 +202,10 @@ def run(config: Config) -> None:
             import uvloop
         except ImportError:
             if config.loop == "uvloop":
-                raise SystemExit("--loop uvloop: uvloop is not installed") from None
+                raise StartupError(
+                    "--loop uvloop: uvloop is not installed; pip install uvloop or use "
+                    "--loop asyncio"
+                ) from None
         else:
             version = importlib.metadata.version("uvloop")
             if uvloop_usable(version):
@@ -169,7 +213,7 @@ def run(config: Config) -> None:
                 return
             wanted = ".".join(map(str, UVLOOP_MIN))
             if config.loop == "uvloop":
-                raise SystemExit(
+                raise StartupError(
                     f"--loop uvloop: uvloop {version} can abort the process when connections "
                     f"close (fixed in {wanted}); upgrade it or use --loop asyncio"
                 )
@@ -192,6 +236,9 @@ def run_workers(config: Config) -> int:
     /metrics answers for all of them; the parent sets the directory up before the fork, tells
     prometheus-client when a worker is gone, and removes a directory it made.
     """
+    check_port("--port", config.host, config.port)
+    if config.metrics_port is not None:
+        check_port("--metrics-port", config.host, config.metrics_port)
     if config.redis_url is None:
         log.warning(
             "gateway.workers_without_redis",
@@ -209,6 +256,27 @@ def run_workers(config: Config) -> int:
             shutil.rmtree(own_dir, ignore_errors=True)
 
 
+def check_port(flag: str, host: str, port: int) -> None:
+    """Refuse (StartupError) a port the workers could not listen on: bound with SO_REUSEPORT as
+    they bind it, so that another gateway's workers do not count, but a port held by any other
+    process does. Checked once before the fork: a worker that cannot listen is otherwise
+    restarted until the crash loop ends the supervisor, with one error per attempt."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise listen_failed(flag, host, port, exc) from None
+    for family, kind, proto, _name, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:  # as asyncio's create_server binds it
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise listen_failed(flag, host, port, exc) from None
+
+
 def _supervise(config: Config) -> int:
     """Fork the workers, restart any that dies on its own (with a backoff while it keeps
     failing fast), and on SIGINT/SIGTERM/SIGHUP pass the signal on and wait for all of them."""
@@ -219,12 +287,18 @@ def _supervise(config: Config) -> int:
     def start(index: int) -> int:
         pid = os.fork()
         if pid == 0:  # the worker
-            _die_with(parent)
-            structlog.contextvars.bind_contextvars(worker=index)
+            code = 1
             try:
+                _die_with(parent)
+                structlog.contextvars.bind_contextvars(worker=index)
                 run(config)
+                code = 0
+            except StartupError as exc:  # the port taken, Redis unreachable: one line
+                code = refuse("serve", exc)
+            except BaseException:
+                traceback.print_exc()
             finally:
-                os._exit(0)
+                os._exit(code)
         workers[pid] = (index, time.monotonic())
         return pid
 
@@ -302,20 +376,97 @@ def _mark_dead(pid: int) -> None:
     multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]  # untyped module
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        config = config_from_args(args)
-        configure_logging(config.log_format, config.log_level)
-        if config.workers > 1:
-            return run_workers(config)
-        run(config)
-        return 0
+def check_files(config: Config) -> None:
+    """Refuse (StartupError) a file the configuration names that cannot be read or used: the
+    tokens file (each line is checked), the JWT public key, the TLS certificate and key. Done
+    before anything starts, and before --workers forks, so that it is one line, not one per
+    worker and restart. (The gateway reads them again when it starts.)"""
+    for flag, path, what in (
+        ("--jwt-public-key", config.jwt_public_key, "the PEM public key"),
+        ("--tls-cert", config.tls_cert, "the PEM certificate chain"),
+        ("--tls-key", config.tls_key, "its PEM private key"),
+    ):
+        if path is not None:
+            try:
+                Path(path).read_bytes()
+            except OSError as exc:
+                raise StartupError(
+                    f"{flag} {path}: cannot read it ({exc.strerror}); give the path of {what}"
+                ) from None
+    if config.auth_tokens_file is not None:
+        try:
+            TokenAuthenticator(Path(config.auth_tokens_file))
+        except TokensFileError as exc:
+            raise StartupError(str(exc)) from None
+    if config.tls_cert is not None and config.tls_key is not None:
+        _check_tls(config.tls_cert, config.tls_key)
+
+
+def _check_tls(cert: str, key: str) -> None:
+    """Refuse a TLS certificate and key that do not load, saying which file is wrong."""
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        try:  # OpenSSL says "PEM lib" for either file: is it the certificate?
+            ssl.create_default_context().load_verify_locations(cafile=cert)
+        except ssl.SSLError:
+            problem = f"--tls-cert {cert}: no PEM certificate in it"
+        else:
+            if exc.reason == "KEY_VALUES_MISMATCH":
+                problem = f"--tls-key {key} is not the private key of --tls-cert {cert}"
+            else:
+                problem = f"--tls-key {key}: no (unencrypted) PEM private key in it"
+        raise StartupError(
+            f"{problem}; give the PEM certificate chain and its private key"
+        ) from None
+
+
+def refuse(command: str, exc: StartupError) -> int:
+    """Print a startup misconfiguration as its one line; the exit status."""
+    print(f"{PROG} {command}: error: {exc}", file=sys.stderr, flush=True)
+    return EXIT_MISCONFIGURED
+
+
+def serve_mock(host: str, port: int, delay_ms: float) -> None:
+    """`mock-upstream`: serve until SIGINT; a port that cannot be listened on is a StartupError."""
     from gateway.mock import serve_forever
 
     configure_logging("console" if sys.stderr.isatty() else "json", "info")
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve_forever(args.host, args.port, args.delay_ms))
+    listening = False
+
+    def on_ready(_url: str) -> None:
+        nonlocal listening
+        listening = True
+
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve_forever(host, port, delay_ms, on_ready=on_ready))
+    except OSError as exc:
+        if listening:
+            raise
+        raise listen_failed("--port", host, port, exc) from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Every startup misconfiguration ends here as one line on stderr and exit status 2 (a bad
+    flag: argparse's usage line, then the error)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except StartupError as exc:  # a bad GATEWAY_ variable: only `serve` reads them
+        return refuse("serve", exc)
+    try:
+        if args.command == "serve":
+            config = config_from_args(args)
+            check_files(config)
+            check_exposure(config)
+            configure_logging(config.log_format, config.log_level)
+            if config.workers > 1:
+                return run_workers(config)
+            run(config)
+        else:
+            serve_mock(args.host, args.port, args.delay_ms)
+    except StartupError as exc:
+        return refuse(args.command, exc)
     return 0
 
 

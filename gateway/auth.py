@@ -29,6 +29,12 @@ class AuthError(Exception):
     """A token was refused; the message is safe to show the client (no token in it)."""
 
 
+class TokensFileError(ValueError):
+    """The tokens file cannot be read or has a malformed line: one line naming the file (and
+    the line) and what to do, with no token in it. Refused at start-up; on SIGHUP the old tokens
+    stay in force."""
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     """An authenticated caller: its name, and when its credential expires (None: never)."""
@@ -50,12 +56,20 @@ def parse_tokens(text: str) -> dict[bytes, str]:
             continue
         parts = line.split()
         if len(parts) != 2:
-            raise ValueError(f"line {number}: expected 'token principal'")
+            raise ValueError(
+                f"line {number}: expected 'token principal' (two fields), found {len(parts)}"
+            )
         token, principal = parts
         if len(token) < 16:
-            raise ValueError(f"line {number}: tokens must be at least 16 characters")
+            # Its length only: the line may hold a real token.
+            raise ValueError(
+                f"line {number}: the token has {len(token)} characters, at least 16 are needed"
+            )
         if _PRINCIPAL_RE.fullmatch(principal) is None:
-            raise ValueError(f"line {number}: bad principal name")
+            raise ValueError(
+                f"line {number}: the principal name may only have letters, digits and . _ : @ "
+                "/ + - (at most 128)"
+            )
         tokens[_digest(token)] = principal
     return tokens
 
@@ -94,10 +108,25 @@ class TokenAuthenticator:
         return self.tokens_file is not None or bool(self._keys)
 
     def load(self) -> int:
-        """(Re)read the tokens file; on error the old tokens stay in force. Returns the count."""
-        if self.tokens_file is None:
+        """(Re)read the tokens file; on error (TokensFileError) the old tokens stay in force.
+        Returns the count."""
+        path = self.tokens_file
+        if path is None:
             return 0
-        self._tokens = parse_tokens(self.tokens_file.read_text(encoding="utf-8"))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise TokensFileError(
+                f"--auth-tokens-file {path}: cannot read it ({reason}); create it (one 'token "
+                "principal' per line) or fix the path"
+            ) from None
+        try:
+            self._tokens = parse_tokens(text)
+        except ValueError as exc:
+            raise TokensFileError(
+                f"--auth-tokens-file {path}, {exc}; fix or remove that line"
+            ) from None
         return len(self._tokens)
 
     def authenticate(self, token: str, now: float) -> Principal:

@@ -3,17 +3,26 @@
 This is the only module that reads the environment. A flag wins over its env var, which wins over
 the default. The upstream API key is read here from the variable named by `--api-key-env` and kept
 out of `repr()` so that it can never reach a log line.
+
+A value that cannot work is refused here, before anything starts: a bad flag as an argparse error,
+a bad `GATEWAY_<NAME>` value as a `StartupError` naming the variable (`python -m gateway` prints
+either and exits 2; see `StartupError`).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import re
+import socket
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Final
 from urllib.parse import urlsplit
+
+from gateway.auth import is_loopback_host
 
 PERPLEXITY_URL: Final = "https://api.perplexity.ai/chat/completions"
 DIALECTS: Final = ("events", "openai", "perplexity")
@@ -24,6 +33,50 @@ LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 #: prometheus-client's multiprocess directory: `--workers N` sets it (a fresh temporary one)
 #: unless the operator did, and gateway/metrics.py then shares every worker's values through it.
 METRICS_DIR_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class StartupError(SystemExit):
+    """A misconfiguration found while starting: `str()` is one line that says what is wrong and
+    how to fix it. `python -m gateway` prints it alone (no traceback) and exits 2.
+
+    A SystemExit, as the checks it replaces were: whatever catches none of it still exits with
+    the message instead of a traceback.
+    """
+
+
+#: The exit status of a startup misconfiguration (argparse's, for a bad flag).
+EXIT_MISCONFIGURED: Final = 2
+
+
+def redact_password(url: str) -> str:
+    """`url` with its password (if any) shown as `***`: `redis://:***@host:6379/0`.
+
+    Up to the last `@`, so that a password with an unescaped `/` or `@` is masked too."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.\-]*://[^:/@]*:).*@", r"\1***@", url)
+
+
+def listen_failed(flag: str, host: str, port: int, exc: OSError) -> StartupError:
+    """The StartupError for a listening socket that could not be opened on host:port (`flag`
+    names the port's flag: --port, --metrics-port)."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return StartupError(
+            f"{where} is in use: another process listens there; stop it or choose another {flag}"
+        )
+    if isinstance(exc, socket.gaierror):
+        return StartupError(
+            f"cannot listen on {where}: the host does not resolve ({exc.strerror}); fix --host"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return StartupError(
+            f"cannot listen on {where}: no interface of this machine has that address; fix --host"
+        )
+    if exc.errno == errno.EACCES:
+        return StartupError(
+            f"cannot listen on {where}: permission denied (ports below 1024 need privileges); "
+            f"choose another {flag}"
+        )
+    return StartupError(f"cannot listen on {where}: {exc.strerror or exc}; check --host and {flag}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +129,8 @@ class Config:
     allowed_models: tuple[str, ...] | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    #: None: /metrics answers on --port; else only on a listener of its own on this port.
+    metrics_port: int | None = None
     log_content: bool = False
     resume_grace: float = 30.0
     resume_retention: float = 120.0
@@ -135,10 +190,19 @@ def _env(environ: Mapping[str, str], name: str) -> str | None:
     return value if value not in (None, "") else None
 
 
+def _number(kind: Callable[[str], Any], text: str) -> Any:
+    """`kind(text)` (int or float), or an ArgumentTypeError that says what was expected."""
+    try:
+        return kind(text)
+    except ValueError:
+        expected = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+
 def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
-        value = kind(text)
-        if value <= 0:
+        value = _number(kind, text)
+        if not value > 0:  # NaN too
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value
 
@@ -148,8 +212,8 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
 
 def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
-        value = kind(text)
-        if value < 0:
+        value = _number(kind, text)
+        if not value >= 0:  # NaN too
             raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
         return value
 
@@ -157,17 +221,13 @@ def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
-def _nn_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+_nn_int = _non_negative(int)
 
 
 def _loop_lag_limit(text: str) -> float:
     """--max-loop-lag: 0 (off) or at least 10 ms; the lag probe's timer runs on uvloop's 1 ms
     clock, so a smaller limit would flip readiness on timer jitter alone."""
-    value = float(text)
+    value: float = _number(float, text)
     if value != 0 and not value >= 0.01:
         raise argparse.ArgumentTypeError(f"must be 0 (off) or >= 0.01 seconds, got {text}")
     return value
@@ -177,11 +237,78 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
-def _port(text: str) -> int:
-    value = int(text)
+def port_number(text: str) -> int:
+    """A TCP port, 0 to 65535 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
     if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"not a TCP port: {text}")
+        raise argparse.ArgumentTypeError(f"expected a TCP port (0 to 65535), got {text!r}")
     return value
+
+
+def _http_url(text: str) -> str:
+    """--upstream-url: http(s) with a host. Anything else would fail every prompt later as a
+    retryable `upstream_unavailable`, which points at the upstream instead of the flag."""
+    try:
+        parts = urlsplit(text)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018 -- raises ValueError for a port out of range
+    except ValueError:
+        valid = False
+    if not valid:
+        raise argparse.ArgumentTypeError(
+            "expected an http:// or https:// URL with a host (like "
+            f"https://api.perplexity.ai/chat/completions), got {redact_password(text)!r}"
+        )
+    return text
+
+
+def _redis_url(text: str) -> str:
+    """--redis-url: a URL redis-py can connect with (its password is never shown)."""
+    if urlsplit(text).scheme not in ("redis", "rediss", "unix"):
+        raise argparse.ArgumentTypeError(
+            f"expected a redis://, rediss:// or unix:// URL, got {redact_password(text)!r}"
+        )
+    return text
+
+
+class _FromEnv(str):
+    """A flag's default read from its GATEWAY_ env var: marks where a bad value came from."""
+
+    __slots__ = ()
+
+
+def _typed(
+    kind: Callable[[str], Any], env_name: str, choices: tuple[str, ...] | None
+) -> Callable[[str], Any]:
+    """`kind` as an argparse type: a bad flag value is an argparse error (usage line, then the
+    error); a bad value from the env var is a StartupError naming the variable. argparse checks
+    `choices` for flag values only, so they are checked here for the env var's."""
+
+    def convert(text: str) -> Any:
+        try:
+            value = kind(str(text))
+        except argparse.ArgumentTypeError as exc:
+            reason = str(exc)
+        except (TypeError, ValueError):
+            reason = f"invalid value {redact_password(text)!r}"
+        else:
+            if not isinstance(text, _FromEnv) or choices is None or value in choices:
+                return value
+            reason = f"expected one of {', '.join(choices)}, got {text!r}"
+        if isinstance(text, _FromEnv):
+            raise StartupError(f"{env_name}: {reason}; fix the variable or unset it")
+        raise argparse.ArgumentTypeError(reason)
+
+    convert.__name__ = getattr(kind, "__name__", "value")
+    return convert
+
+
+#: The values a switch's env var may take (GATEWAY_COMPRESSION=1); anything else is refused.
+_TRUE: Final = ("1", "true", "yes", "on")
+_FALSE: Final = ("0", "false", "no", "off")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
@@ -192,30 +319,40 @@ def add_serve_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, s
         env_name = "GATEWAY_" + name.upper().replace("-", "_")
         parser.add_argument(
             "--" + name,
-            type=kind,
-            default=env_value if env_value is not None else default,
+            type=_typed(kind, env_name, kw.get("choices")),
+            # argparse converts a string default with `type` only when the flag is absent.
+            default=_FromEnv(env_value) if env_value is not None else default,
             help=f"{help_text} [env {env_name}; default: %(default)s]",
             **kw,
         )
 
     def switch(name: str, help_text: str) -> None:
         env_name = "GATEWAY_" + name.upper().replace("-", "_")
-        env_value = (_env(environ, name) or "").lower()
+        env_value = _env(environ, name)
         parser.add_argument(
             "--" + name,
             action="store_true",
-            default=env_value in ("1", "true", "yes", "on"),
+            # Checked (and made a bool) by config_from_args: a typo must not silently mean off.
+            default=_FromEnv(env_value) if env_value is not None else False,
             help=f"{help_text} [env {env_name}=1]",
         )
 
     d = Config()
     flag("host", "interface to listen on", d.host)
-    flag("port", "TCP port to listen on (0 picks a free one)", d.port, _port)
+    flag("port", "TCP port to listen on (0 picks a free one)", d.port, port_number)
+    flag(
+        "metrics-port",
+        "serve GET /metrics on a listener of its own on this port (same --host), and answer it "
+        "404 on --port, so that a public Service or Ingress never exposes it; default: on --port",
+        None,
+        port_number,
+    )
     flag(
         "upstream-url",
         "upstream chat-completions URL; default: the Perplexity API when the API key env var is "
         "set, else the built-in mock upstream",
         None,
+        _http_url,
     )
     flag(
         "dialect",
@@ -397,6 +534,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, s
         "redis-url",
         "redis://host:port/db shared by all instances: resume on any instance, cancel anywhere",
         None,
+        _redis_url,
     )
     flag(
         "loop",
@@ -439,7 +577,25 @@ def add_serve_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, s
         "mock-delay-ms",
         "pace of the built-in mock upstream between words, ms",
         d.mock_delay_ms,
-        float,
+        _non_negative(float),
+    )
+
+
+#: The Config fields set by a switch (a flag without a value).
+SWITCHES: Final = ("insecure_no_auth", "log_content", "compression")
+
+
+def _switch(name: str, value: bool | str) -> bool:
+    """A switch's value: True when given as a flag, else its env var's, which must be one of
+    _TRUE or _FALSE."""
+    if isinstance(value, bool):
+        return value
+    if value.lower() in _TRUE + _FALSE:
+        return value.lower() in _TRUE
+    env_name = "GATEWAY_" + name.upper()
+    raise StartupError(
+        f"{env_name}: expected one of {', '.join(_TRUE + _FALSE)}, got {str(value)!r}; fix the "
+        "variable or unset it"
     )
 
 
@@ -457,11 +613,23 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
     log_format = args.log_format or ("console" if sys.stderr.isatty() else "json")
     jwt_secret = env.get(args.jwt_secret_env) or None if args.jwt_secret_env else None
     if args.jwt_secret_env and jwt_secret is None:
-        raise SystemExit(f"--jwt-secret-env names {args.jwt_secret_env}, which is not set")
-    if args.workers > 1 and args.port == 0:
-        raise SystemExit("--workers > 1 needs a fixed --port (the workers share it)")
+        raise StartupError(
+            f"--jwt-secret-env names {args.jwt_secret_env}, which is not set; set it to the "
+            "HS256 secret or drop --jwt-secret-env"
+        )
+    if args.workers > 1 and (args.port == 0 or args.metrics_port == 0):
+        raise StartupError(
+            "--workers > 1 needs a fixed --port (and --metrics-port): the workers share it"
+        )
+    if args.metrics_port is not None and args.metrics_port == args.port != 0:
+        raise StartupError(
+            f"--metrics-port {args.metrics_port} is --port too; choose another --metrics-port"
+        )
     if bool(args.tls_cert) != bool(args.tls_key):
-        raise SystemExit("--tls-cert and --tls-key go together")
+        raise StartupError(
+            "--tls-cert and --tls-key go together; give both (the PEM certificate chain and "
+            "its private key) or neither"
+        )
     # Every flag is named like its Config field; the derived values above take precedence.
     values = {f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)}
     values.update(
@@ -470,5 +638,17 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
         api_key=api_key,
         jwt_secret=jwt_secret,
         log_format=log_format,
+        **{name: _switch(name, getattr(args, name)) for name in SWITCHES if hasattr(args, name)},
     )
     return Config(**values)
+
+
+def check_exposure(config: Config) -> None:
+    """Refuse to serve an open gateway beyond this machine unless told so explicitly."""
+    if config.auth_enabled or config.insecure_no_auth or is_loopback_host(config.host):
+        return
+    raise StartupError(
+        f"refusing to listen on {config.host} without authentication: anyone who can reach it "
+        "could spend the upstream key. Configure --auth-tokens-file or --jwt-secret-env / "
+        "--jwt-public-key, or pass --insecure-no-auth."
+    )

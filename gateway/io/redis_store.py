@@ -14,7 +14,9 @@ The only module that imports redis. Keys (docs/deploy.md, "Redis"):
 
 Writes are batched by one writer task per process (one pipeline per loop iteration), so the
 per-chunk cost on the owner is a list append; if Redis is down, streaming goes on and only
-cross-instance resume is lost (logged).
+cross-instance resume is lost (logged). Redis unreachable at start-up is a misconfiguration
+(StartupError): the gateway refuses to start rather than run without the resume it was told to
+offer.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
+from gateway.config import StartupError, redact_password
 from gateway.core.session import Stream
 
 log = structlog.get_logger("gateway.redis")
@@ -37,13 +40,16 @@ LEASE_MS: Final = 5000
 RENEW_EVERY: Final = 1.5
 #: Entries kept per stream (chunk frames); older ones are trimmed (then resume_unavailable).
 MAX_ENTRIES: Final = 20_000
+#: How long start-up waits for Redis to answer (and each later connect attempt), seconds.
+CONNECT_TIMEOUT: Final = 3.0
 
 
 class RedisStore:
     """This process's view of the shared store."""
 
     def __init__(self, url: str, retention: float) -> None:
-        self.redis: Any = aioredis.Redis.from_url(url)
+        self.redis: Any = aioredis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT)
+        self.url = redact_password(url)
         self.instance = secrets.token_hex(6)
         self.retention = retention
         self._ops: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
@@ -58,16 +64,26 @@ class RedisStore:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        await self.redis.ping()
-        self._pubsub = self.redis.pubsub()
-        await self._pubsub.subscribe(self.channel(self.instance))
+        """Connect and subscribe, or StartupError (close() then releases what was opened)."""
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                await self.redis.ping()
+                self._pubsub = self.redis.pubsub()
+                await self._pubsub.subscribe(self.channel(self.instance))
+        except (RedisError, OSError, TimeoutError) as exc:
+            reason = str(exc).rstrip(".") or type(exc).__name__
+            if isinstance(exc, TimeoutError):
+                reason = f"no answer within {CONNECT_TIMEOUT:g} s"
+            raise StartupError(
+                f"--redis-url {self.url}: cannot connect ({reason}); start Redis there or fix "
+                "the URL"
+            ) from None
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._writer(), name="redis writer"),
             loop.create_task(self._renew(), name="redis lease renewal"),
             loop.create_task(self._listen(), name="redis control"),
         ]
-        log.info("redis.connected", instance=self.instance)
 
     async def close(self) -> None:
         await self._flush()

@@ -28,11 +28,10 @@ from gateway.auth import (
     AuthError,
     Principal,
     TokenAuthenticator,
-    is_loopback_host,
     origin_allowed,
     query_has_token,
 )
-from gateway.config import Config
+from gateway.config import Config, check_exposure, listen_failed
 from gateway.core.clock import Clock, Timer
 from gateway.core.deadlines import Deadlines
 from gateway.core.protocol import ErrorCode
@@ -47,6 +46,7 @@ from gateway.core.session import (
 )
 from gateway.io import seams
 from gateway.io.connection import Connection, spawn
+from gateway.io.metrics_http import MetricsListener
 from gateway.io.redis_store import RedisStore
 from gateway.io.timers import LoopClock
 from gateway.io.upstream import FlowControl, Upstream
@@ -70,23 +70,35 @@ CLOSE_GRACE: Final = 10.0
 
 
 _HERE = Path(__file__).resolve().parent.parent  # the gateway package
-#: GET paths served as files: the demo page and the JS client it uses as is (issue 6). The JS
-#: client lives in clients/js of a source checkout; an installed wheel answers 404 for it.
+_WEB = _HERE / "web"
+_JS = "text/javascript; charset=utf-8"
+_CSS = "text/css; charset=utf-8"
+_SVG = "image/svg+xml"
+#: GET paths served as files: the demo page, its code and the JS client it uses as is, all
+#: package data (pyproject.toml), so that an installed wheel serves them. web/js/ is a copy of
+#: clients/js that a test keeps identical; web/vendor/README.md says where the rest comes from.
 STATIC_FILES: Final[dict[str, tuple[Path, str]]] = {
-    "/": (_HERE / "web" / "index.html", "text/html; charset=utf-8"),
-    "/js/index.js": (
-        _HERE.parent / "clients" / "js" / "index.js",
-        "text/javascript; charset=utf-8",
-    ),
-    "/js/index.d.ts": (_HERE.parent / "clients" / "js" / "index.d.ts", "text/plain; charset=utf-8"),
+    "/": (_WEB / "index.html", "text/html; charset=utf-8"),
+    "/app.js": (_WEB / "app.js", _JS),
+    "/app.css": (_WEB / "app.css", _CSS),
+    "/favicon.svg": (_WEB / "favicon.svg", _SVG),
+    "/favicon.ico": (_WEB / "favicon.svg", _SVG),
+    "/js/index.js": (_WEB / "js" / "index.js", _JS),
+    "/js/index.d.ts": (_WEB / "js" / "index.d.ts", "text/plain; charset=utf-8"),
+    "/vendor/marked/marked.esm.js": (_WEB / "vendor" / "marked" / "marked.esm.js", _JS),
+    "/vendor/dompurify/purify.min.js": (_WEB / "vendor" / "dompurify" / "purify.min.js", _JS),
 }
-_static_cache: dict[str, tuple[bytes, str]] = {}
+#: The page's marker of who answers; served as SIMULATED_MARKER when the built-in mock does.
+LIVE_MARKER: Final = b'<meta name="gateway-upstream" content="live">'
+SIMULATED_MARKER: Final = b'<meta name="gateway-upstream" content="simulated">'
+_static_cache: dict[tuple[str, bool], tuple[bytes, str]] = {}
 
 
-def _static(path: str) -> Response:
-    """The demo page and the JS client it imports (read once, then served from memory; a
-    missing file is looked for again on the next request, not remembered as missing)."""
-    cached = _static_cache.get(path)
+def _static(path: str, simulated: bool = False) -> Response:
+    """A file of STATIC_FILES (read once, then served from memory; a missing file is looked for
+    again on the next request, not remembered as missing). `simulated`: the page says that the
+    built-in mock upstream answers."""
+    cached = _static_cache.get((path, simulated))
     if cached is None:
         file, content_type = STATIC_FILES[path]
         try:
@@ -94,7 +106,9 @@ def _static(path: str) -> Response:
         except OSError:
             headers = Headers([("Content-Type", "text/plain; charset=utf-8")])
             return Response(HTTPStatus.NOT_FOUND, "Not Found", headers, b"not installed\n")
-        cached = _static_cache[path] = (body, content_type)
+        if simulated:
+            body = body.replace(LIVE_MARKER, SIMULATED_MARKER, 1)
+        cached = _static_cache[path, simulated] = (body, content_type)
     body, content_type = cached
     headers = Headers(
         [
@@ -178,6 +192,8 @@ class Gateway:
         self.active_streams = 0
         self.draining = False
         self._listener: Listener | None = None
+        #: /metrics on a port of its own (--metrics-port), else None.
+        self.metrics_listener: MetricsListener | None = None
         #: The context the gateway was started in (a worker's index is bound there): socket
         #: callbacks and relays run in copies of it, so no stream's or socket's bindings leak
         #: into another's log lines.
@@ -386,21 +402,6 @@ class Gateway:
         port: int = self.sockets[0].getsockname()[1]
         return port
 
-    def check_exposure(self) -> None:
-        """Refuse to serve an open gateway beyond this machine unless told so explicitly."""
-        if self.auth.enabled:
-            return
-        if not is_loopback_host(self.config.host) and not self.config.insecure_no_auth:
-            raise SystemExit(
-                f"refusing to listen on {self.config.host} without authentication: anyone "
-                "who can reach it could spend the upstream key. Configure --auth-tokens-file "
-                "or --jwt-secret-env / --jwt-public-key, or pass --insecure-no-auth."
-            )
-        log.warning(
-            "auth.disabled",
-            message="no authentication configured: anyone who can connect may use the gateway",
-        )
-
     def _ssl_context(self) -> ssl.SSLContext | None:
         if not self.config.tls_cert:
             return None
@@ -413,7 +414,10 @@ class Gateway:
         return "wss" if self.config.tls_cert else "ws"
 
     async def start(self) -> None:
-        self.check_exposure()
+        """Listen, or raise StartupError (a misconfiguration). Nothing is logged until the
+        sockets listen, so that a misconfiguration is the only line; stop() releases what a
+        failed start opened."""
+        check_exposure(self.config)
         if self.store is not None:
             await self.store.start()
             self.store.on_control = self._on_control
@@ -425,14 +429,6 @@ class Gateway:
             ("client_frames", self.modes.client_frames),
         ):
             self.metrics.seam_mode.labels(seam, mode).set(1)
-        if self.modes.fallbacks:
-            log.warning("gateway.seams", **self.modes.__dict__, message=SEAM_FALLBACK)
-        else:
-            log.info(
-                "gateway.seams",
-                upstream_body=self.modes.upstream_body,
-                client_frames=self.modes.client_frames,
-            )
         self.context = contextvars.copy_context()
         self._listener = Listener(
             process_request=self._process_request,
@@ -456,15 +452,37 @@ class Gateway:
             clock=self.clock,
         )
         self._listener.fast_frames = self.modes.client_frames == "fast"
-        await self._listener.start(
-            self.config.host,
-            self.config.port,
-            self._ssl_context(),
-            # Workers share the port; the kernel spreads new connections across them.
-            reuse_port=self.config.workers > 1,
-        )
+        ssl_context = self._ssl_context()
+        # Workers share the port; the kernel spreads new connections across them.
+        reuse_port = self.config.workers > 1
+        try:
+            await self._listener.start(
+                self.config.host, self.config.port, ssl_context, reuse_port=reuse_port
+            )
+        except OSError as exc:
+            raise listen_failed("--port", self.config.host, self.config.port, exc) from None
+        if self.config.metrics_port is not None:
+            self.metrics_listener = MetricsListener(self.metrics.render)
+            await self.metrics_listener.start(
+                self.config.host, self.config.metrics_port, reuse_port=reuse_port
+            )
         self.loop_lag.start()
         self.full_collections.start()
+        if self.store is not None:
+            log.info("redis.connected", instance=self.store.instance)
+        if self.modes.fallbacks:
+            log.warning("gateway.seams", **self.modes.__dict__, message=SEAM_FALLBACK)
+        else:
+            log.info(
+                "gateway.seams",
+                upstream_body=self.modes.upstream_body,
+                client_frames=self.modes.client_frames,
+            )
+        if not self.auth.enabled:
+            log.warning(
+                "auth.disabled",
+                message="no authentication configured: anyone who can connect may use the gateway",
+            )
 
     async def drain(self, grace: float | None = None) -> None:
         """Graceful shutdown (docs/reliability.md, "Graceful drain").
@@ -546,6 +564,8 @@ class Gateway:
         if self.store is not None:
             await self.store.close()
         await self.upstream.close()
+        if self.metrics_listener is not None:  # last: a drain can be watched to its end
+            await self.metrics_listener.close()
         self.loop_lag.stop()
         self.full_collections.stop()
 
@@ -570,8 +590,8 @@ class Gateway:
                 return conn.protocol.reject(HTTPStatus.SERVICE_UNAVAILABLE, "overloaded\n")
             return conn.protocol.reject(HTTPStatus.OK, "ready\n")
         if path in STATIC_FILES:
-            return _static(path)
-        if path == "/metrics":
+            return _static(path, self.config.uses_mock)
+        if path == "/metrics" and self.config.metrics_port is None:  # else on its own port
             body = self.metrics.render()
             headers = Headers(
                 [

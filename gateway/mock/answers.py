@@ -2,11 +2,19 @@
 
 `choose_answer` picks an answer for a question, deterministically; `text_chunks` cuts its text
 into the pieces a stream sends (the ``chunks`` and ``words`` knobs).
+
+Besides the topical prose answers (`ANSWERS`), two Markdown answers (`MARKDOWN_ANSWERS`) show
+what a client page must render, and render safely: ask about "markdown" for headings, a list, a
+code block and a table; ask about "xss" for an answer that carries an ``<img onerror>``, a
+``<script>``, a ``javascript:`` link and a remote image (inert on a page that sanitises; the
+demo page's test proves it). They are chosen only by those keywords, never for an off-topic
+question, and they keep their layout when streamed: their whitespace is their meaning.
 """
 
 from __future__ import annotations
 
 import re
+import textwrap
 import zlib
 from dataclasses import dataclass
 from typing import Final
@@ -41,6 +49,15 @@ class Answer:
 def _answer(keywords: str, text: str, *sources: tuple[str, str, str]) -> Answer:
     return Answer(
         frozenset(keywords.split()), " ".join(text.split()), tuple(Source(*s) for s in sources)
+    )
+
+
+def _markdown(keywords: str, text: str, *sources: tuple[str, str, str]) -> Answer:
+    """An answer whose line breaks and indentation are kept (Markdown)."""
+    return Answer(
+        frozenset(keywords.split()),
+        textwrap.dedent(text).strip(),
+        tuple(Source(*s) for s in sources),
     )
 
 
@@ -265,34 +282,175 @@ ANSWERS: Final[tuple[Answer, ...]] = (
             "2025-04-01",
         ),
     ),
+    _answer(
+        "ocean oceans sea seas salt salty saltwater salinity seawater",
+        """The ocean is salty because rivers carry dissolved minerals into it[1]. Rain is
+        slightly acidic, so it weathers rocks and washes sodium, calcium and other ions
+        downstream; when seawater evaporates the water leaves and the salts stay behind[1][2].
+        Hydrothermal vents on the sea floor add more, and over hundreds of millions of years the
+        inflow and the minerals settling into sediments have balanced at about 3.5 percent
+        salt[2][3].""",
+        (
+            "Why is the ocean salty? - NOAA",
+            "https://oceanservice.noaa.gov/facts/whysalty.html",
+            "2024-06-16",
+        ),
+        (
+            "Seawater - Wikipedia",
+            "https://en.wikipedia.org/wiki/Seawater",
+            "2025-02-11",
+        ),
+        (
+            "Salinity - NASA Earth Observatory",
+            "https://earthobservatory.nasa.gov/features/OceanSalinity",
+            "2023-11-02",
+        ),
+    ),
+    _answer(
+        "tide tides tidal moon lunar gravity high low ebb flood",
+        """Tides are the rise and fall of the sea caused mostly by the Moon's gravity[1]. The
+        Moon pulls hardest on the side of the Earth facing it and least on the far side, which
+        stretches the oceans into two bulges; as the Earth turns through them, most coasts get
+        two high and two low tides a day[1][2]. The Sun adds a smaller pull: tides are strongest
+        when Sun and Moon line up and weakest at right angles[3].""",
+        (
+            "Tides and water levels - NOAA",
+            "https://oceanservice.noaa.gov/education/tutorial_tides/",
+            "2024-02-26",
+        ),
+        ("Tide - Wikipedia", "https://en.wikipedia.org/wiki/Tide", "2025-01-30"),
+        (
+            "What causes tides? - NASA Space Place",
+            "https://spaceplace.nasa.gov/tides/",
+            "2024-09-12",
+        ),
+    ),
+)
+
+#: Answers in Markdown for client pages to render: chosen by their keywords only (see the module
+#: docstring). Their text is the model's raw output, markup and all.
+MARKDOWN_ANSWERS: Final[tuple[Answer, ...]] = (
+    _markdown(
+        "markdown formatting formatted",
+        """
+        ## Streaming answers over one WebSocket
+
+        The gateway relays each upstream delta as a `text_chunk` frame, so a page can render
+        the answer **while it is still being written**[1]. What one socket gives you:
+
+        - many streams at once, each named by an id the client chooses[1]
+        - *cancel* any stream mid-flight: the upstream request closes at once[2]
+        - resume after a dropped connection
+
+        ```python
+        async with GatewayClient("ws://127.0.0.1:8080/v1/ws") as gw:
+            stream = await gw.start("Why is the sky blue?")
+            async for chunk in stream:
+                print(chunk, end="")
+        ```
+
+        | Frame | Direction | Meaning |
+        |---|---|---|
+        | `start` | client to server | ask a question |
+        | `text_chunk` | server to client | the next piece of the answer |
+        | `done` | server to client | the whole answer and its sources[3] |
+        """,
+        (
+            "The WebSocket API (WebSockets) - MDN",
+            "https://developer.mozilla.org/en-US/docs/Web/API/WebSockets_API",
+            "2025-03-13",
+        ),
+        (
+            "Streaming API responses - OpenAI",
+            "https://platform.openai.com/docs/guides/streaming-responses",
+            "2025-03-11",
+        ),
+        (
+            "GitHub Flavored Markdown Spec",
+            "https://github.github.com/gfm/",
+            "2019-04-06",
+        ),
+    ),
+    _markdown(
+        "xss injection sanitize sanitise sanitizer sanitiser",
+        """
+        ## Model output is untrusted input
+
+        A prompt injection can make a model write HTML[1]. A page that inserted this answer
+        as HTML would run the next two lines:
+
+        <img src=x onerror="window.answerScriptRan='img';document.title='owned'">
+
+        <script>window.answerScriptRan='script';document.title='owned'</script>
+
+        and this [harmless-looking link](javascript:window.answerScriptRan='link') runs script
+        when clicked[2]. Even an image leaks: loading
+        ![a pixel](https://tracker.example/pixel.png?read=1) tells its server who reads the
+        answer. Render answers with a Markdown parser followed by an HTML sanitiser such as
+        DOMPurify, never with `innerHTML` alone[2][3].
+        """,
+        (
+            "Cross Site Scripting Prevention Cheat Sheet - OWASP",
+            "https://cheatsheetseries.owasp.org/cheatsheets/Cross_Site_Scripting_Prevention_Cheat_Sheet.html",
+            "2025-02-01",
+        ),
+        (
+            "Element: innerHTML property, security considerations - MDN",
+            "https://developer.mozilla.org/en-US/docs/Web/API/Element/innerHTML",
+            "2025-04-10",
+        ),
+        ("DOMPurify", "https://github.com/cure53/DOMPurify", "2025-05-20"),
+    ),
 )
 
 _WORD_RE: Final = re.compile(r"[a-z0-9]+")
+#: A word with the whitespace after it (how an answer that keeps its layout is cut).
+_LAID_OUT_WORD_RE: Final = re.compile(r"\S+\s*")
+#: Texts streamed with their layout (line breaks, indentation) rather than single spaces.
+_KEEPS_LAYOUT: Final = frozenset(a.text for a in MARKDOWN_ANSWERS)
 
 
 def choose_answer(question: str) -> Answer:
-    """Pick the canned answer sharing most keywords with the question; a stable hash breaks a
-    no-match (crc32, not `hash()`, which is salted per process)."""
+    """Pick the canned answer sharing most keywords with the question (the prose answers win a
+    tie); a stable hash of the question picks a prose answer for a no-match (crc32, not
+    `hash()`, which is salted per process)."""
     words = set(_WORD_RE.findall(question.lower()))
-    scores = [len(words & a.keywords) for a in ANSWERS]
+    candidates = ANSWERS + MARKDOWN_ANSWERS
+    scores = [len(words & a.keywords) for a in candidates]
     best = max(scores)
     if best > 0:
-        return ANSWERS[scores.index(best)]
+        return candidates[scores.index(best)]
     normalized = " ".join(question.lower().split())
     return ANSWERS[zlib.crc32(normalized.encode()) % len(ANSWERS)]
+
+
+def _words(text: str) -> tuple[list[str], str]:
+    """The text's words, each with the whitespace that follows it, and the separator the last
+    one gets when a stream cycles back to the first. Prose is cut on whitespace and rejoined with
+    single spaces; a Markdown answer keeps its own whitespace (a line break or an indented code
+    line means something there) and starts a new paragraph when it repeats."""
+    if text in _KEEPS_LAYOUT:
+        words = _LAID_OUT_WORD_RE.findall(text)
+        if words:
+            words[-1] += "\n\n"
+        return words, "\n\n"
+    return [word + " " for word in text.split()], " "
 
 
 def text_chunks(text: str, count: int | None = None, words: int = 1) -> list[str]:
     """Split an answer into `count` chunks of `words` words, each word with its following space
     (none after the last chunk), cycling through the answer's words when they run out. Without
-    `count`, just enough chunks to cover the answer once."""
-    vocab = text.split()
-    size = len(vocab)
+    `count`, just enough chunks to cover the answer once. A Markdown answer's words keep the
+    whitespace that follows them (see `_words`)."""
     if words < 1:
         raise ValueError("words must be positive")
+    vocab, end = _words(text)
+    size = len(vocab)
     if count is None:  # the answer once, the last chunk as long as the words left
-        spans = [" ".join(vocab[i : i + words]) for i in range(0, size, words)]
-        return [span + " " for span in spans[:-1]] + spans[-1:]
+        spans = ["".join(vocab[i : i + words]) for i in range(0, size, words)]
+        if spans:
+            spans[-1] = spans[-1].removesuffix(end)
+        return spans
     n = count
     if not vocab or n == 0:
         return []
@@ -302,9 +460,9 @@ def text_chunks(text: str, count: int | None = None, words: int = 1) -> list[str
 
     def piece(start: int) -> str:
         if start not in cache:
-            cache[start] = "".join(vocab[(start + j) % size] + " " for j in range(words))
+            cache[start] = "".join(vocab[(start + j) % size] for j in range(words))
         return cache[start]
 
     pieces = [piece(i * words % size) for i in range(n)]
-    pieces[-1] = pieces[-1].removesuffix(" ")
+    pieces[-1] = pieces[-1].rstrip()
     return pieces

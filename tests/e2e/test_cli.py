@@ -8,8 +8,9 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
@@ -21,7 +22,14 @@ from websockets.asyncio.client import connect
 
 import gateway.__main__ as gateway_main
 from gateway.__main__ import MAX_FAST_EXITS, build_parser, restart_delay
-from gateway.config import PERPLEXITY_URL, Config, add_serve_arguments, config_from_args
+from gateway.config import (
+    PERPLEXITY_URL,
+    Config,
+    StartupError,
+    add_serve_arguments,
+    config_from_args,
+    redact_password,
+)
 from gateway.observability import NeverFails
 from tests.conftest import Client, check_stream
 from tests.support import free_port
@@ -29,6 +37,7 @@ from tests.support import free_port
 FLAGS = [
     "host",
     "port",
+    "metrics-port",
     "upstream-url",
     "dialect",
     "api-key-env",
@@ -143,11 +152,75 @@ def test_max_loop_lag_is_off_by_default_and_takes_seconds() -> None:
     assert parse([], {"GATEWAY_MAX_LOOP_LAG": "0.25"}).max_loop_lag == 0.25
 
 
-def test_bad_env_value_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
-    """An invalid GATEWAY_ env value is refused like a bad flag."""
-    with pytest.raises(SystemExit):
-        parse([], {"GATEWAY_MAX_STREAMS": "many"})
-    assert "max-streams" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"GATEWAY_MAX_STREAMS": "many"}, "expected an integer, got 'many'"),
+        ({"GATEWAY_MAX_STREAMS": "0"}, "must be > 0"),
+        ({"GATEWAY_PORT": "80a"}, "expected a TCP port"),
+        ({"GATEWAY_METRICS_PORT": "70000"}, "expected a TCP port"),
+        ({"GATEWAY_DIALECT": "soap"}, "expected one of events, openai, perplexity"),
+        ({"GATEWAY_COMPRESSION": "maybe"}, "expected one of 1, true"),
+        ({"GATEWAY_UPSTREAM_URL": "api.openai.com/v1"}, "http:// or https://"),
+    ],
+)
+def test_bad_env_value_is_refused_naming_the_variable(env: dict[str, str], words: str) -> None:
+    """An invalid GATEWAY_ env value (a number, a choice, a switch, a URL) is refused with a
+    message naming the variable, not the flag it stands for."""
+    (name,) = env
+    with pytest.raises(StartupError) as info:
+        parse([], env)
+    assert str(info.value).startswith(f"{name}: ")
+    assert words in str(info.value)
+
+
+def test_a_flag_overrides_a_bad_env_value() -> None:
+    """A bad env value that a flag overrides is never read."""
+    assert parse(["--port", "9000"], {"GATEWAY_PORT": "abc"}).port == 9000
+
+
+def test_switch_env_values() -> None:
+    """A switch's env var takes 1/true/yes/on or 0/false/no/off (any case)."""
+    assert parse([], {"GATEWAY_COMPRESSION": "TRUE"}).compression
+    assert not parse([], {"GATEWAY_COMPRESSION": "off"}).compression
+    assert parse(["--compression"], {"GATEWAY_COMPRESSION": "0"}).compression
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["ftp://example.com/v1", "example.com/v1/chat/completions", "http:///v1", "http://h:99999/"],
+)
+def test_an_upstream_url_without_http_and_a_host_is_refused(url: str) -> None:
+    """--upstream-url must be http(s) with a host: anything else used to fail every prompt
+    later as a retryable `upstream_unavailable`."""
+    with pytest.raises(SystemExit) as info:
+        parse(["--upstream-url", url])
+    assert info.value.code == 2
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:hunter2@db:6379/0", "redis://:***@db:6379/0"),
+        ("redis://user:hunter2@db/0", "redis://user:***@db/0"),
+        ("redis://:pa/ss@word@db:6379/0", "redis://:***@db:6379/0"),
+        ("redis://db:6379/0", "redis://db:6379/0"),
+        ("https://api.example.com/v1", "https://api.example.com/v1"),
+    ],
+)
+def test_passwords_in_urls_are_masked(url: str, shown: str) -> None:
+    """Error messages show a URL's password as ***."""
+    assert redact_password(url) == shown
+
+
+def test_metrics_port_is_off_by_default() -> None:
+    """/metrics stays on --port unless --metrics-port (or GATEWAY_METRICS_PORT) moves it, which
+    may not be --port itself."""
+    assert parse([]).metrics_port is None
+    assert parse(["--metrics-port", "9090"]).metrics_port == 9090
+    assert parse([], {"GATEWAY_METRICS_PORT": "9091"}).metrics_port == 9091
+    with pytest.raises(StartupError, match="--metrics-port 8080 is --port too"):
+        parse(["--metrics-port", "8080"])
 
 
 # ------------------------------------------------------------------ real processes
@@ -258,11 +331,55 @@ async def test_health_endpoints_on_the_same_port(gateway_process: Process) -> No
     """/healthz and /readyz answer plain HTTP; unknown paths are 404."""
     listening = await gateway_process.wait_for("gateway.listening")
     base = listening["url"].replace("ws://", "http://").removesuffix("/v1/ws")
+    assert listening["metrics"] == base + "/metrics"
     async with aiohttp.ClientSession() as http:
-        for path, status in (("/healthz", 200), ("/readyz", 200), ("/nope", 404)):
+        for path, status in (
+            ("/healthz", 200),
+            ("/readyz", 200),
+            ("/metrics", 200),
+            ("/nope", 404),
+        ):
             async with http.get(base + path) as resp:
                 assert resp.status == status, path
     assert await gateway_process.stop(signal.SIGINT) == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_metrics_port_serves_metrics_on_its_own_port(workers: int) -> None:
+    """--metrics-port: /metrics answers there (with --workers too: every worker listens there
+    and any answers for all) and is 404 on the main port, which still serves everything else."""
+    port, metrics_port = free_port(), free_port()
+    process = await spawn(
+        "serve",
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(metrics_port),
+        "--workers",
+        str(workers),
+        "--log-format",
+        "json",
+    )
+    try:
+        await wait_logged(process, "gateway.listening", workers)
+        listening = await process.wait_for("gateway.listening")
+        assert listening["metrics"] == f"http://127.0.0.1:{metrics_port}/metrics"
+        async with aiohttp.ClientSession() as http:
+            for url, status in (
+                (f"http://127.0.0.1:{port}/metrics", 404),
+                (f"http://127.0.0.1:{port}/healthz", 200),
+                (f"http://127.0.0.1:{metrics_port}/metrics", 200),
+                (f"http://127.0.0.1:{metrics_port}/healthz", 404),
+            ):
+                async with http.get(url) as resp:
+                    assert resp.status == status, url
+        for _ in range(4 * workers):  # new connections: with workers, both answer some
+            assert (await scrape(metrics_port))["gateway_open_sockets{}"] == 0
+        assert await process.stop() == 0
+    finally:
+        if process.proc.returncode is None:
+            process.proc.kill()
+            await process.proc.wait()
 
 
 async def spawn_workers(port: int, workers: int = 2) -> Process:
@@ -305,6 +422,189 @@ async def test_mock_upstream_command() -> None:
     finally:
         process.proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(process.proc.wait(), 15) == 0
+
+
+# ------------------------------------------------------------------ startup misconfigurations
+
+#: `python -m gateway ARGV` with ENV, and what its one error line must say. `{taken}` is a port
+#: another process listens on, `{closed}` one nobody listens on, `{tmp}` a directory holding
+#: `tokens` (line 3 malformed) and `cert.pem` (no certificate in it). `usage`: an argparse error
+#: (a bad flag), which is the usage on one line and then the error line.
+MISCONFIGURATIONS = [
+    pytest.param(
+        ["serve", "--port", "{taken}"],
+        {},
+        ["127.0.0.1:{taken} is in use: another process listens there", "another --port"],
+        False,
+        id="port-in-use",
+    ),
+    pytest.param(
+        ["serve", "--port", "{taken}", "--workers", "2"],
+        {},
+        ["127.0.0.1:{taken} is in use: another process listens there", "another --port"],
+        False,
+        id="port-in-use-workers",
+    ),
+    pytest.param(
+        ["serve", "--port", "0", "--metrics-port", "{taken}"],
+        {},
+        ["127.0.0.1:{taken} is in use: another process listens there", "another --metrics-port"],
+        False,
+        id="metrics-port-in-use",
+    ),
+    pytest.param(
+        ["mock-upstream", "--port", "{taken}"],
+        {},
+        ["127.0.0.1:{taken} is in use: another process listens there", "another --port"],
+        False,
+        id="mock-upstream-port-in-use",
+    ),
+    pytest.param(
+        ["serve", "--port", "0", "--auth-tokens-file", "{tmp}/missing"],
+        {},
+        ["--auth-tokens-file {tmp}/missing: cannot read it (No such file or directory)"],
+        False,
+        id="tokens-file-missing",
+    ),
+    pytest.param(
+        ["serve", "--port", "0", "--auth-tokens-file", "{tmp}/tokens"],
+        {},
+        ["--auth-tokens-file {tmp}/tokens, line 3: the token has 5 characters, at least 16"],
+        False,
+        id="tokens-file-malformed",
+    ),
+    pytest.param(
+        ["serve", "--port", "0", "--tls-cert", "{tmp}/missing.pem", "--tls-key", "{tmp}/cert.pem"],
+        {},
+        ["--tls-cert {tmp}/missing.pem: cannot read it (No such file or directory)"],
+        False,
+        id="tls-cert-missing",
+    ),
+    pytest.param(
+        ["serve", "--port", "0", "--tls-cert", "{tmp}/cert.pem", "--tls-key", "{tmp}/missing.pem"],
+        {},
+        ["--tls-key {tmp}/missing.pem: cannot read it (No such file or directory)"],
+        False,
+        id="tls-key-missing",
+    ),
+    pytest.param(
+        ["serve", "--port", "0", "--tls-cert", "{tmp}/cert.pem", "--tls-key", "{tmp}/cert.pem"],
+        {},
+        ["--tls-cert {tmp}/cert.pem: no PEM certificate in it"],
+        False,
+        id="tls-cert-malformed",
+    ),
+    pytest.param(
+        ["serve", "--port", "0", "--redis-url", "redis://:hunter2@127.0.0.1:{closed}/0"],
+        {},
+        ["--redis-url redis://:***@127.0.0.1:{closed}/0: cannot connect", "start Redis there"],
+        False,
+        id="redis-unreachable",
+    ),
+    pytest.param(
+        ["serve", "--port", "0"],
+        {"GATEWAY_UPSTREAM_URL": "ftp://example.com/v1"},
+        ["GATEWAY_UPSTREAM_URL: expected an http:// or https:// URL", "'ftp://example.com/v1'"],
+        False,
+        id="upstream-url-not-http-env",
+    ),
+    pytest.param(
+        ["serve", "--upstream-url", "http:///v1/chat/completions"],
+        {},
+        ["argument --upstream-url: expected an http:// or https:// URL with a host"],
+        True,
+        id="upstream-url-without-host",
+    ),
+    pytest.param(
+        ["serve", "--port", "eighty"],
+        {},
+        ["argument --port: expected a TCP port (0 to 65535), got 'eighty'"],
+        True,
+        id="port-not-numeric",
+    ),
+    pytest.param(
+        ["serve"],
+        {"GATEWAY_PORT": "eighty"},
+        ["GATEWAY_PORT: expected a TCP port (0 to 65535), got 'eighty'", "unset it"],
+        False,
+        id="port-not-numeric-env",
+    ),
+    pytest.param(
+        ["serve", "--port", "0"],
+        {"GATEWAY_DRAIN_TIMEOUT": "soon"},
+        ["GATEWAY_DRAIN_TIMEOUT: expected a number, got 'soon'"],
+        False,
+        id="drain-timeout-not-numeric-env",
+    ),
+    pytest.param(
+        ["serve", "--port", "0", "--host", "0.0.0.0"],
+        {},
+        ["refusing to listen on 0.0.0.0 without authentication", "--insecure-no-auth"],
+        False,
+        id="open-beyond-loopback",
+    ),
+    pytest.param(
+        ["mock-upstream", "--port", "x"],
+        {},
+        ["argument --port: expected a TCP port (0 to 65535), got 'x'"],
+        True,
+        id="mock-upstream-port-not-numeric",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def misconfigured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """What MISCONFIGURATIONS' placeholders stand for."""
+    tmp = tmp_path_factory.mktemp("misconfigured")
+    (tmp / "tokens").write_text("# principals\n0123456789abcdef alice\nshort bob\n")
+    (tmp / "cert.pem").write_text("not a certificate\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        yield {"tmp": str(tmp), "taken": str(port), "closed": str(free_port())}
+
+
+@pytest.mark.parametrize(("argv", "env", "facts", "usage"), MISCONFIGURATIONS)
+def test_a_startup_misconfiguration_is_one_line_and_exit_status_2(
+    argv: list[str],
+    env: dict[str, str],
+    facts: list[str],
+    usage: bool,
+    misconfigured: dict[str, str],
+) -> None:
+    """Every startup misconfiguration ends the real command with exit status 2 and one line on
+    stderr that names what is wrong (the port, the file and line, the masked URL, the variable)
+    and how to fix it: no traceback, no aiohttp "Unclosed" noise, no log lines before it, no
+    password. A bad flag is argparse's: its usage on one line, then that line."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    # As operators run it: asyncio's debug mode (`make test`) adds slow-callback warnings.
+    for name in ("PERPLEXITY_API_KEY", "PYTHONASYNCIODEBUG", "PYTHONDEVMODE"):
+        base.pop(name, None)
+    base.update({name: value.format(**misconfigured) for name, value in env.items()})
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", *(arg.format(**misconfigured) for arg in argv)],
+        env=base,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "Unclosed" not in result.stderr
+    assert "hunter2" not in result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    if usage:
+        assert len(lines) == 2, lines
+        assert lines[0].startswith(f"usage: python -m gateway {argv[0]} [-h] "), lines
+    else:
+        assert len(lines) == 1, lines
+    assert lines[-1].startswith(f"python -m gateway {argv[0]}: error: "), lines
+    for fact in facts:
+        assert fact.format(**misconfigured) in lines[-1]
 
 
 async def scrape(port: int) -> dict[str, float]:
@@ -422,30 +722,40 @@ async def test_a_worker_that_dies_is_restarted() -> None:
 
 
 async def test_workers_that_keep_failing_at_start_end_the_supervisor() -> None:
-    """Workers that cannot start (here: the port is taken by a socket without SO_REUSEPORT)
-    are retried with a backoff; after MAX_FAST_EXITS fast failures the supervisor gives up
-    and exits 1, so that the orchestrator sees the crash loop."""
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        process = await spawn(
-            "serve", "--port", str(port), "--workers", "2", "--log-format", "json"
-        )
-        try:
-            assert await asyncio.wait_for(process.proc.wait(), 30) == 1
-            assert process.proc.stderr is not None
-            rest = await asyncio.wait_for(process.proc.stderr.read(), 15)
-            lines = process.lines + [
-                orjson.loads(raw) for raw in rest.splitlines() if raw.startswith(b"{")
-            ]
-            events = [line.get("event") for line in lines]
-            assert "gateway.workers_crash_loop" in events
-            assert events.count("gateway.worker_restarted") >= MAX_FAST_EXITS - 1
-        finally:
-            if process.proc.returncode is None:
-                process.proc.kill()
-                await process.proc.wait()
+    """Workers that cannot start (here: Redis does not answer, which a restart may fix; each
+    says so in one line and exits 2) are retried with a backoff; after MAX_FAST_EXITS fast
+    failures the supervisor gives up and exits 1, so that the orchestrator sees the crash
+    loop."""
+    redis_url = f"redis://127.0.0.1:{free_port()}/0"  # nobody listens there
+    process = await spawn(
+        "serve",
+        "--port",
+        str(free_port()),
+        "--workers",
+        "2",
+        "--redis-url",
+        redis_url,
+        "--log-format",
+        "json",
+    )
+    try:
+        assert await asyncio.wait_for(process.proc.wait(), 30) == 1
+        assert process.proc.stderr is not None
+        rest = await asyncio.wait_for(process.proc.stderr.read(), 15)
+        lines = process.lines + [
+            orjson.loads(raw) for raw in rest.splitlines() if raw.startswith(b"{")
+        ]
+        events = [line.get("event") for line in lines]
+        assert "gateway.workers_crash_loop" in events
+        assert events.count("gateway.worker_restarted") >= MAX_FAST_EXITS - 1
+        exits = [line for line in lines if line.get("event") == "gateway.worker_exited"]
+        assert {line["code"] for line in exits} == {2}
+        assert f"--redis-url {redis_url}: cannot connect".encode() in rest
+        assert b"Traceback" not in rest
+    finally:
+        if process.proc.returncode is None:
+            process.proc.kill()
+            await process.proc.wait()
 
 
 def test_restart_backoff_grows_while_a_worker_keeps_failing_fast() -> None:
