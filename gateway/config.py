@@ -317,12 +317,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, s
     def flag(name: str, help_text: str, default: Any, kind: Any = str, **kw: Any) -> None:
         env_value = _env(environ, name)
         env_name = "GATEWAY_" + name.upper().replace("-", "_")
+        value = _FromEnv(env_value) if env_value is not None else default
+        # --help shows the default, which may come from the environment: never a password
+        # (GATEWAY_REDIS_URL in a container's environment, say).
+        shown = redact_password(value) if isinstance(value, str) else str(value)
         parser.add_argument(
             "--" + name,
             type=_typed(kind, env_name, kw.get("choices")),
             # argparse converts a string default with `type` only when the flag is absent.
-            default=_FromEnv(env_value) if env_value is not None else default,
-            help=f"{help_text} [env {env_name}; default: %(default)s]",
+            default=value,
+            help=f"{help_text} [env {env_name}; default: {shown.replace('%', '%%')}]",
             **kw,
         )
 

@@ -68,6 +68,22 @@ def test_help_documents_every_flag_and_its_env_var(capsys: pytest.CaptureFixture
         assert "GATEWAY_" + flag.upper().replace("-", "_") in text
 
 
+def test_help_never_shows_a_password_from_the_environment() -> None:
+    """Defaults come from GATEWAY_ variables, and --help shows them: inside a container whose
+    environment holds GATEWAY_REDIS_URL, the password must not be printed."""
+    env = {**os.environ, "GATEWAY_REDIS_URL": "redis://gateway:s3cret-Pa55@redis:6379/0"}
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--help"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    assert "s3cret-Pa55" not in done.stdout
+    assert "redis://gateway:***@redis:6379/0" in " ".join(done.stdout.split())
+
+
 def test_defaults_without_key_use_the_mock() -> None:
     """With no key and no URL, the built-in mock answers, in the Perplexity dialect."""
     config = parse([])
