@@ -35,6 +35,10 @@ from bench.harness.context import Bench
 from bench.harness.load import FULL, QUICK
 from bench.scenarios import SCENARIOS
 
+#: The repository's own files (docs, deployment, packaging, the page): checked once by `make test`,
+#: not again on other Pythons or dependency floors (`make test-min`, `make test-python`).
+pytestmark = pytest.mark.repo
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 

@@ -12,6 +12,10 @@ import pytest
 
 from tests.schema import CLIENT_FRAMES, SERVER_FRAMES, document
 
+#: The repository's own files (docs, deployment, packaging, the page): checked once by `make test`,
+#: not again on other Pythons or dependency floors (`make test-min`, `make test-python`).
+pytestmark = pytest.mark.repo
+
 DTS = Path(__file__).resolve().parents[1] / "clients" / "js" / "index.d.ts"
 #: Frame type -> TypeScript interface(s) holding its fields.
 TS_NAMES = {

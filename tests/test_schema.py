@@ -24,6 +24,10 @@ from tests.schema import (
     validate_server_frame,
 )
 
+#: The repository's own files (docs, deployment, packaging, the page): checked once by `make test`,
+#: not again on other Pythons or dependency floors (`make test-min`, `make test-python`).
+pytestmark = pytest.mark.repo
+
 PROTOCOL_MD = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
 
 

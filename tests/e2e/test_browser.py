@@ -36,6 +36,10 @@ from gateway.mock.answers import MARKDOWN_ANSWERS
 from tests.conftest import Stack, StackFactory
 from tests.support import expected_text
 
+#: The repository's own files (docs, deployment, packaging, the page): checked once by `make test`,
+#: not again on other Pythons or dependency floors (`make test-min`, `make test-python`).
+pytestmark = pytest.mark.repo
+
 ROOT = Path(__file__).resolve().parents[2]
 WEB = ROOT / "gateway" / "web"
 CHROMIUM = Path("/usr/bin/chromium")

@@ -50,6 +50,10 @@ from tests.conftest import Client, StackFactory, check_stream
 from tests.e2e.test_cli import Process
 from tests.support import drop, free_port, resume_frame
 
+#: The repository's own files (docs, deployment, packaging, the page): checked once by `make test`,
+#: not again on other Pythons or dependency floors (`make test-min`, `make test-python`).
+pytestmark = pytest.mark.repo
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"

@@ -41,6 +41,10 @@ import pytest
 from gateway.mock import choose_answer
 from tests.support import free_port
 
+#: The repository's own files (docs, deployment, packaging, the page): checked once by `make test`,
+#: not again on other Pythons or dependency floors (`make test-min`, `make test-python`).
+pytestmark = pytest.mark.repo
+
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ("README.md", "clients/python/README.md", "clients/js/README.md")
 LANGUAGES = {"sh", "python", "js", "html"}
