@@ -103,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=35.0,
         help="default pause between words, ms (default: %(default)s)",
     )
+    mock.add_argument(
+        "--transcripts",
+        metavar="DIR",
+        default=None,
+        help="directory of recorded streams that [[mock transcript=NAME]] replays "
+        "(default: none, the knob is refused)",
+    )
     return parser
 
 
@@ -427,9 +434,13 @@ def refuse(command: str, exc: StartupError) -> int:
     return EXIT_MISCONFIGURED
 
 
-def serve_mock(host: str, port: int, delay_ms: float) -> None:
-    """`mock-upstream`: serve until SIGINT; a port that cannot be listened on is a StartupError."""
+def serve_mock(host: str, port: int, delay_ms: float, transcripts: str | None = None) -> None:
+    """`mock-upstream`: serve until SIGINT; a port that cannot be listened on, or a
+    --transcripts that is not a directory, is a StartupError."""
     from gateway.mock import serve_forever
+
+    if transcripts is not None and not os.path.isdir(transcripts):
+        raise StartupError(f"--transcripts {transcripts}: not a directory; fix the path")
 
     configure_logging("console" if sys.stderr.isatty() else "json", "info")
     listening = False
@@ -440,7 +451,9 @@ def serve_mock(host: str, port: int, delay_ms: float) -> None:
 
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve_forever(host, port, delay_ms, on_ready=on_ready))
+            asyncio.run(
+                serve_forever(host, port, delay_ms, on_ready=on_ready, transcripts_dir=transcripts)
+            )
     except OSError as exc:
         if listening:
             raise
@@ -464,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return run_workers(config)
             run(config)
         else:
-            serve_mock(args.host, args.port, args.delay_ms)
+            serve_mock(args.host, args.port, args.delay_ms, args.transcripts)
     except StartupError as exc:
         return refuse(args.command, exc)
     return 0

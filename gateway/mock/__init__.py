@@ -5,7 +5,8 @@ It serves two masters:
 * the offline demo of `make run`: plausible multi-sentence answers with citations, chosen
   deterministically from the question and streamed word by word at a human-readable pace;
 * the test suite: a ``[[mock key=value ...]]`` directive in the last user message turns knobs
-  (chunk count, pace, HTTP errors, transport faults, framing variants) and every request leaves a
+  (chunk count, pace, HTTP errors, transport faults, framing variants, typed answer parts, a
+  recorded stream to replay, how the body is cut into writes) and every request leaves a
   `RequestRecord` so tests can observe what the upstream saw, including client disconnects.
 
 Routes (streams are POST with an OpenAI-style JSON body and ``"stream": true``):
@@ -25,8 +26,12 @@ pyproject.toml checks it):
 
 * `server`: `MockUpstream` and `serve_forever`, the only aiohttp code (I/O);
 * `pacer`: the benchmark's fast=1 writer: pre-rendered events, one timer for every paced stream;
+* `replay`: recorded streams from a transcripts directory, framed as their providers do, planned
+  as steps; the `Splitter` that cuts a body into writes (``split=``);
 * `formats`: the wire formats, one module per upstream API (pure: `plan_stream` yields
   `Emit`/`Fault` steps);
+* `script`: the typed parts of a scripted answer (reasoning, tool calls, sources, progress
+  steps, refusal, choices) and their canned content (pure);
 * `knobs`: the ``[[mock ...]]`` directive and its `Knobs` (pure);
 * `answers`: the canned answers and how a stream cuts them into chunks (pure).
 """
@@ -44,11 +49,14 @@ from gateway.mock.formats import (
     validate_for_dialect,
 )
 from gateway.mock.knobs import GIANT_DEFAULT_SIZE, DirectiveError, Knobs, parse_directive
+from gateway.mock.replay import FRAMINGS, Transcript, TranscriptLibrary
+from gateway.mock.script import build_parts
 from gateway.mock.server import ENDLESS_WRITE_BYTES, MockUpstream, RequestRecord, serve_forever
 
 __all__ = [
     "ANSWERS",
     "ENDLESS_WRITE_BYTES",
+    "FRAMINGS",
     "GIANT_DEFAULT_SIZE",
     "ROUTES",
     "Answer",
@@ -60,6 +68,9 @@ __all__ = [
     "RequestRecord",
     "Source",
     "StreamSpec",
+    "Transcript",
+    "TranscriptLibrary",
+    "build_parts",
     "choose_answer",
     "error_body",
     "keepalive_comment",

@@ -11,8 +11,36 @@ fault=reset|stall|malformed|eof|giant|endless (+ after=K, size=BYTES for giant),
 left), linger_ms (wait before ending the body), words=N (words per chunk), crlf=0|1, bytewise=1,
 done=0|1, finish=0, comments=1, tag. Benchmarks: fast=1 (+ rate=R, stamp=1). See `Knobs`.
 
+Real recorded streams and typed answer parts (issue 18):
+
+* transcript=NAME: replay the recorded stream NAME (a file of the server's transcripts
+  directory, without extension) byte for byte, on any route; see `gateway.mock.replay`.
+* split=N | split=random:SEED: cut the body into writes of N bytes, or of seeded random sizes
+  (1 to 512 bytes, mostly small), across event boundaries; each write reaches the socket on its
+  own. Any stream but fast=1; not with bytewise.
+* reasoning=think|think_open|reasoning_content|reasoning|details|mistral: the answer starts
+  with reasoning, in that shape: a leading ``<think>...</think>`` in the content (think_open:
+  never closed, no answer), DeepSeek's ``delta.reasoning_content``, Groq/vLLM/OpenRouter's
+  ``delta.reasoning``, OpenRouter's ``reasoning`` + ``reasoning_details``, Mistral's content
+  arrays of ``thinking`` and ``text`` parts. think_split=N (with think or think_open) re-cuts
+  the whole content, tags included, into N-character deltas (N=1: every tag split at every
+  byte).
+* tools=1|2|bad_json|no_index: the answer is tool calls (no text): one, two in parallel, one
+  whose arguments are not valid JSON, or two whole calls in one delta without ``index``
+  (Mistral).
+* sources=N | sources=grow:N: Perplexity citations and search_results with N sources on every
+  chunk (grow: the list grows by one per chunk up to N).
+* concise=1: Perplexity ``stream_mode: "concise"`` (also chosen by the request's own
+  ``stream_mode``): ``chat.reasoning`` chunks with reasoning steps (a web search, a URL fetch, a
+  code run), ``chat.reasoning.done``, ``chat.completion.chunk`` deltas, ``chat.completion.done``.
+* refusal=1: the answer is a ``delta.refusal`` text. choices=N: N choices interleaved (n>1).
+
+With these, after=K counts every event after the preamble (text, reasoning, tool-call and
+progress chunks; a transcript's events).
+
 Which knobs a wire format cannot honour (finish=0 where there is no finish chunk, fast=1 where
-nothing can be pre-rendered) is the format's to say: `gateway.mock.formats.validate_for_dialect`.
+nothing can be pre-rendered, tools= where the API has none) is the format's to say:
+`gateway.mock.formats.validate_for_dialect`.
 """
 
 from __future__ import annotations
@@ -25,6 +53,10 @@ from typing import Any, Final, Literal, get_args
 
 FaultKind = Literal["reset", "stall", "malformed", "eof", "giant", "endless"]
 BodyKind = Literal["json", "html", "text"]
+ReasoningShape = Literal[
+    "think", "think_open", "reasoning_content", "reasoning", "details", "mistral"
+]
+ToolsKind = Literal["1", "2", "bad_json", "no_index"]
 
 GIANT_DEFAULT_SIZE: Final = 8 * 1024 * 1024
 
@@ -37,6 +69,23 @@ class DirectiveError(ValueError):
     def __init__(self, key: str, message: str) -> None:
         super().__init__(message)
         self.key = key
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """How the body is cut into writes (``split=``): every `size` bytes, or at sizes drawn from
+    `random.Random(seed)` (see `gateway.mock.replay.Splitter`)."""
+
+    size: int | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SourceList:
+    """``sources=N`` (all N on every chunk) or ``sources=grow:N`` (one more per chunk)."""
+
+    count: int
+    grow: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +147,27 @@ class Knobs:
     rate: float | None = None
     stamp: bool = False
     linger_ms: float | None = None
+    transcript: str | None = None
+    split: Split | None = None
+    reasoning: ReasoningShape | None = None
+    think_split: int | None = None
+    tools: ToolsKind | None = None
+    sources: SourceList | None = None
+    concise: bool = False
+    refusal: bool = False
+    choices: int = 1
+
+    @property
+    def scripted(self) -> bool:
+        """Whether a typed-parts knob (reasoning, tools, sources, ...) shapes the stream."""
+        return (
+            self.reasoning is not None
+            or self.tools is not None
+            or self.sources is not None
+            or self.concise
+            or self.refusal
+            or self.choices > 1
+        )
 
 
 # ASCII only: int()/float() would also accept "+1", "1_000", " 1" and non-ASCII digits.
@@ -151,6 +221,45 @@ def _flag(value: str) -> bool:
     return value == "1"
 
 
+#: A transcript's name: a file name without extension. Only a syntax check: the server looks
+#: the name up in its directory's listing, so no path is ever built from it.
+_TRANSCRIPT_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+MAX_SOURCES: Final = 1000
+MAX_CHOICES: Final = 8
+
+
+def _transcript(value: str) -> str:
+    if not _TRANSCRIPT_RE.fullmatch(value):
+        raise ValueError("expected a transcript name (letters, digits, '.', '_', '-')")
+    return value
+
+
+def _split(value: str) -> Split:
+    kind, sep, seed = value.partition(":")
+    if kind == "random" and sep:
+        if not _INT_RE.fullmatch(seed):
+            raise ValueError("expected random:SEED with a non-negative integer seed")
+        return Split(seed=int(seed))
+    if not sep:
+        return Split(size=_positive_int(value))
+    raise ValueError("expected N (bytes per write) or random:SEED")
+
+
+def _sources(value: str) -> SourceList:
+    grow = value.startswith("grow:")
+    count = _non_negative_int(value.removeprefix("grow:"))
+    if count > MAX_SOURCES or (grow and count == 0):
+        raise ValueError(f"expected N or grow:N, N up to {MAX_SOURCES} (grow: at least 1)")
+    return SourceList(count, grow)
+
+
+def _choices(value: str) -> int:
+    count = _positive_int(value)
+    if count > MAX_CHOICES:
+        raise ValueError(f"expected 1..{MAX_CHOICES}")
+    return count
+
+
 def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
     def parse(value: str) -> str:
         if value not in options:
@@ -185,6 +294,15 @@ _KNOB_PARSERS: Final[Mapping[str, Callable[[str], object]]] = {
     "rate": _rate,
     "stamp": _flag,
     "linger_ms": _positive_millis,
+    "transcript": _transcript,
+    "split": _split,
+    "reasoning": _choice(get_args(ReasoningShape)),
+    "think_split": _positive_int,
+    "tools": _choice(get_args(ToolsKind)),
+    "sources": _sources,
+    "concise": _flag,
+    "refusal": _flag,
+    "choices": _choices,
 }
 
 
@@ -225,6 +343,33 @@ _NOT_FAST: Final = (
     "keepalive_ms",
     "ignore_close",
     "linger_ms",
+    "transcript",
+    "split",
+    "reasoning",
+    "think_split",
+    "tools",
+    "sources",
+    "concise",
+    "refusal",
+    "choices",
+)
+
+#: Knobs that shape a scripted answer, which a replayed transcript does not have.
+_NOT_TRANSCRIPT: Final = (
+    "chunks",
+    "words",
+    "crlf",
+    "done",
+    "finish",
+    "comments",
+    "bytewise",
+    "reasoning",
+    "think_split",
+    "tools",
+    "sources",
+    "concise",
+    "refusal",
+    "choices",
 )
 
 
@@ -265,3 +410,46 @@ def _check_combinations(values: Mapping[str, Any]) -> None:
         # A silent stall never writes, so it would never notice the client left: it would
         # hold the request open forever.
         raise DirectiveError("ignore_close", "ignore_close=1 with fault=stall needs keepalive_ms")
+    _check_parts(values)
+
+
+def _check_parts(values: Mapping[str, Any]) -> None:
+    """The transcript and typed-parts knobs: what they exclude and what they need."""
+    if "transcript" in values:
+        for key in _NOT_TRANSCRIPT:
+            if key in values:
+                raise DirectiveError(
+                    key, f"mock directive key {key!r} does not apply to a replayed transcript"
+                )
+        if values.get("fault") in ("malformed", "giant"):
+            raise DirectiveError(
+                "fault", "a replayed transcript takes fault=reset|stall|eof|endless only"
+            )
+    if "split" in values and values.get("bytewise"):
+        raise DirectiveError(
+            "split", "mock directive keys 'split' and 'bytewise' exclude each other"
+        )
+    if "think_split" in values and values.get("reasoning") not in ("think", "think_open"):
+        raise DirectiveError("think_split", "think_split=N needs reasoning=think or think_open")
+    # Each of these scripts a whole kind of answer; two at once would be a made-up stream.
+    alone = [
+        key
+        for key, on in (
+            ("tools", "tools" in values),
+            ("refusal", values.get("refusal") is True),
+            ("choices", values.get("choices", 1) > 1),
+        )
+        if on
+    ]
+    if len(alone) > 1:
+        raise DirectiveError(
+            alone[1], f"mock directive keys {alone[0]!r} and {alone[1]!r} exclude each other"
+        )
+    for key in ("refusal", "choices"):
+        if key in alone and "reasoning" in values:
+            raise DirectiveError(key, f"mock directive key {key!r} scripts no reasoning")
+    sources = values.get("sources")
+    if values.get("concise") and isinstance(sources, SourceList) and sources.grow:
+        raise DirectiveError("sources", "sources=grow:N applies to full mode, not concise=1")
+    if "tools" in values and "chunks" in values:
+        raise DirectiveError("chunks", "tools= streams no answer text: 'chunks' means nothing")

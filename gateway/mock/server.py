@@ -1,5 +1,6 @@
 """The mock upstream's server (I/O): `MockUpstream`, an aiohttp server that streams the planned
-answers, performs the faults and keeps a `RequestRecord` of every request.
+answers (or replays recorded ones, `gateway.mock.replay`), performs the faults and keeps a
+`RequestRecord` of every request.
 
 ``GET /_mock/stats`` takes ``?records=0`` (counters only, cheap to poll) and ``?tag=T`` (only the
 records tagged T); ``POST /_mock/reset`` clears the records and counters.
@@ -9,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import os
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -26,6 +29,7 @@ from gateway.mock.formats import (
     ROUTES,
     Dialect,
     Fault,
+    Step,
     StreamSpec,
     error_body,
     keepalive_comment,
@@ -40,9 +44,12 @@ from gateway.mock.knobs import (
     DirectiveError,
     FaultKind,
     Knobs,
+    Split,
     parse_directive,
 )
 from gateway.mock.pacer import FAST_BATCH_BYTES, _FastRender, _PacedJob, _Pacer
+from gateway.mock.replay import Splitter, Transcript, TranscriptLibrary, no_library, plan_replay
+from gateway.mock.script import build_parts
 
 Outcome = Literal["completed", "client_closed", "fault", "error_status", "server_stopped", "open"]
 
@@ -95,6 +102,30 @@ def _question_and_knobs(body: Mapping[str, Any]) -> tuple[str, Knobs, int]:
     return question, knobs, max(prompt_tokens, 1)
 
 
+def _stream_mode(body: Mapping[str, Any], dialect: Dialect, knobs: Knobs) -> Knobs:
+    """Perplexity's ``stream_mode`` request field: "concise" scripts concise mode, as the real
+    API answers it (a replayed transcript is what it is)."""
+    if "concise" not in _FORMATTERS[dialect].scripts or "stream_mode" not in body:
+        return knobs
+    mode = body["stream_mode"]
+    if mode not in ("full", "concise"):
+        raise _BadRequest('\'stream_mode\' must be "full" or "concise"', "stream_mode")
+    if mode == "concise" and knobs.transcript is None and not knobs.concise:
+        return dataclasses.replace(knobs, concise=True)
+    return knobs
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What `MockUpstream._stream` writes: the steps, the knobs that pace and cut them, the
+    line ending of heartbeats and the X-Request-Id."""
+
+    steps: Iterable[Step]
+    knobs: Knobs
+    eol: bytes
+    request_id: str
+
+
 # --------------------------------------------------------------------------------------------
 # The server (I/O)
 # --------------------------------------------------------------------------------------------
@@ -128,12 +159,15 @@ class RequestRecord:
     #: The client's address ("host:port"): requests that share it came over one kept-alive
     #: connection (tests check that the gateway pools its upstream connections).
     peer: str | None = None
+    #: With split=: the size of each body write, in order (None otherwise).
+    write_sizes: list[int] | None = None
     #: Set when the handler finished for any reason (client disconnect included).
     ended: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     #: Set when the requested fault took effect (e.g. the stall began, the reset happened).
     fault_fired: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     def to_json(self) -> dict[str, Any]:
+        extra = {} if self.write_sizes is None else {"write_sizes": self.write_sizes}
         return {
             "tag": self.tag,
             "path": self.path,
@@ -149,6 +183,7 @@ class RequestRecord:
             "ended_ns": self.ended_ns,
             "closed_ns": self.closed_ns,
             "peer": self.peer,
+            **extra,
         }
 
 
@@ -164,9 +199,50 @@ def _client_closed(rec: RequestRecord, exc: ConnectionResetError) -> None:
     exc.__traceback__ = None
 
 
+class _BodyWriter:
+    """Writes one stream's body: each step whole, a byte at a time (bytewise=1), or cut by
+    split= across steps (each piece its own write, recorded in `write_sizes`)."""
+
+    def __init__(self, request: web.Request, resp: web.StreamResponse, rec: RequestRecord) -> None:
+        self.request = request
+        self.resp = resp
+        self.rec = rec
+        self.splitter: Splitter | None = None
+
+    def cut(self, split: Split | None) -> None:
+        if split is not None:
+            self.splitter = Splitter(split)
+            self.rec.write_sizes = []
+
+    async def write(self, data: bytes, bytewise: bool) -> None:
+        if self.splitter is None:
+            await MockUpstream._write(self.request, self.resp, self.rec, data, bytewise)
+            return
+        for piece in self.splitter.feed(data):
+            await self._piece(piece)
+
+    async def flush(self) -> None:
+        """Write what split= still holds (before a wait with heartbeats, a fault, the end)."""
+        if self.splitter is not None:
+            rest = self.splitter.flush()
+            if rest:
+                await self._piece(rest)
+
+    async def _piece(self, piece: bytes) -> None:
+        assert self.rec.write_sizes is not None
+        await self.resp.write(piece)
+        self.rec.bytes_sent += len(piece)
+        self.rec.write_sizes.append(len(piece))
+        await self.request.writer.drain()
+        # Yield so that each piece reaches the socket on its own (aiohttp's server sets
+        # TCP_NODELAY), as bytewise=1 does for each byte.
+        await asyncio.sleep(0)
+
+
 class MockUpstream:
     """The fake upstream server; see `gateway.mock` for routes and `gateway.mock.knobs` for
-    knobs."""
+    knobs. `transcripts_dir` is where ``transcript=NAME`` finds recorded streams (None: the knob
+    is refused with a 400); it can also be set later through `transcripts`."""
 
     def __init__(
         self,
@@ -174,9 +250,14 @@ class MockUpstream:
         require_key: str | None = None,
         *,
         max_records: int = 10_000,
+        transcripts_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.default_delay_ms = default_delay_ms
         self.require_key = require_key
+        #: The recorded streams transcript= replays (NotADirectoryError if the path is none).
+        self.transcripts = (
+            TranscriptLibrary(transcripts_dir) if transcripts_dir is not None else None
+        )
         #: Streaming requests in arrival order; only the newest `max_records` are kept, so that
         #: a long demo or load test does not grow without bound.
         self.records: list[RequestRecord] = []
@@ -341,10 +422,16 @@ class MockUpstream:
         body: dict[str, Any] | None = None
         problem: _BadRequest | DirectiveError | None = None
         question, knobs, prompt_tokens = "", Knobs(), 1
+        transcript: Transcript | None = None
         try:
             body = _decode_request(raw)
             question, knobs, prompt_tokens = _question_and_knobs(body)
+            knobs = _stream_mode(body, dialect, knobs)
             validate_for_dialect(knobs, dialect)
+            if knobs.transcript is not None:
+                if self.transcripts is None:
+                    raise no_library(knobs.transcript)
+                transcript = self.transcripts.load(knobs.transcript)
         except (_BadRequest, DirectiveError) as exc:
             problem = exc
         rec = RequestRecord(
@@ -382,12 +469,16 @@ class MockUpstream:
                 return await self._send_error(
                     request, rec, knobs.status, knobs.body, knobs.retry_after
                 )
-            spec = self._spec(dialect, body, question, knobs, prompt_tokens)
-            if knobs.fast:
-                return await self._stream_fast(request, rec, spec)
+            if transcript is not None:
+                plan = _Plan(plan_replay(transcript, knobs), knobs, transcript.eol, _replay_id())
+            else:
+                spec = self._spec(dialect, body, question, knobs, prompt_tokens)
+                if knobs.fast:
+                    return await self._stream_fast(request, rec, spec)
+                plan = _Plan(plan_stream(spec), knobs, spec.eol, spec.request_id)
             if knobs.ignore_close:
-                return await self._stream_ignoring_close(request, rec, spec)
-            return await self._stream(request, rec, spec)
+                return await self._stream_ignoring_close(request, rec, plan)
+            return await self._stream(request, rec, plan)
         except asyncio.CancelledError:
             rec.client_gone = not self._stopping
             if rec.outcome == "open":
@@ -418,7 +509,7 @@ class MockUpstream:
         return self._times_seen[knobs.tag] <= knobs.times
 
     async def _stream_ignoring_close(
-        self, request: web.Request, rec: RequestRecord, spec: StreamSpec
+        self, request: web.Request, rec: RequestRecord, plan: _Plan
     ) -> web.StreamResponse:
         """`ignore_close=1`: run the stream in its own task that a disconnect does not cancel.
 
@@ -427,7 +518,7 @@ class MockUpstream:
         task is registered with the handler tasks).
         """
         task = asyncio.get_running_loop().create_task(
-            self._stream(request, rec, spec), name=f"mock stream ignoring close {rec.tag}"
+            self._stream(request, rec, plan), name=f"mock stream ignoring close {rec.tag}"
         )
         self._handler_tasks.add(task)
         task.add_done_callback(self._handler_tasks.discard)
@@ -457,16 +548,19 @@ class MockUpstream:
         answer = choose_answer(question)
         model = body.get("model")
         options = body.get("stream_options")
+        pieces = tuple(text_chunks(answer.text, knobs.chunks, knobs.words))
+        request_id = _FORMATTERS[dialect].make_request_id(uuid.uuid4())
         return StreamSpec(
             dialect=dialect,
             model=model if isinstance(model, str) and model else DEFAULT_MODELS[dialect],
             answer=answer,
-            pieces=tuple(text_chunks(answer.text, knobs.chunks, knobs.words)),
+            pieces=pieces,
             prompt_tokens=prompt_tokens,
             knobs=knobs,
             include_usage=isinstance(options, dict) and options.get("include_usage") is True,
-            request_id=_FORMATTERS[dialect].make_request_id(uuid.uuid4()),
+            request_id=request_id,
             created=int(time.time()),
+            parts=build_parts(answer, knobs, pieces, request_id) if knobs.scripted else None,
         )
 
     async def _send_bad_request(
@@ -514,43 +608,48 @@ class MockUpstream:
         return resp
 
     async def _stream(
-        self, request: web.Request, rec: RequestRecord, spec: StreamSpec
+        self, request: web.Request, rec: RequestRecord, plan: _Plan
     ) -> web.StreamResponse:
-        delay = (
-            spec.knobs.delay_ms if spec.knobs.delay_ms is not None else self.default_delay_ms
-        ) / 1000
+        knobs = plan.knobs
+        delay = (knobs.delay_ms if knobs.delay_ms is not None else self.default_delay_ms) / 1000
         resp = web.StreamResponse(
             status=200,
             headers={
                 hdrs.CONTENT_TYPE: "text/event-stream; charset=utf-8",
                 hdrs.CACHE_CONTROL: "no-cache",
-                "X-Request-Id": spec.request_id,
+                "X-Request-Id": plan.request_id,
             },
         )
+        out = _BodyWriter(request, resp, rec)
+        out.cut(knobs.split)
         try:
             await resp.prepare(request)
             rec.status = 200
             paced_before = False
-            for step in plan_stream(spec):
+            for step in plan.steps:
                 if isinstance(step, Fault):
+                    await out.flush()
                     rec.fault_fired.set()
-                    await self._perform(request, resp, rec, step, spec)
+                    await self._perform(request, resp, rec, step, plan)
                     return resp
                 if step.paced:
                     if paced_before and delay > 0:
-                        await self._pause(resp, rec, spec, delay)
+                        if knobs.keepalive_ms is not None:
+                            await out.flush()  # a heartbeat must not land inside an event
+                        await self._pause(resp, rec, plan, delay)
                     elif delay == 0:
                         # write() does not suspend while the transport takes the data, so an
                         # unpaced stream to a fast reader would starve every other request.
                         await asyncio.sleep(0)
                     paced_before = True
-                await self._write(request, resp, rec, step.data, spec.knobs.bytewise)
+                await out.write(step.data, knobs.bytewise)
                 if step.kind == "text":
                     rec.chunks_sent += 1
                 elif step.kind == "fault":
                     rec.fault_fired.set()
-            if spec.knobs.linger_ms is not None:
-                await asyncio.sleep(spec.knobs.linger_ms / 1000)
+            await out.flush()
+            if knobs.linger_ms is not None:
+                await asyncio.sleep(knobs.linger_ms / 1000)
             await resp.write_eof()
             rec.outcome = "completed"
         except ConnectionResetError as exc:  # aiohttp: "Cannot write to closing transport"
@@ -629,15 +728,15 @@ class MockUpstream:
 
     @staticmethod
     async def _pause(
-        resp: web.StreamResponse, rec: RequestRecord, spec: StreamSpec, wait: float
+        resp: web.StreamResponse, rec: RequestRecord, plan: _Plan, wait: float
     ) -> None:
         """Sleep `wait` seconds, sending `: ping` heartbeats meanwhile if keepalive_ms says so."""
-        if spec.knobs.keepalive_ms is None:
+        if plan.knobs.keepalive_ms is None:
             await asyncio.sleep(wait)
             return
-        ping = keepalive_comment(spec.eol)
+        ping = keepalive_comment(plan.eol)
         elapsed = 0.0
-        for offset in keepalive_offsets(wait, spec.knobs.keepalive_ms / 1000):
+        for offset in keepalive_offsets(wait, plan.knobs.keepalive_ms / 1000):
             await asyncio.sleep(offset - elapsed)
             elapsed = offset
             await resp.write(ping)
@@ -651,16 +750,16 @@ class MockUpstream:
         resp: web.StreamResponse,
         rec: RequestRecord,
         fault: Fault,
-        spec: StreamSpec,
+        plan: _Plan,
     ) -> None:
         if fault.kind == "stall":
             # Hold the connection open until the client goes away (its handler gets cancelled,
             # or with ignore_close a heartbeat fails) or the server stops.
-            keepalive_ms = spec.knobs.keepalive_ms
+            keepalive_ms = plan.knobs.keepalive_ms
             if keepalive_ms is None:
                 await asyncio.Event().wait()
                 return
-            ping = keepalive_comment(spec.eol)
+            ping = keepalive_comment(plan.eol)
             while True:
                 await asyncio.sleep(keepalive_ms / 1000)
                 await self._write(request, resp, rec, ping, False)
@@ -714,18 +813,27 @@ async def serve_forever(
     default_delay_ms: float = 35.0,
     *,
     on_ready: Callable[[str], None] | None = None,
+    transcripts_dir: str | os.PathLike[str] | None = None,
 ) -> None:
     """Run a MockUpstream until cancelled (the `python -m gateway mock-upstream` command)."""
-    mock = MockUpstream(default_delay_ms=default_delay_ms)
+    mock = MockUpstream(default_delay_ms=default_delay_ms, transcripts_dir=transcripts_dir)
     url = await mock.start(host, port)
     routes = " ".join(fmt.routes[0] for fmt in _FORMATTERS.values())
-    print(f"mock upstream listening on {url} (POST {routes}; GET /_mock/stats)", flush=True)
+    replays = "" if mock.transcripts is None else f"; transcripts in {mock.transcripts.directory}"
+    print(
+        f"mock upstream listening on {url} (POST {routes}; GET /_mock/stats{replays})", flush=True
+    )
     if on_ready is not None:
         on_ready(url)
     try:
         await asyncio.Event().wait()
     finally:
         await mock.stop()
+
+
+def _replay_id() -> str:
+    """The X-Request-Id of a replay (its payloads keep their recorded ids)."""
+    return f"replay-{uuid.uuid4().hex[:24]}"
 
 
 def _peer(request: web.Request) -> str | None:

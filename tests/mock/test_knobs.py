@@ -8,7 +8,14 @@ import re
 import pytest
 
 import gateway.mock.knobs
-from gateway.mock.knobs import _KNOB_PARSERS, DirectiveError, Knobs, parse_directive
+from gateway.mock.knobs import (
+    _KNOB_PARSERS,
+    DirectiveError,
+    Knobs,
+    SourceList,
+    Split,
+    parse_directive,
+)
 
 
 def test_parse_directive_without_directive_keeps_text_and_defaults() -> None:
@@ -219,6 +226,146 @@ def test_parse_directive_rejects_bad_benchmark_knobs(directive: str, key: str) -
     with pytest.raises(DirectiveError) as err:
         parse_directive(directive)
     assert err.value.key == key
+
+
+# --------------------------------------------------------------------------------------------
+# Recorded streams and typed answer parts (transcript, split, reasoning, tools, ...)
+# --------------------------------------------------------------------------------------------
+
+
+def test_parse_directive_reads_the_replay_and_parts_knobs() -> None:
+    """transcript, split (N or random:SEED), reasoning, think_split, tools, sources (N or
+    grow:N), concise, refusal and choices parse into typed knobs."""
+    _, knobs = parse_directive("[[mock transcript=openai-chat-tool-calls split=random:7]]")
+    assert (knobs.transcript, knobs.split) == ("openai-chat-tool-calls", Split(seed=7))
+    assert parse_directive("[[mock split=1]]")[1].split == Split(size=1)
+    _, knobs = parse_directive("[[mock reasoning=think think_split=3 sources=grow:5]]")
+    assert (knobs.reasoning, knobs.think_split, knobs.sources) == (
+        "think",
+        3,
+        SourceList(5, grow=True),
+    )
+    _, knobs = parse_directive("[[mock reasoning=reasoning_content tools=no_index words=2]]")
+    assert (knobs.reasoning, knobs.tools, knobs.words) == ("reasoning_content", "no_index", 2)
+    assert parse_directive("[[mock sources=0 concise=1]]")[1].sources == SourceList(0)
+    assert parse_directive("[[mock concise=1]]")[1].concise is True
+    assert parse_directive("[[mock refusal=1]]")[1].refusal is True
+    assert parse_directive("[[mock choices=3]]")[1].choices == 3
+    for shape in ("think_open", "reasoning", "details", "mistral"):
+        assert parse_directive(f"[[mock reasoning={shape}]]")[1].reasoning == shape
+    for kind in ("1", "2", "bad_json"):
+        assert parse_directive(f"[[mock tools={kind}]]")[1].tools == kind
+
+
+def test_scripted_says_whether_a_typed_part_knob_is_set() -> None:
+    """Only the typed-parts knobs make a stream scripted (transcript and split do not)."""
+    assert not Knobs().scripted
+    assert not parse_directive("[[mock split=3 chunks=2 choices=1 refusal=0]]")[1].scripted
+    for directive in (
+        "reasoning=reasoning",
+        "tools=1",
+        "sources=2",
+        "concise=1",
+        "refusal=1",
+        "choices=2",
+    ):
+        assert parse_directive(f"[[mock {directive}]]")[1].scripted, directive
+
+
+@pytest.mark.parametrize(
+    ("directive", "key"),
+    [
+        ("transcript=../x", "transcript"),
+        ("transcript=a/b", "transcript"),
+        ("transcript=.env", "transcript"),
+        ("split=0", "split"),
+        ("split=random", "split"),
+        ("split=random:", "split"),
+        ("split=random:x", "split"),
+        ("split=fixed:3", "split"),
+        ("split=-1", "split"),
+        ("reasoning=thinking", "reasoning"),
+        ("reasoning=think think_split=0", "think_split"),
+        ("tools=3", "tools"),
+        ("tools=yes", "tools"),
+        ("sources=-1", "sources"),
+        ("sources=1001", "sources"),
+        ("sources=grow:0", "sources"),
+        ("sources=grow:", "sources"),
+        ("concise=2", "concise"),
+        ("refusal=yes", "refusal"),
+        ("choices=0", "choices"),
+        ("choices=9", "choices"),
+    ],
+)
+def test_parse_directive_rejects_bad_parts_values(directive: str, key: str) -> None:
+    """A transcript name that could be a path, a split or a part kind that does not exist, and
+    counts out of range name their key."""
+    with pytest.raises(DirectiveError) as info:
+        parse_directive(f"[[mock {directive}]]")
+    assert info.value.key == key
+
+
+@pytest.mark.parametrize(
+    ("directive", "key"),
+    [
+        ("transcript=t chunks=3", "chunks"),
+        ("transcript=t words=2", "words"),
+        ("transcript=t crlf=1", "crlf"),
+        ("transcript=t done=0", "done"),
+        ("transcript=t finish=0", "finish"),
+        ("transcript=t comments=1", "comments"),
+        ("transcript=t bytewise=1", "bytewise"),
+        ("transcript=t reasoning=think", "reasoning"),
+        ("transcript=t tools=1", "tools"),
+        ("transcript=t sources=3", "sources"),
+        ("transcript=t concise=1", "concise"),
+        ("transcript=t refusal=1", "refusal"),
+        ("transcript=t choices=2", "choices"),
+        ("transcript=t fault=malformed", "fault"),
+        ("transcript=t fault=giant", "fault"),
+        ("fast=1 transcript=t", "transcript"),
+        ("fast=1 split=3", "split"),
+        ("fast=1 reasoning=reasoning", "reasoning"),
+        ("fast=1 tools=1", "tools"),
+        ("split=3 bytewise=1", "split"),
+        ("think_split=2", "think_split"),
+        ("reasoning=mistral think_split=2", "think_split"),
+        ("tools=1 refusal=1", "refusal"),
+        ("tools=2 choices=2", "choices"),
+        ("refusal=1 choices=2", "choices"),
+        ("reasoning=think refusal=1", "refusal"),
+        ("reasoning=reasoning choices=2", "choices"),
+        ("tools=1 chunks=4", "chunks"),
+        ("concise=1 sources=grow:3", "sources"),
+    ],
+)
+def test_parse_directive_rejects_parts_knobs_that_conflict(directive: str, key: str) -> None:
+    """A transcript is replayed as recorded, so the knobs that shape a scripted answer are
+    refused with it; kinds of answer that exclude each other, and companions missing, name the
+    key."""
+    with pytest.raises(DirectiveError) as info:
+        parse_directive(f"[[mock {directive}]]")
+    assert info.value.key == key
+
+
+def test_parse_directive_accepts_the_knobs_a_replay_can_take() -> None:
+    """Pacing, heartbeats, faults on the transport, errors, split and tag go with a transcript."""
+    _, knobs = parse_directive(
+        "[[mock transcript=t split=random:1 delay_ms=5 keepalive_ms=2 fault=stall after=3 "
+        "linger_ms=4 header_delay_ms=1 ignore_close=1 tag=r]]"
+    )
+    assert (knobs.transcript, knobs.fault, knobs.after, knobs.ignore_close) == (
+        "t",
+        "stall",
+        3,
+        True,
+    )
+    _, knobs = parse_directive("[[mock transcript=t status=429 times=1 tag=r]]")
+    assert (knobs.status, knobs.times) == (429, 1)
+    # refusal=0 and choices=1 ask for nothing, so they exclude nothing.
+    _, knobs = parse_directive("[[mock tools=1 refusal=0 choices=1]]")
+    assert knobs.tools == "1"
 
 
 # --------------------------------------------------------------------------------------------

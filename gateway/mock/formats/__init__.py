@@ -8,6 +8,9 @@ perplexityai/api-discussion#209, OpenAI's chat_completion_chunk types, the seed 
 One module per upstream API, each a `_Formatter` subclass (`base`): `perplexity`, `openai`,
 `events`. Adding a format is adding its module and one entry in `_FORMATTERS`; the routes, default
 models and dialect checks are read from that table.
+
+A scripted stream (typed parts, `gateway.mock.script`) has a body of `Part`s instead of text
+pieces: each format renders the parts its API has (its `scripts`), in its providers' shapes.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from gateway.mock.formats.events import _EventsFormatter
 from gateway.mock.formats.openai import _OpenAIFormatter
 from gateway.mock.formats.perplexity import _PerplexityFormatter
 from gateway.mock.knobs import BodyKind, DirectiveError, Knobs
+from gateway.mock.script import Part, is_answer_text
 
 #: A dialect's name: a key of `_FORMATTERS`.
 Dialect = str
@@ -46,6 +50,9 @@ class StreamSpec:
     include_usage: bool = False  # OpenAI stream_options.include_usage
     request_id: str = "mock"
     created: int = 0
+    #: A scripted stream's body (typed parts, `gateway.mock.script.build_parts`); None: the
+    #: text pieces alone.
+    parts: tuple[Part, ...] | None = None
 
     @property
     def eol(self) -> bytes:
@@ -56,11 +63,12 @@ class StreamSpec:
 @dataclass(frozen=True, slots=True)
 class Emit:
     """Write these bytes. `paced` events are separated by the chunk delay; `kind` says whether
-    the event carries answer text (counted in `chunks_sent`) or is an injected fault."""
+    the event carries answer text (counted in `chunks_sent`), another typed part (reasoning, a
+    tool call, a progress step) or is an injected fault."""
 
     data: bytes
     paced: bool = False
-    kind: Literal["meta", "text", "fault"] = "meta"
+    kind: Literal["meta", "text", "part", "fault"] = "meta"
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,9 +114,32 @@ DEFAULT_MODELS: Final[Mapping[Dialect, str]] = {
 }
 
 
+def scripted_tokens(knobs: Knobs) -> list[str]:
+    """The typed parts `knobs` ask for, as the tokens of a format's `scripts`."""
+    tokens = [f"reasoning={knobs.reasoning}"] if knobs.reasoning is not None else []
+    for token, on in (
+        ("tools", knobs.tools is not None),
+        ("sources", knobs.sources is not None),
+        ("concise", knobs.concise),
+        ("refusal", knobs.refusal),
+        ("choices", knobs.choices > 1),
+    ):
+        if on:
+            tokens.append(token)
+    return tokens
+
+
 def validate_for_dialect(knobs: Knobs, dialect: Dialect) -> None:
-    """Reject knobs that mean nothing for `dialect` (the events format has no finish chunk)."""
+    """Reject knobs that mean nothing for `dialect` (the events format has no finish chunk, and
+    only the chat formats carry typed parts, each those of its API)."""
     fmt = _FORMATTERS[dialect]
+    for token in scripted_tokens(knobs):
+        if token not in fmt.scripts:
+            where = " and ".join(f.routes[0] for f in _FORMATTERS.values() if token in f.scripts)
+            shown = token if "=" in token else f"key {token!r}"
+            raise DirectiveError(
+                token.partition("=")[0], f"mock directive {shown} applies to {where} only"
+            )
     if not knobs.finish and not fmt.finish_chunk:
         where = " and ".join(f.routes[0] for f in _FORMATTERS.values() if f.finish_chunk)
         raise DirectiveError("finish", f"finish=0 applies to {where} only")
@@ -127,11 +158,12 @@ def plan_stream(spec: StreamSpec) -> Iterator[Step]:
     fmt = _FORMATTERS[spec.dialect](spec)
     knobs = spec.knobs
     ping = keepalive_comment(spec.eol) if knobs.comments else b""
-    fault_at = min(knobs.after, len(spec.pieces)) if knobs.fault is not None else -1
+    body = spec.pieces if spec.parts is None else spec.parts
+    fault_at = min(knobs.after, len(body)) if knobs.fault is not None else -1
 
     for data in fmt.preamble():
         yield Emit(ping + data, paced=True)
-    for i in range(len(spec.pieces) + 1):
+    for i in range(len(body) + 1):
         if i == fault_at:
             if knobs.fault == "malformed":
                 yield Emit(ping + fmt.malformed(), kind="fault")
@@ -140,8 +172,13 @@ def plan_stream(spec: StreamSpec) -> Iterator[Step]:
             elif knobs.fault is not None:
                 yield Fault(knobs.fault)
                 return
-        if i < len(spec.pieces):
-            yield Emit(ping + fmt.text(spec.pieces[i]), paced=True, kind="text")
+        if i < len(body):
+            part = body[i]
+            if isinstance(part, str):
+                yield Emit(ping + fmt.text(part), paced=True, kind="text")
+            else:
+                kind: Literal["text", "part"] = "text" if is_answer_text(part) else "part"
+                yield Emit(ping + fmt.part(part), paced=True, kind=kind)
     for data, paced in fmt.finale():
         yield Emit(ping + data, paced=paced)
 

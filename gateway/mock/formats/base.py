@@ -18,6 +18,7 @@ import orjson
 
 from gateway.mock.answers import Answer
 from gateway.mock.knobs import Knobs
+from gateway.mock.script import Part
 
 
 class SpecView(Protocol):
@@ -62,6 +63,9 @@ class _Formatter(ABC):
     finish_chunk: ClassVar[bool] = True
     #: Whether fast=1 can pre-render a text event as prefix + JSON-escaped text + suffix.
     prerenderable: ClassVar[bool] = True
+    #: The typed parts this API can carry, as knob tokens: "reasoning=think", "tools",
+    #: "sources", "concise", "refusal", "choices" (`validate_for_dialect` refuses the rest).
+    scripts: ClassVar[frozenset[str]] = frozenset()
 
     @staticmethod
     def make_request_id(token: uuid.UUID) -> str:
@@ -72,6 +76,10 @@ class _Formatter(ABC):
         self.spec = spec
         self.eol = spec.eol
         self.text_parts: list[str] = []
+        #: Reasoning pieces sent (counted as completion tokens, like real usage).
+        self.reasoning_parts: list[str] = []
+        #: Other completion tokens sent (tool-call fragments).
+        self.other_tokens = 0
 
     def event(self, data: bytes, name: str | None = None) -> bytes:
         lines = [b"data: " + data]
@@ -79,14 +87,17 @@ class _Formatter(ABC):
             lines.insert(0, b"event: " + name.encode())
         return self.eol.join(lines) + self.eol + self.eol
 
-    def usage(self) -> dict[str, int]:
-        completion = len(self.text_parts)
+    def usage(self) -> dict[str, Any]:
+        completion = len(self.text_parts) + len(self.reasoning_parts) + self.other_tokens
         prompt = self.spec.prompt_tokens
-        return {
+        usage: dict[str, Any] = {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
         }
+        if self.reasoning_parts:
+            usage["completion_tokens_details"] = {"reasoning_tokens": len(self.reasoning_parts)}
+        return usage
 
     def padded(self, obj: dict[str, Any], size: int) -> bytes:
         """`obj` plus a "padding" string sized so the JSON is `size` bytes (if it can be)."""
@@ -101,6 +112,11 @@ class _Formatter(ABC):
     @abstractmethod
     def text(self, piece: str) -> bytes:
         """The event carrying one text piece."""
+
+    def part(self, part: Part) -> bytes:
+        """The event carrying one typed part (`gateway.mock.script`); only the parts named in
+        `scripts` reach a format (`validate_for_dialect`)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot render {part!r}")
 
     @abstractmethod
     def finale(self) -> Iterator[tuple[bytes, bool]]:
