@@ -126,6 +126,11 @@ class Config:
     max_streams_per_principal: int = 0
     starts_per_minute: int = 0
     max_prompt_chars: int = 0
+    #: Typed answer parts (protocol.md, "Parts"): reasoning per stream and one tool call's
+    #: arguments in bytes (over either, the stream fails), sources per stream (more: dropped).
+    max_reasoning_bytes: int = 1 << 20
+    max_tool_args_bytes: int = 256 << 10
+    max_sources: int = 200
     allowed_models: tuple[str, ...] | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -401,6 +406,24 @@ def add_serve_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, s
         "max-message-bytes",
         "largest client frame accepted, bytes",
         d.max_message_bytes,
+        _positive(int),
+    )
+    flag(
+        "max-reasoning-bytes",
+        "reasoning text per stream, bytes; over it the stream ends with upstream_protocol_error",
+        d.max_reasoning_bytes,
+        _positive(int),
+    )
+    flag(
+        "max-tool-args-bytes",
+        "one tool call's arguments, bytes; over it the stream ends with upstream_protocol_error",
+        d.max_tool_args_bytes,
+        _positive(int),
+    )
+    flag(
+        "max-sources",
+        "distinct sources per stream; further ones are dropped (and counted)",
+        d.max_sources,
         _positive(int),
     )
     flag(

@@ -83,6 +83,18 @@ class Metrics:
         self.chunks = Counter(
             "gateway_upstream_chunks", "Upstream text deltas relayed", ["dialect"], registry=r
         )
+        self.parts_sent = Counter(
+            "gateway_parts",
+            "Part messages sent (reasoning_chunk, sources, tool_call, progress), by kind",
+            ["dialect", "kind"],
+            registry=r,
+        )
+        self.sources_dropped = Counter(
+            "gateway_sources_dropped",
+            "Sources an upstream revealed beyond --max-sources in one stream (not relayed)",
+            ["dialect"],
+            registry=r,
+        )
         self.upstream_bytes = Counter(
             "gateway_upstream_bytes", "Upstream body bytes read", ["dialect"], registry=r
         )

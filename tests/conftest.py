@@ -12,6 +12,7 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -27,6 +28,14 @@ from gateway.mock import MockUpstream
 from tests.schema import validate_server_frame
 
 TIMEOUT = 10.0
+
+#: Real upstream streams recorded by other projects (../shared/reference/transcripts: they may
+#: not be copied into this repository), or $GATEWAY_TRANSCRIPTS; None where neither exists.
+_TRANSCRIPTS = Path(
+    os.environ.get("GATEWAY_TRANSCRIPTS")
+    or Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "transcripts"
+)
+TRANSCRIPTS: Path | None = _TRANSCRIPTS if _TRANSCRIPTS.is_dir() else None
 TERMINAL = ("done", "cancelled")
 
 
@@ -213,7 +222,7 @@ async def make_stack() -> AsyncIterator[StackFactory]:
     ) -> Stack:
         """`clock`: a ManualClock that the gateway's timers run on (grace, retention, auth
         and idle deadlines, keepalive, read gaps), which the test moves instead of sleeping."""
-        mock = MockUpstream(default_delay_ms=0)
+        mock = MockUpstream(default_delay_ms=0, transcripts_dir=TRANSCRIPTS)
         base = await mock.start()
         config = Config(port=0, dialect=dialect, **{**SEAM_MODES, **overrides})
         gateway = Gateway(config, url or f"{base}/{dialect}", clock=clock)

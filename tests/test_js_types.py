@@ -22,6 +22,15 @@ TS_NAMES = {
     "welcome": ["WelcomeFrame"],
     "started": ["StartedFrame"],
     "text_chunk": ["TextChunkFrame"],
+    "reasoning_chunk": ["ReasoningChunkFrame"],
+    "sources": ["SourcesFrame"],
+    "tool_call": [
+        "ToolCallFrameHead",
+        "ToolCallBodyBase",
+        "ToolCallWithArguments",
+        "ToolCallWithRawArguments",
+    ],
+    "progress": ["ProgressFrame"],
     "done": ["DoneFrame"],
     "cancelled": ["CancelledFrame"],
     "error": ["ErrorFrame"],
@@ -50,10 +59,36 @@ def interfaces() -> dict[str, dict[str, bool]]:
     return found
 
 
+def resolved(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` with its `$ref` followed and its `allOf` merged into one object schema
+    (properties, required and oneOf of every part), which is what a TypeScript interface
+    that extends others, or an intersection of them, declares."""
+    if "$ref" in schema:
+        name = schema["$ref"].rsplit("/", 1)[1]
+        schema = document()["components"]["schemas"][name]
+    merged: dict[str, Any] = {
+        "properties": dict(schema.get("properties", {})),
+        "required": list(schema.get("required", [])),
+        "oneOf": list(schema.get("oneOf", [])),
+    }
+    for part in schema.get("allOf", []):
+        inner = resolved(part)
+        merged["properties"].update(inner["properties"])
+        merged["required"] += inner["required"]
+        merged["oneOf"] += inner["oneOf"]
+    return merged
+
+
 def schema_for(kind: str) -> dict[str, Any]:
     name = {**SERVER_FRAMES, **CLIENT_FRAMES}[kind]
-    schema: dict[str, Any] = document()["components"]["schemas"][name]
-    return schema
+    return resolved(document()["components"]["schemas"][name])
+
+
+def alternatives(schema: dict[str, Any]) -> set[str]:
+    """Fields required in one branch of a `oneOf` (start's prompt or messages, a tool call's
+    arguments or arguments_raw): TypeScript declares each branch as an interface of its own,
+    required there and `?: never` in the others."""
+    return {field for branch in schema["oneOf"] for field in branch.get("required", [])}
 
 
 @pytest.mark.parametrize("kind", sorted({*SERVER_FRAMES, *CLIENT_FRAMES}))
@@ -67,17 +102,19 @@ def test_every_frame_has_matching_typescript(kind: str) -> None:
         for field, optional in ts[name].items():
             fields[field] = fields.get(field, True) and optional
     schema = schema_for(kind)
-    properties = set(schema.get("properties", {}))
-    required = set(schema.get("required", []))
+    properties = set(schema["properties"])
+    required = set(schema["required"])
     missing = properties - set(fields)
     assert not missing, f"{kind}: index.d.ts lacks {sorted(missing)}"
     extra = {f for f in fields if f not in properties and fields[f] is False}
     assert not extra, f"{kind}: index.d.ts requires fields the spec does not know: {sorted(extra)}"
-    if kind != "start":  # start's prompt/messages alternative is a oneOf in the schema
-        ts_required = {f for f, optional in fields.items() if not optional}
-        assert ts_required == required, (
-            f"{kind}: required {sorted(ts_required)} != {sorted(required)}"
-        )
+    either = alternatives(schema)
+    ts_required = {f for f, optional in fields.items() if not optional} - either
+    assert ts_required == required - either, (
+        f"{kind}: required {sorted(ts_required)} != {sorted(required - either)}"
+    )
+    for field in either:  # required in the interface of its own branch
+        assert any(ts[name].get(field) is False for name in TS_NAMES[kind]), (kind, field)
 
 
 def test_error_codes_match() -> None:

@@ -25,8 +25,9 @@ export interface Limits {
   [key: string]: unknown;
 }
 
-export type Role = "system" | "user" | "assistant";
+export type Role = "system" | "user" | "assistant" | "tool";
 
+/** A text piece of a multimodal message's content (not to be confused with a stream's parts). */
 export interface TextPart {
   type: "text";
   text: string;
@@ -35,10 +36,63 @@ export interface TextPart {
 
 export type ContentPart = TextPart | { type: string; [key: string]: unknown };
 
-export interface ChatMessage {
-  role: Role;
+/** A tool call as an assistant message carries it back to the gateway (OpenAI's chat shape). */
+export interface ToolCallRequest {
+  id: string;
+  type?: "function";
+  function: {
+    /** 1 to 128 characters of [A-Za-z0-9_.-]. */
+    name: string;
+    /** The arguments as a JSON string. */
+    arguments?: string;
+  };
+}
+
+export interface SystemMessage {
+  role: "system";
   content: string | ContentPart[];
 }
+
+export interface UserMessage {
+  role: "user";
+  content: string | ContentPart[];
+}
+
+export interface AssistantMessage {
+  role: "assistant";
+  /** null when the message only calls tools. */
+  content: string | ContentPart[] | null;
+  /** The calls the assistant made (1 to 128), for a tool loop. */
+  tool_calls?: ToolCallRequest[];
+}
+
+/** A tool's result: answers the call whose call_id is `tool_call_id`. */
+export interface ToolMessage {
+  role: "tool";
+  tool_call_id: string;
+  content: string | ContentPart[];
+}
+
+export type ChatMessage = SystemMessage | UserMessage | AssistantMessage | ToolMessage;
+
+/** A function the model may call (OpenAI's chat `tools`); the client runs it. */
+export interface ToolDeclaration {
+  type: "function";
+  function: {
+    /** 1 to 128 characters of [A-Za-z0-9_.-]. */
+    name: string;
+    description?: string;
+    /** A JSON schema of the arguments. */
+    parameters?: Record<string, unknown>;
+    strict?: boolean;
+  };
+}
+
+export type ToolChoice = "auto" | "none" | "required" | { type: "function"; function: { name: string } };
+
+/** The kinds of content a start may ask for besides text (docs/protocol.md, "Parts"). */
+export type PartKind = "reasoning" | "sources" | "tools" | "progress";
+export declare const PART_KINDS: readonly PartKind[];
 
 /** Options copied into the upstream request body; any other key is refused with bad_message. */
 export interface StartOptions {
@@ -68,6 +122,12 @@ export interface StartOptions {
   web_search_options?: Record<string, unknown>;
   disable_search?: boolean;
   enable_search_classifier?: boolean;
+  /** Up to 128 function declarations (OpenAI-compatible upstreams). */
+  tools?: ToolDeclaration[];
+  tool_choice?: ToolChoice;
+  parallel_tool_calls?: boolean;
+  /** Perplexity's: "concise" streams its reasoning steps (as progress parts). */
+  stream_mode?: "full" | "concise";
 }
 
 // --- client to server ---------------------------------------------------------------------------
@@ -78,6 +138,8 @@ interface StartBase {
   /** 1 to 128 characters; the gateway's default model when absent. */
   model?: string;
   options?: StartOptions;
+  /** The kinds of content wanted besides text; without it the stream is protocol 1's. */
+  parts?: PartKind[];
 }
 export interface StartPromptFrame extends StartBase {
   prompt: string;
@@ -109,7 +171,7 @@ export interface ResumeFrame {
   type: "resume";
   id: StreamId;
   resume_token: string;
-  /** The seq of the last text_chunk the client received. */
+  /** The seq of the last content message (of any kind) the client received. */
   after: number;
 }
 
@@ -123,6 +185,8 @@ export interface WelcomeFrame {
   /** Opaque id for support and logs. */
   session: string;
   limits: Limits;
+  /** The part kinds a start may ask for (absent: an older gateway, text only). */
+  parts?: PartKind[];
 }
 
 /** Answers an `auth` sent on an open socket (a token refresh, or any `auth` when auth is off). */
@@ -153,9 +217,91 @@ export interface ResumedFrame {
 export interface TextChunkFrame {
   type: "text_chunk";
   id: StreamId;
-  /** Counts this stream's text_chunk frames from 1 without gaps. */
+  /** Counts this stream's content messages (text and parts) from 1 without gaps. */
   seq: number;
   text: string;
+}
+
+/** The model's reasoning text (a start that asked for "reasoning"); never part of the answer. */
+export interface ReasoningChunkFrame {
+  type: "reasoning_chunk";
+  id: StreamId;
+  /** The stream's shared content seq. */
+  seq: number;
+  text: string;
+}
+
+/** A source the answer rests on. */
+export interface Source {
+  /** The number the answer's [n] markers use for this source (from 1). */
+  index: number;
+  url: string;
+  title?: string;
+  snippet?: string;
+  date?: string;
+  [key: string]: unknown;
+}
+
+/** Sources not sent before in this stream, as soon as the upstream reveals them. */
+export interface SourcesFrame {
+  type: "sources";
+  id: StreamId;
+  seq: number;
+  /** At least one. */
+  sources: Source[];
+}
+
+interface ToolCallBodyBase {
+  call_id: string;
+  name: string;
+}
+/** A call whose arguments are valid JSON. */
+export interface ToolCallWithArguments extends ToolCallBodyBase {
+  /** The parsed JSON arguments. */
+  arguments: unknown;
+  arguments_raw?: never;
+}
+/** A call whose arguments are not valid JSON: the string as the model wrote it. */
+export interface ToolCallWithRawArguments extends ToolCallBodyBase {
+  arguments_raw: string;
+  arguments?: never;
+}
+/** One tool call, as `tool_call` and `done.tool_calls` carry it. */
+export type ToolCallBody = ToolCallWithArguments | ToolCallWithRawArguments;
+
+interface ToolCallFrameHead {
+  type: "tool_call";
+  id: StreamId;
+  seq: number;
+}
+/** One complete call of a tool the client declared (a start that asked for "tools"). */
+export type ToolCallFrame = ToolCallFrameHead & ToolCallBody;
+
+export type ProgressStepKind = "search" | "fetch" | "code" | "thought" | "other";
+
+/** What the upstream is doing; fields by kind (all optional). */
+export interface ProgressStep {
+  kind: ProgressStepKind;
+  /** search: the queries. */
+  queries?: string[];
+  /** search: what it found. */
+  results?: unknown[];
+  /** fetch: the URLs read. */
+  urls?: string[];
+  /** code: the code run, and its result. */
+  code?: string;
+  result?: string;
+  /** thought: its text. */
+  text?: string;
+  [key: string]: unknown;
+}
+
+/** A step of the upstream's own work (a start that asked for "progress"). */
+export interface ProgressFrame {
+  type: "progress";
+  id: StreamId;
+  seq: number;
+  step: ProgressStep;
 }
 
 export interface SearchResult {
@@ -165,17 +311,18 @@ export interface SearchResult {
   [key: string]: unknown;
 }
 
+/** Token counts as the upstream reported them (a count it did not send is absent). */
 export interface Usage {
-  prompt_tokens: number;
-  completion_tokens: number;
-  total_tokens: number;
+  prompt_tokens?: number;
+  completion_tokens?: number;
+  total_tokens?: number;
   [key: string]: unknown;
 }
 
 export interface DoneFrame {
   type: "done";
   id: StreamId;
-  /** The last chunk's seq (0 if there was none). */
+  /** The last content message's seq (0 if there was none). */
   seq: number;
   /** Exactly the concatenation of the stream's text_chunk texts. */
   text: string;
@@ -185,14 +332,23 @@ export interface DoneFrame {
   related_questions?: string[];
   videos?: unknown[];
   usage?: Usage;
-  finish_reason?: string;
+  /** stop, length, tool_calls or content_filter (normalised); absent when the upstream said nothing. */
+  finish_reason?: "stop" | "length" | "tool_calls" | "content_filter" | (string & {});
+  /** Present (true) when the answer is the model's refusal. */
+  refusal?: true;
+  /** All the reasoning text (a start that asked for "reasoning"). */
+  reasoning?: string;
+  /** Every tool call (a start that asked for "tools"). */
+  tool_calls?: ToolCallBody[];
 }
 
 export interface CancelledFrame {
   type: "cancelled";
   id: StreamId;
-  /** The last text_chunk sent. */
+  /** The last content message sent. */
   seq: number;
+  /** The tokens the upstream reported before the cancel (the tokens spent are spent). */
+  usage?: Usage;
 }
 
 export type ProtocolErrorCode =
@@ -228,6 +384,8 @@ export interface ErrorFrame {
   status?: number;
   /** From the upstream's Retry-After. */
   retry_after_ms?: number;
+  /** The tokens the upstream reported before the stream failed. */
+  usage?: Usage;
 }
 
 export type ServerFrame =
@@ -237,6 +395,10 @@ export type ServerFrame =
   | StartedFrame
   | ResumedFrame
   | TextChunkFrame
+  | ReasoningChunkFrame
+  | SourcesFrame
+  | ToolCallFrame
+  | ProgressFrame
   | DoneFrame
   | CancelledFrame
   | ErrorFrame;
@@ -321,6 +483,35 @@ export declare class GatewayErrorEvent extends Event {
   readonly error: GatewayError;
 }
 
+/** A tool call as the client API shows it: `arguments` parsed, or `argumentsRaw` when not valid JSON. */
+export type ToolCall =
+  | { callId: string; name: string; arguments: unknown; argumentsRaw?: never }
+  | { callId: string; name: string; argumentsRaw: string; arguments?: never };
+
+/** What `stream.parts()` yields, told apart by `kind`; `seq` is the message's place in the stream. */
+export interface TextChunkPart {
+  kind: "text";
+  seq: number;
+  text: string;
+}
+export interface ReasoningPart {
+  kind: "reasoning";
+  seq: number;
+  text: string;
+}
+export interface SourcesPart {
+  kind: "sources";
+  seq: number;
+  sources: Source[];
+}
+export type ToolCallPart = { kind: "tool_call"; seq: number } & ToolCall;
+export interface ProgressPart {
+  kind: "progress";
+  seq: number;
+  step: ProgressStep;
+}
+export type StreamPart = TextChunkPart | ReasoningPart | SourcesPart | ToolCallPart | ProgressPart;
+
 /** The whole answer of a stream that ended with `done`. */
 export interface Answer {
   id: StreamId;
@@ -332,10 +523,25 @@ export interface Answer {
   relatedQuestions: string[];
   videos: unknown[];
   usage: Usage | null;
-  finishReason: string | null;
+  /** stop, length, tool_calls or content_filter; null when the upstream said nothing. */
+  finishReason: DoneFrame["finish_reason"] | null;
+  /** The reasoning ("" unless the stream asked for "reasoning"). */
+  reasoning: string;
+  /** The sources streamed as `sources` messages (a stream that asked for "sources"). */
+  sources: Source[];
+  /** The tool calls (a stream that asked for "tools"). */
+  toolCalls: ToolCall[];
+  /** Whether the answer is the model's refusal. */
+  refusal: boolean;
   /** The done frame as received. */
   raw: DoneFrame;
 }
+
+/**
+ * The assistant message that continues the conversation after `answer` (for a tool loop: with
+ * its `tool_calls`, `content: null` when it has no text).
+ */
+export declare function assistantMessage(answer: Pick<Answer, "text" | "toolCalls">): AssistantMessage;
 
 export type StreamState =
   | "queued"
@@ -352,6 +558,12 @@ export interface StreamOptions {
   signal?: AbortSignal;
   model?: string;
   options?: StartOptions;
+  /** What to stream besides text (`stream.parts()` yields it); see `welcome.parts`. */
+  parts?: PartKind[];
+  /** Functions the model may call; goes into `options.tools` and implies the "tools" part. */
+  tools?: ToolDeclaration[];
+  /** Goes into `options.tool_choice`. */
+  toolChoice?: ToolChoice;
   /** Your own id; generated ("s1", "s2", ...) when absent. */
   id?: StreamId;
 }
@@ -362,7 +574,13 @@ export declare class GatewayStream implements AsyncIterable<string> {
   readonly state: StreamState;
   /** The text received so far. */
   readonly text: string;
-  /** The seq of the last chunk received. */
+  /** The reasoning received so far. */
+  readonly reasoning: string;
+  /** The sources received so far, in arrival order. */
+  readonly sources: readonly Source[];
+  /** The tool calls received so far. */
+  readonly toolCalls: readonly ToolCall[];
+  /** The seq of the last content message received (text and parts share it). */
   readonly seq: number;
   readonly resumeToken: string | null;
   readonly signal: AbortSignal | null;
@@ -379,6 +597,11 @@ export declare class GatewayStream implements AsyncIterable<string> {
   cancel(reason?: unknown): void;
   /** Each chunk's text. Leaving the loop early cancels the stream. One iteration per stream. */
   [Symbol.asyncIterator](): AsyncIterator<string, undefined>;
+  /**
+   * Typed parts in the order they came, text included: one ordered stream for a UI. Independent
+   * of the text iteration. Leaving the loop early cancels the stream. One iteration per stream.
+   */
+  parts(): AsyncIterableIterator<StreamPart>;
 }
 
 export interface ReconnectOptions {

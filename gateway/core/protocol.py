@@ -15,14 +15,22 @@ from typing import Any, Final
 
 import orjson
 
+from gateway.core.parts import KNOWN_PARTS, PART_KINDS
+
 PROTOCOL_VERSION: Final = 1
 
 #: Stream ids: 1 to 64 characters of [A-Za-z0-9._:-] (protocol.md, "Stream ids"). The character
 #: set needs no JSON escaping, which lets the hot path splice ids into frames verbatim.
 ID_PATTERN: Final = re.compile(r"[A-Za-z0-9._:\-]{1,64}")
 
-#: Roles a client may put in `messages` (the upstream APIs accept exactly these for chat).
-ROLES: Final = frozenset({"system", "user", "assistant"})
+#: Roles a client may put in `messages` (the upstream APIs accept exactly these for chat; `tool`
+#: carries a tool's result back, with the `tool_call_id` it answers).
+ROLES: Final = frozenset({"system", "user", "assistant", "tool"})
+
+#: Tools a client may declare for one request, and the length of a tool or call id.
+MAX_TOOLS: Final = 128
+MAX_TOOL_ID: Final = 256
+_TOOL_NAME: Final = re.compile(r"[A-Za-z0-9_\-.]{1,128}")
 
 #: Upstream request options a client may set (protocol.md, "start"). Everything else is refused
 #: with `bad_message` so a typo is loud and no internal or billing-relevant field can be smuggled
@@ -57,6 +65,12 @@ ALLOWED_OPTIONS: Final = frozenset(
         "web_search_options",
         "disable_search",
         "enable_search_classifier",
+        # tools (OpenAI-compatible upstreams; checked by _tools below)
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        # Perplexity's answer shape: "full" (default) or "concise" (reasoning steps as progress)
+        "stream_mode",
     }
 )
 
@@ -135,6 +149,8 @@ class Start:
     messages: tuple[dict[str, Any], ...]
     model: str | None
     options: dict[str, Any]
+    #: The part kinds the client asked for besides text (protocol.md, "Parts").
+    parts: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,14 +238,21 @@ def _messages(obj: dict[str, Any], sid: str) -> tuple[dict[str, Any], ...]:
                 f"messages[{i}].role must be one of {', '.join(sorted(ROLES))}",
                 sid,
             )
-        # Content is a string, or a list of typed parts (multimodal) passed through as given.
-        if not (isinstance(content, str) or (isinstance(content, list) and content)):
+        calls = m.get("tool_calls") if role == "assistant" else None
+        message: dict[str, Any] = {"role": role}
+        if calls is not None:
+            message["tool_calls"] = _tool_calls(calls, i, sid)
+        # Content is a string, or a list of typed parts (multimodal) passed through as given;
+        # an assistant message that calls tools may have none (null).
+        if content is None and calls is not None:
+            pass
+        elif not (isinstance(content, str) or (isinstance(content, list) and content)):
             raise ProtocolViolation(
                 ErrorCode.BAD_MESSAGE,
                 f"messages[{i}].content must be a string or a non-empty list of parts",
                 sid,
             )
-        if isinstance(content, list) and not all(
+        elif isinstance(content, list) and not all(
             isinstance(p, dict) and isinstance(p.get("type"), str) for p in content
         ):
             raise ProtocolViolation(
@@ -237,8 +260,130 @@ def _messages(obj: dict[str, Any], sid: str) -> tuple[dict[str, Any], ...]:
                 f"messages[{i}].content parts must be objects with a string 'type'",
                 sid,
             )
-        out.append({"role": role, "content": content})
+        message["content"] = content
+        if role == "tool":
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str) or not 0 < len(call_id) <= MAX_TOOL_ID:
+                raise ProtocolViolation(
+                    ErrorCode.BAD_MESSAGE,
+                    f"messages[{i}].tool_call_id must be the call_id of the tool call it answers",
+                    sid,
+                )
+            message["tool_call_id"] = call_id
+        out.append(message)
     return tuple(out)
+
+
+def _tool_calls(calls: Any, i: int, sid: str) -> list[dict[str, Any]]:
+    """An assistant message's `tool_calls`, as the OpenAI chat API takes them back."""
+    where = f"messages[{i}].tool_calls"
+    if not isinstance(calls, list) or not 0 < len(calls) <= MAX_TOOLS:
+        raise ProtocolViolation(
+            ErrorCode.BAD_MESSAGE, f"{where} must be a list of 1 to {MAX_TOOLS} calls", sid
+        )
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        call_id = call.get("id") if isinstance(call, dict) else None
+        if (
+            not isinstance(function, dict)
+            or not isinstance(call_id, str)
+            or not 0 < len(call_id) <= MAX_TOOL_ID
+            or call.get("type", "function") != "function"
+            or not isinstance(function.get("name"), str)
+            or _TOOL_NAME.fullmatch(function["name"]) is None
+            or not isinstance(function.get("arguments", ""), str)
+        ):
+            raise ProtocolViolation(
+                ErrorCode.BAD_MESSAGE,
+                f"{where}[{j}] must be {{'id', 'type': 'function', 'function': {{'name', "
+                "'arguments' (a JSON string)}}}",
+                sid,
+            )
+        out.append(
+            {
+                "id": call_id,
+                "type": "function",
+                "function": {"name": function["name"], "arguments": function.get("arguments", "")},
+            }
+        )
+    return out
+
+
+#: Keys a tool declaration's `function` may have (OpenAI's chat `tools`).
+_FUNCTION_KEYS: Final = frozenset({"name", "description", "parameters", "strict"})
+
+
+def _check_tools(options: dict[str, Any], sid: str) -> None:
+    """`options.tools`, `tool_choice`, `parallel_tool_calls` and `stream_mode`, strictly."""
+    tools = options.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list) or not 0 < len(tools) <= MAX_TOOLS:
+            raise ProtocolViolation(
+                ErrorCode.BAD_MESSAGE, f"'options.tools' must be a list of 1 to {MAX_TOOLS}", sid
+            )
+        for j, tool in enumerate(tools):
+            function = tool.get("function") if isinstance(tool, dict) else None
+            if (
+                not isinstance(function, dict)
+                or set(tool) - {"type", "function"}
+                or tool.get("type") != "function"
+                or set(function) - _FUNCTION_KEYS
+                or not isinstance(function.get("name"), str)
+                or _TOOL_NAME.fullmatch(function["name"]) is None
+                or not isinstance(function.get("description", ""), str)
+                or not isinstance(function.get("parameters", {}), dict)
+                or not isinstance(function.get("strict", False), bool)
+            ):
+                raise ProtocolViolation(
+                    ErrorCode.BAD_MESSAGE,
+                    f"options.tools[{j}] must be {{'type': 'function', 'function': {{'name', "
+                    "'description'?, 'parameters'? (a JSON schema), 'strict'?}}}",
+                    sid,
+                )
+    choice = options.get("tool_choice")
+    if choice is not None and choice not in ("auto", "none", "required"):
+        function = choice.get("function") if isinstance(choice, dict) else None
+        if (
+            not isinstance(function, dict)
+            or choice.get("type") != "function"
+            or not isinstance(function.get("name"), str)
+        ):
+            raise ProtocolViolation(
+                ErrorCode.BAD_MESSAGE,
+                "'options.tool_choice' must be 'auto', 'none', 'required' or "
+                "{'type': 'function', 'function': {'name'}}",
+                sid,
+            )
+    parallel = options.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise ProtocolViolation(
+            ErrorCode.BAD_MESSAGE, "'options.parallel_tool_calls' must be true or false", sid
+        )
+    mode = options.get("stream_mode")
+    if mode is not None and mode not in ("full", "concise"):
+        raise ProtocolViolation(
+            ErrorCode.BAD_MESSAGE, "'options.stream_mode' must be 'full' or 'concise'", sid
+        )
+
+
+def _parts(obj: dict[str, Any], sid: str) -> frozenset[str]:
+    """`start.parts`: the kinds a client wants besides text; an unknown one is named."""
+    parts = obj.get("parts")
+    if parts is None:
+        return frozenset()
+    if not isinstance(parts, list) or not all(isinstance(p, str) for p in parts):
+        raise ProtocolViolation(
+            ErrorCode.BAD_MESSAGE, f"'parts' must be a list of: {', '.join(PART_KINDS)}", sid
+        )
+    for kind in parts:
+        if kind not in KNOWN_PARTS:
+            raise ProtocolViolation(
+                ErrorCode.BAD_MESSAGE,
+                f"unknown part {kind[:32]!r} (known: {', '.join(PART_KINDS)})",
+                sid,
+            )
+    return frozenset(parts)
 
 
 def _options(obj: dict[str, Any], sid: str) -> dict[str, Any]:
@@ -254,6 +399,7 @@ def _options(obj: dict[str, Any], sid: str) -> dict[str, Any]:
             f"option not allowed: {unknown[0][:64]!r} (see protocol.md for the allowed options)",
             sid,
         )
+    _check_tools(options, sid)
     return dict(options)
 
 
@@ -292,7 +438,7 @@ def parse_client_frame(data: str | bytes, max_bytes: int) -> ClientMessage:
             raise ProtocolViolation(
                 ErrorCode.BAD_MESSAGE, "'model' must be a string of 1 to 128 characters", sid
             )
-        return Start(sid, _messages(obj, sid), model, _options(obj, sid))
+        return Start(sid, _messages(obj, sid), model, _options(obj, sid), _parts(obj, sid))
     if kind == "cancel":
         return Cancel(_stream_id(obj))
     if kind == "ping":
@@ -328,9 +474,15 @@ PONG: Final = b'{"type":"pong"}'
 
 
 def encode_welcome(session: str, limits: dict[str, int]) -> bytes:
-    """`welcome`, the first frame on every socket."""
+    """`welcome`, the first frame on every socket: with the part kinds a `start` may ask for."""
     return _dumps(
-        {"type": "welcome", "protocol": PROTOCOL_VERSION, "session": session, "limits": limits}
+        {
+            "type": "welcome",
+            "protocol": PROTOCOL_VERSION,
+            "session": session,
+            "limits": limits,
+            "parts": PART_KINDS,
+        }
     )
 
 
@@ -360,6 +512,14 @@ def chunk_prefix(stream_id: str) -> bytes:
 def encode_chunk(prefix: bytes, seq: int, text: str) -> bytes:
     """`text_chunk` from a stream's `chunk_prefix`: one join, one JSON string encode."""
     return b"".join((prefix, str(seq).encode(), b',"text":', _dumps(text), b"}"))
+
+
+def encode_part(kind: str, stream_id: str, seq: int, fields: dict[str, Any]) -> bytes:
+    """A part message: `reasoning_chunk` (`text`), `sources` (`sources`), `tool_call`
+    (`call_id`, `name`, `arguments` | `arguments_raw`) or `progress` (`step`)."""
+    msg: dict[str, Any] = {"type": kind, "id": stream_id, "seq": seq}
+    msg.update(fields)
+    return _dumps(msg)
 
 
 #: `done` metadata lists whose items must have one type (docs/asyncapi.yaml, Done).
@@ -417,9 +577,13 @@ def encode_meta(meta: dict[str, Any]) -> bytes:
     return _dumps(meta)
 
 
-def encode_cancelled(stream_id: str, seq: int) -> bytes:
-    """`cancelled`: the stream was stopped on request; `seq` is the last text_chunk sent."""
-    return _dumps({"type": "cancelled", "id": stream_id, "seq": seq})
+def encode_cancelled(stream_id: str, seq: int, usage: dict[str, Any] | None = None) -> bytes:
+    """`cancelled`: the stream was stopped on request; `seq` is the last message sent; `usage`
+    when the upstream had reported any."""
+    msg: dict[str, Any] = {"type": "cancelled", "id": stream_id, "seq": seq}
+    if usage is not None:
+        msg["usage"] = usage
+    return _dumps(msg)
 
 
 def encode_error(

@@ -7,9 +7,11 @@ upstream results (`text`, `done`, `fail`); it answers with frames in the `Outbox
 Invariants (protocol.md, "Streams"), each pinned by tests:
 - every accepted stream gets exactly one terminal frame (`done`, `cancelled` or `error`), and no
   frame of that stream follows it: terminal states are sticky and the outbox drops late output;
-- `seq` numbers the text_chunk frames actually sent, from 1, without gaps. Text is turned into a
-  frame only when the writer takes it (`Outbox.take_frames`), so deltas that wait together for a
-  busy socket are coalesced into one frame rather than queued one by one.
+- `seq` numbers a stream's content messages actually sent (text_chunk and the parts a client
+  asked for: reasoning_chunk, sources, tool_call, progress), from 1, without gaps. Text is turned
+  into a frame only when the writer takes it (`Outbox.take_frames`), so deltas that wait together
+  for a busy socket are coalesced into one frame rather than queued one by one; reasoning is
+  coalesced the same way, and any other part takes its seq when it arrives, in order.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from gateway.core.protocol import (
     encode_done,
     encode_error,
     encode_meta,
+    encode_part,
     encode_resumed,
     encode_started,
     encode_welcome,
@@ -103,6 +106,8 @@ class Sink(Protocol):
 
     def push_text(self, stream: Stream, text: str) -> None: ...
 
+    def push_part(self, stream: Stream, size: int) -> None: ...
+
     def push_terminal(self, stream: Stream, build: TerminalBuilder) -> None: ...
 
 
@@ -117,7 +122,8 @@ class Stream:
 
     The output is kept as the upstream deltas (`parts`, needed for `done.text` anyway) plus the
     end offset of every text_chunk sent (`ends`), so any chunk can be replayed on a resume
-    without storing the text twice.
+    without storing the text twice. The other messages (the parts a client asked for) are kept
+    as frames by seq, their id a placeholder (`part_frames`), for replays and other instances.
     """
 
     __slots__ = (
@@ -130,14 +136,19 @@ class Stream:
         "id",
         "meta_bytes",
         "on_chunk",
+        "on_part",
         "on_terminal",
         "outcome",
         "owner",
+        "part_bytes",
+        "part_frames",
         "parts",
         "pending",
+        "pending_reasoning",
         "prefix",
         "principal",
         "queued",
+        "ready",
         "request",
         "resume_token",
         "seq",
@@ -146,6 +157,8 @@ class Stream:
         "state",
         "terminal_sent",
         "text_len",
+        "upstream_meta",
+        "wants",
     )
 
     def __init__(
@@ -195,6 +208,20 @@ class Stream:
         self.outcome = "active"
         #: Size of the metadata its `done` carries (citations, usage...), for retention.
         self.meta_bytes = 0
+        #: The part kinds its client asked for besides text.
+        self.wants = request.parts
+        #: Reasoning deltas not yet turned into a frame (coalesced like text).
+        self.pending_reasoning: list[str] = []
+        #: Frames already numbered (a part, and the text before it) that the writer has not
+        #: taken yet: they go out before anything still pending.
+        self.ready: list[bytes] = []
+        #: Every part message by seq, with the id a placeholder (None while there is none).
+        self.part_frames: dict[int, bytes] | None = None
+        self.part_bytes = 0
+        self.on_part: Callable[[Stream, int, bytes], None] | None = None
+        #: What the upstream said besides text so far (its translator's: usage, citations...),
+        #: for the `usage` of a `cancelled` or `error`.
+        self.upstream_meta: dict[str, Any] | None = None
 
     @property
     def active(self) -> bool:
@@ -203,9 +230,84 @@ class Stream:
     def push(self, text: str) -> None:
         """A text delta from the upstream (hot path). Ignored once the stream is terminal."""
         if self.state is State.ACTIVE:
+            if self.pending_reasoning:
+                self._number_reasoning()
             self.parts.append(text)
             self.chunks_in += 1
             self.sink.push_text(self, text)
+
+    # -- parts (gateway.core.parts.PartSink): only for kinds the client asked for
+
+    def push_reasoning(self, text: str) -> None:
+        """A reasoning delta: coalesced into `reasoning_chunk` frames like text."""
+        if self.state is State.ACTIVE and text:
+            if self.pending:
+                self._number_text()
+            self.pending_reasoning.append(text)
+            self.sink.push_part(self, len(text))
+
+    def push_sources(self, sources: list[dict[str, Any]]) -> None:
+        if sources:
+            self._push_part("sources", {"sources": sources})
+
+    def push_tool_call(self, call: dict[str, Any]) -> None:
+        self._push_part("tool_call", call)
+
+    def push_progress(self, step: dict[str, Any]) -> None:
+        self._push_part("progress", {"step": step})
+
+    def _push_part(self, kind: str, fields: dict[str, Any]) -> None:
+        if self.state is not State.ACTIVE:
+            return
+        if self.pending:
+            self._number_text()
+        if self.pending_reasoning:
+            self._number_reasoning()
+        size = self._number(encode_part(kind, ID_PLACEHOLDER, self.seq + 1, fields))
+        self.sink.push_part(self, size)
+
+    def _number(self, template: bytes) -> int:
+        """Give the part frame `template` (placeholder id) the next seq: kept for replays and
+        mirrors, and made ready for the socket. Returns its size."""
+        self.seq += 1
+        if self.part_frames is None:
+            self.part_frames = {}
+        self.part_frames[self.seq] = template
+        self.part_bytes += len(template)
+        if self.on_part is not None:
+            self.on_part(self, self.seq, template)
+        frame = terminal_for(template, self.id)
+        self.ready.append(frame)
+        return len(frame)
+
+    def _number_reasoning(self) -> None:
+        pending = self.pending_reasoning
+        text = pending[0] if len(pending) == 1 else "".join(pending)
+        pending.clear()
+        self._number(encode_part("reasoning_chunk", ID_PLACEHOLDER, self.seq + 1, {"text": text}))
+
+    def _number_text(self) -> None:
+        """Turn the pending text into its frame now (a part follows it)."""
+        frame = self._encode_text()
+        if frame is not None:
+            self.ready.append(frame)
+
+    def _encode_text(self) -> bytes | None:
+        pending = self.pending
+        if not pending:
+            return None
+        if len(pending) == 1:
+            text = pending[0]
+        else:
+            text = "".join(pending)
+            self.coalesced += len(pending) - 1
+        pending.clear()
+        self.seq += 1
+        self.text_len += len(text)
+        self.ends.append(self.text_len)
+        if self.on_chunk is not None:
+            self.on_chunk(self, self.seq, text)
+        return encode_chunk(self.prefix, self.seq, text)
 
     def text(self) -> str:
         """The whole answer so far (joined once, then kept joined)."""
@@ -215,8 +317,12 @@ class Stream:
         return parts[0] if parts else ""
 
     def encode_pending(self) -> list[bytes]:
-        """Frames for everything pending: at most one text_chunk, then the terminal if set."""
+        """Frames for everything pending, in order: what is already numbered (parts, and the
+        text before them), then at most one text_chunk (or reasoning_chunk), then the terminal
+        if set."""
         frames: list[bytes] = []
+        if self.ready:
+            frames, self.ready = self.ready, []
         pending = self.pending
         if pending:
             if len(pending) == 1:
@@ -231,6 +337,10 @@ class Stream:
             frames.append(encode_chunk(self.prefix, self.seq, text))
             if self.on_chunk is not None:
                 self.on_chunk(self, self.seq, text)
+        elif self.pending_reasoning:
+            self._number_reasoning()
+            frames.extend(self.ready)
+            self.ready = []
         terminal = self._terminal
         if terminal is not None and not self.terminal_sent:
             self.terminal_sent = True
@@ -251,10 +361,25 @@ class Stream:
         full = self.text()
         prefix = chunk_prefix(stream_id)
         ends = self.ends
-        frames = [
-            encode_chunk(prefix, seq, full[ends[seq - 2] if seq > 1 else 0 : ends[seq - 1]])
-            for seq in range(after + 1, self.seq + 1)
-        ]
+        part_frames = self.part_frames
+        if part_frames is None:
+            frames = [
+                encode_chunk(prefix, seq, full[ends[seq - 2] if seq > 1 else 0 : ends[seq - 1]])
+                for seq in range(after + 1, self.seq + 1)
+            ]
+        else:
+            # Text chunks are numbered among the parts: the n-th text chunk's seq is n plus
+            # the parts before it.
+            frames = []
+            chunk = sum(1 for seq in range(1, after + 1) if seq not in part_frames)
+            for seq in range(after + 1, self.seq + 1):
+                template = part_frames.get(seq)
+                if template is not None:
+                    frames.append(terminal_for(template, stream_id))
+                    continue
+                start = ends[chunk - 1] if chunk else 0
+                frames.append(encode_chunk(prefix, seq, full[start : ends[chunk]]))
+                chunk += 1
         if self.terminal_sent and self._terminal is not None:
             frames.append(self._terminal(self, stream_id, self.seq))
         return frames
@@ -282,11 +407,12 @@ class Stream:
         fixed overhead. Measured once, when it is retained; it does not change afterwards."""
         chunks = len(self.ends) + (1 if self.pending else 0)
         text = self.text()
+        parts = self.part_bytes + (STR_HEADER if self.part_frames else 0)
         # An ASCII str takes a byte per character. Any other takes up to 4, plus up to 4 for
         # the UTF-8 copy CPython caches on it once it is encoded (a frame, a Redis entry):
         # counted at that bound, so the size does not depend on whether that happened yet.
         text_bytes = len(text) if text.isascii() else 8 * len(text)
-        return STR_HEADER + text_bytes + 8 * chunks + self.meta_bytes + RETAINED_OVERHEAD
+        return STR_HEADER + text_bytes + 8 * chunks + self.meta_bytes + parts + RETAINED_OVERHEAD
 
     def rename(self, stream_id: str) -> None:
         """Take the id a resuming client uses on its new socket."""
@@ -303,6 +429,9 @@ class _Detached:
 
     def push_text(self, stream: Stream, text: str) -> None:
         stream.pending.append(text)
+        stream.encode_pending()
+
+    def push_part(self, stream: Stream, size: int) -> None:
         stream.encode_pending()
 
     def push_terminal(self, stream: Stream, build: TerminalBuilder) -> None:
@@ -357,6 +486,13 @@ class Outbox:
             stream.queued = True
             self._enqueue(stream, stream.seq == 0)
 
+    def push_part(self, stream: Stream, size: int) -> None:
+        """`stream` has a part (or reasoning text) of `size` bytes to send."""
+        self.buffered += size
+        if not stream.queued:
+            stream.queued = True
+            self._enqueue(stream, stream.seq <= 1)
+
     def push_terminal(self, stream: Stream, build: TerminalBuilder) -> None:
         """Queue `stream`'s terminal frame after its pending text; built with the final seq."""
         stream._terminal = build
@@ -390,10 +526,12 @@ class Outbox:
         self.buffered = 0
 
     def discard_pending(self, stream: Stream) -> None:
-        """Drop text of `stream` not yet sent (it was cancelled: unsent text never counts)."""
+        """Drop text of `stream` not yet sent (it was cancelled: unsent text never counts).
+        Parts already numbered stay: their seqs are taken."""
         for text in stream.pending:
             self.buffered -= len(text)
         stream.pending.clear()
+        stream.pending_reasoning.clear()
 
     def take_frames(self) -> list[bytes]:
         """Everything queued, as frames in order; the outbox is empty afterwards."""
@@ -547,14 +685,27 @@ def finish_fail(
     if stream.state is not State.ACTIVE:
         return
 
+    usage = upstream_usage(stream)
+    if usage is not None:
+        extra["usage"] = usage
+
     def build(_stream: Stream, sid: str, seq: int) -> bytes:
         return encode_error(code, message, sid, retryable, seq=seq, **extra)
 
     _end(stream, State.FAILED, code.value, build)
 
 
-def _build_cancelled(_stream: Stream, sid: str, seq: int) -> bytes:
-    return encode_cancelled(sid, seq)
+def upstream_usage(stream: Stream) -> dict[str, Any] | None:
+    """The token usage the upstream reported for `stream` so far, in the documented shape."""
+    meta = stream.upstream_meta
+    if not meta or "usage" not in meta:
+        return None
+    usage: dict[str, Any] | None = clean_meta({"usage": meta["usage"]}).get("usage")
+    return usage
+
+
+def _build_cancelled(stream: Stream, sid: str, seq: int) -> bytes:
+    return encode_cancelled(sid, seq, upstream_usage(stream))
 
 
 def _end(stream: Stream, state: State, outcome: str, build: TerminalBuilder) -> None:
@@ -799,6 +950,12 @@ class Session:
             proxy.seq = seq
             proxy.text_len += len(text)
             self.outbox.push_frame(encode_chunk(proxy.prefix, seq, text))
+
+    def forward_part(self, proxy: Stream, seq: int, template: bytes) -> None:
+        """A part message of a remote stream (its id the placeholder), numbered by its owner."""
+        if proxy.state is State.ACTIVE:
+            proxy.seq = seq
+            self.outbox.push_frame(terminal_for(template, proxy.id))
 
     def end_remote(self, proxy: Stream, template: bytes) -> None:
         """The owner's terminal frame (its id is the placeholder) ends the proxy."""

@@ -510,9 +510,12 @@ class Connection:
             await store.send_control(meta["o"], "moved", msg.resume_token)
             return True
 
-        def on_chunk(seq: int, text: str) -> None:
+        def on_chunk(seq: int, entry: str | bytes) -> None:
             assert proxy is not None
-            session.forward(proxy, seq, text)
+            if isinstance(entry, str):
+                session.forward(proxy, seq, entry)
+            else:
+                session.forward_part(proxy, seq, entry)
 
         def on_terminal(frame: bytes) -> None:
             assert proxy is not None

@@ -120,6 +120,7 @@ class RedisStore:
         self._queue("set", f"gw:l:{token}", self.instance, px=LEASE_MS)
         self._leases.add(token)
         stream.on_chunk = self._chunk
+        stream.on_part = self._part
         stream.on_terminal = self._terminal
 
     def _chunk(self, stream: Stream, seq: int, text: str) -> None:
@@ -127,6 +128,16 @@ class RedisStore:
             "xadd",
             f"gw:s:{stream.resume_token}",
             {"s": seq, "x": text},
+            maxlen=MAX_ENTRIES,
+            approximate=True,
+        )
+
+    def _part(self, stream: Stream, seq: int, template: bytes) -> None:
+        """A part message (reasoning, sources, tool call, progress), its id the placeholder."""
+        self._queue(
+            "xadd",
+            f"gw:s:{stream.resume_token}",
+            {"s": seq, "p": template},
             maxlen=MAX_ENTRIES,
             approximate=True,
         )
@@ -205,7 +216,7 @@ class RedisStore:
         self,
         token: str,
         after: int,
-        on_chunk: Callable[[int, str], None],
+        on_chunk: Callable[[int, str | bytes], None],
         on_terminal: Callable[[bytes], None],
         on_lost: Callable[[str], None],
         replayed: Callable[[int], Awaitable[bool]],
@@ -250,7 +261,7 @@ class RedisStore:
     def _deliver(
         fields: dict[bytes, bytes],
         after: int,
-        on_chunk: Callable[[int, str], None],
+        on_chunk: Callable[[int, str | bytes], None],
         on_terminal: Callable[[bytes], None],
     ) -> bool:
         if b"e" in fields:
@@ -258,5 +269,7 @@ class RedisStore:
             return True
         seq = int(fields[b"s"])
         if seq > after:
-            on_chunk(seq, fields[b"x"].decode())
+            # A text chunk's text, or a part's whole frame (bytes, its id the placeholder).
+            part = fields.get(b"p")
+            on_chunk(seq, fields[b"x"].decode() if part is None else part)
         return False

@@ -32,6 +32,7 @@ from gateway.core.dialects import (
     status_retryable,
     translator_for,
 )
+from gateway.core.parts import PartLimits
 from gateway.core.protocol import ErrorCode
 from gateway.core.retry import RETRY_STATUSES, RetryPolicy
 from gateway.core.session import Outbox, State, Stream, finish_done, finish_fail
@@ -136,6 +137,9 @@ class Upstream:
         self, config: Config, url: str, metrics: Metrics | None = None, clock: Clock | None = None
     ) -> None:
         self.clock: Clock = clock if clock is not None else LoopClock()
+        self.part_limits = PartLimits(
+            config.max_reasoning_bytes, config.max_tool_args_bytes, config.max_sources
+        )
         self.config = config
         self.url = url
         self._url = yarl.URL(url)  # parsed once, not on every request
@@ -219,6 +223,15 @@ class Upstream:
             feed.fail(TimeoutError(f"no upstream bytes for {limit:g} s"))
         self._watchdog = self.clock.call_later(self._watch_period(), self._check_read_gaps)
 
+    def _count_parts(self, frames: dict[int, bytes]) -> None:
+        """Part messages by kind: each frame starts `{"type":"<kind>"`."""
+        kinds: dict[bytes, int] = {}
+        for frame in frames.values():
+            kind = frame[9 : frame.find(b'"', 9)]
+            kinds[kind] = kinds.get(kind, 0) + 1
+        for kind, n in kinds.items():
+            self.metrics.parts_sent.labels(self.dialect, kind.decode()).inc(n)
+
     def abort(self, stream: Stream) -> None:
         """Close `stream`'s upstream connection now (a cancel): the upstream sees it before the
         relay task has even run its cancellation, which under load is a loop iteration later.
@@ -282,6 +295,8 @@ class Upstream:
             ended = self._ended[stream.outcome] = m.streams_ended.labels(dialect, stream.outcome)
         ended.inc()
         self._chunks.inc(stream.chunks_in)
+        if stream.part_frames:
+            self._count_parts(stream.part_frames)
         self._bytes.inc(stream.bytes_in)
         content: dict[str, str] = {}
         if self.config.log_content:  # opt-in only: prompts and answers are user data
@@ -390,7 +405,9 @@ class Upstream:
         started: float,
     ) -> None:
         request = stream.request
-        translator = translator_for(self.dialect)
+        translator = translator_for(self.dialect, stream.wants, stream, self.part_limits)
+        # What the upstream reports besides text (usage...), for a cancelled or failed end.
+        stream.upstream_meta = translator.meta
         body = translator.build_body(
             request.model or self.config.default_model, request.messages, request.options
         )
@@ -432,6 +449,9 @@ class Upstream:
             finished_cleanly = feed.at_eof or (translator.finished and await _read_tail(content))
         finally:
             self.open_responses -= 1
+            dropped = translator.sources_dropped
+            if dropped:
+                self.metrics.sources_dropped.labels(self.dialect).inc(dropped)
             if feed is not None:
                 feed.detach()
                 self._live.pop(stream, None)

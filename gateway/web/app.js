@@ -4,6 +4,9 @@
 // whose every attribute it escapes; DOMPurify keeps only an allow-list of tags, attributes and
 // URL schemes of that; and the result is inserted as DOM nodes, never as an HTML string. The
 // page's Content-Security-Policy (no inline script, Trusted Types) backs all of that up.
+// What else a stream carries is untrusted too, and never HTML: the model's reasoning and the
+// progress line are plain text (textContent), a source is a link only when its URL is http(s),
+// and its title is text.
 import { GatewayClient, GatewayError } from "/js/index.js";
 import { Marked } from "/vendor/marked/marked.esm.js";
 
@@ -101,11 +104,15 @@ function markdownFragment(text) {
   return fragment;
 }
 
-/** A citation marker: a link to its source when the source is known, else the bare number. */
-function citationMarker(number, citations, missing) {
+/** The parts the page asks the gateway for besides the answer's text. */
+const PARTS = ["reasoning", "sources", "progress"];
+
+/** A citation marker: a link to its source when the source is known, else the bare number.
+ * `sources` maps a marker's number to its URL. */
+function citationMarker(number, sources, missing) {
   const sup = document.createElement("sup");
   sup.className = "cite";
-  const url = citations[number - 1];
+  const url = sources.get(number);
   if (typeof url === "string" && HTTP_URL.test(url)) {
     const link = document.createElement("a");
     link.href = url;
@@ -143,33 +150,107 @@ function linkCitations(root, citations, missing) {
   }
 }
 
-/** One answer's view: text appended as it streams is rendered at most once per frame. */
+/** One answer's view: text appended as it streams, and sources as they become known, are
+ * rendered at most once per frame; a marker links to its source as soon as that is known. */
 function answerView(element) {
   let text = "";
-  let citations = [];
-  let missing = "Its source arrives with the end of the answer";
+  let sources = new Map();
+  let missing = "Its source has not arrived yet";
   let frame = 0;
   const paint = () => {
     frame = 0;
     const fragment = markdownFragment(text);
-    linkCitations(fragment, citations, missing);
+    linkCitations(fragment, sources, missing);
     element.replaceChildren(fragment);
     keepNewestInView();
+  };
+  const schedule = () => {
+    if (!frame) frame = requestAnimationFrame(paint);
   };
   return {
     append(chunk) {
       text += chunk;
-      if (!frame) frame = requestAnimationFrame(paint);
+      schedule();
     },
-    /** The answer is over: render it now with the sources known (none when it was stopped). */
-    finish(finalText, finalCitations, why) {
+    /** Sources known so far (number -> URL): markers that refer to them become links. */
+    setSources(known) {
+      sources = known;
+      if (text) schedule();
+    },
+    /** The answer is over: render it now with the sources known then. */
+    finish(finalText, finalSources, why) {
       if (frame) cancelAnimationFrame(frame);
       if (typeof finalText === "string") text = finalText;
-      citations = finalCitations;
+      sources = finalSources;
       if (why) missing = why;
       paint();
     },
   };
+}
+
+/** The collapsible "Thinking" section: the model's reasoning as plain text, never HTML. It is
+ * open while the model thinks and folds away when the answer starts, unless the reader opened
+ * or closed it. */
+function thinkingView(details) {
+  const body = details.querySelector(".reasoning");
+  const time = details.querySelector(".thinking-time");
+  const text = document.createTextNode("");
+  body.append(text);
+  let began = 0;
+  let touched = false;
+  let over = false;
+  details.querySelector("summary").addEventListener("click", () => {
+    touched = true;
+  });
+  return {
+    append(chunk) {
+      // A <think> block's reasoning starts and ends with line breaks: not worth blank lines.
+      const shown = text.length ? chunk : chunk.trimStart();
+      if (!shown) return;
+      if (!began) {
+        began = performance.now();
+        details.hidden = false;
+        details.open = true;
+        details.dataset.state = "thinking";
+      }
+      text.appendData(shown);
+      if (details.open) body.scrollTop = body.scrollHeight;
+    },
+    /** The answer began (or the stream ended): thinking is over. */
+    end() {
+      if (!began || over) return;
+      over = true;
+      text.data = text.data.trimEnd();
+      details.dataset.state = "done";
+      time.textContent = ` · ${((performance.now() - began) / 1000).toFixed(1)} s`;
+      if (!touched) details.open = false;
+    },
+  };
+}
+
+/** A progress step as one line of plain text. */
+function stepText(step) {
+  const list = (items) => (Array.isArray(items) ? items.filter((x) => typeof x === "string").join(", ") : "");
+  const readable = (url) => {
+    try {
+      const { hostname, pathname } = new URL(url);
+      return hostname + (pathname === "/" ? "" : pathname);
+    } catch {
+      return String(url);
+    }
+  };
+  switch (step?.kind) {
+    case "search":
+      return `Searching: ${list(step.queries) || "the web"}`;
+    case "fetch":
+      return `Reading: ${Array.isArray(step.urls) ? step.urls.map(readable).join(", ") : "a page"}`;
+    case "code":
+      return "Running code";
+    case "thought":
+      return typeof step.text === "string" && step.text ? `Thinking: ${step.text}` : "Thinking";
+    default:
+      return "Working";
+  }
 }
 
 // ---- Layout: newest at the bottom, the page follows it -------------------------------------
@@ -202,16 +283,35 @@ function removeCard(card) {
   if (turn && !turn.children.length) turn.remove();
 }
 
-function sourceLink(url, title) {
+/** A source's entry in a card's list, numbered as the answer's markers number it: a link when
+ * its URL is http(s) (its title as text), else nothing. */
+function sourceItem(index, url, title) {
+  if (typeof url !== "string" || !HTTP_URL.test(url)) return null;
+  let label;
+  try {
+    const { hostname, pathname } = new URL(url);
+    label = hostname + pathname;
+  } catch {
+    return null;
+  }
   const item = document.createElement("li");
+  item.value = index;
+  item.dataset.index = String(index);
   const link = document.createElement("a");
   link.href = url;
   link.target = "_blank";
   link.rel = "noopener noreferrer";
-  const { hostname, pathname } = new URL(url);
-  link.textContent = title || hostname + pathname;
+  link.textContent = typeof title === "string" && title ? title : label;
   item.append(link);
   return item;
+}
+
+/** Put a source into a card's list in marker order (the list grows while the answer streams). */
+function addSource(list, index, url, title) {
+  const item = sourceItem(index, url, title);
+  if (!item) return;
+  const after = [...list.children].find((li) => Number(li.dataset.index) > index);
+  list.insertBefore(item, after ?? null);
 }
 
 // ---- The connection and the questions ------------------------------------------------------
@@ -261,6 +361,7 @@ async function ask(question) {
   card.setAttribute("aria-labelledby", heading.id);
   const answerEl = card.querySelector(".answer");
   const sourcesEl = card.querySelector(".sources");
+  const progressEl = card.querySelector(".progress");
   const outcomeEl = card.querySelector(".outcome");
   const stopButton = card.querySelector(".stop");
   const retryButton = card.querySelector(".retry");
@@ -270,10 +371,13 @@ async function ask(question) {
   keepNewestInView();
 
   const view = answerView(answerEl);
+  const thinking = thinkingView(card.querySelector(".thinking"));
+  /** Sources streamed so far: marker number -> URL. */
+  const known = new Map();
   const controller = new AbortController();
   stopButton.addEventListener("click", () => controller.abort());
   const started = performance.now();
-  const stream = gw.stream(question, { signal: controller.signal });
+  const stream = gw.stream(question, { signal: controller.signal, parts: PARTS });
   card.dataset.streamId = stream.id;
 
   const finish = (state, text) => {
@@ -281,24 +385,55 @@ async function ask(question) {
     answerEl.setAttribute("aria-busy", "false");
     outcomeEl.textContent = text;
     stopButton.hidden = true;
+    progressEl.hidden = true;
+    thinking.end();
     keepNewestInView();
   };
   try {
-    for await (const chunk of stream) view.append(chunk);
-    const answer = await stream.result;
-    view.finish(answer.text, answer.citations, "The upstream sent no source for this number");
-    const titles = new Map(answer.searchResults.map((r) => [r.url, r.title]));
-    for (const url of answer.citations) {
-      if (typeof url === "string" && HTTP_URL.test(url)) sourcesEl.append(sourceLink(url, titles.get(url)));
+    for await (const part of stream.parts()) {
+      switch (part.kind) {
+        case "text":
+          // The line says what the upstream is doing now: the answer's text means it is writing.
+          thinking.end();
+          progressEl.hidden = true;
+          view.append(part.text);
+          break;
+        case "reasoning":
+          thinking.append(part.text);
+          break;
+        case "sources":
+          for (const source of part.sources) {
+            if (!Number.isInteger(source?.index) || known.has(source.index)) continue;
+            known.set(source.index, source.url);
+            addSource(sourcesEl, source.index, source.url, source.title);
+          }
+          view.setSources(new Map(known));
+          break;
+        case "progress":
+          progressEl.textContent = stepText(part.step);
+          progressEl.hidden = false;
+          break;
+        default:
+          break;
+      }
     }
+    const answer = await stream.result;
+    // A gateway that streamed no sources still sends the upstream's citations with `done`.
+    if (!known.size) {
+      const titles = new Map(answer.searchResults.map((r) => [r.url, r.title]));
+      answer.citations.forEach((url, i) => {
+        known.set(i + 1, url);
+        addSource(sourcesEl, i + 1, url, titles.get(url));
+      });
+    }
+    view.finish(answer.text, known, "The upstream sent no source for this number");
     const seconds = ((performance.now() - started) / 1000).toFixed(1);
-    const tokens = answer.usage ? `, ${answer.usage.total_tokens} tokens` : "";
+    const tokens = Number.isInteger(answer.usage?.total_tokens) ? `, ${answer.usage.total_tokens} tokens` : "";
     finish("done", `Done in ${seconds} s${tokens}`);
   } catch (error) {
-    // The gateway sends an answer's sources with its end (`done`): a stopped or failed answer
-    // keeps its text, rendered like a finished one, with its markers as bare numbers.
-    const why = "The answer ended before its sources arrived";
-    view.finish(null, [], why);
+    // A stopped or failed answer keeps its text, rendered like a finished one: its markers link
+    // to the sources that had arrived, the others stay bare numbers.
+    view.finish(null, known, "The answer ended before this source arrived");
     if (error?.name === "AbortError") {
       finish("stopped", "Stopped");
     } else if (error instanceof GatewayError) {

@@ -21,6 +21,7 @@ from gateway.core.protocol import (
     encode_chunk,
     encode_done,
     encode_error,
+    encode_part,
     encode_started,
     encode_welcome,
     parse_client_frame,
@@ -102,7 +103,41 @@ def test_longest_valid_id_is_accepted() -> None:
         ({"type": "start", "id": "s1", "prompt": "a", "messages": []}, "not both"),
         ({"type": "start", "id": "s1", "messages": []}, "non-empty list"),
         ({"type": "start", "id": "s1", "messages": ["hi"]}, "must be an object"),
-        ({"type": "start", "id": "s1", "messages": [{"role": "tool", "content": "x"}]}, "role"),
+        ({"type": "start", "id": "s1", "messages": [{"role": "robot", "content": "x"}]}, "role"),
+        (
+            {"type": "start", "id": "s1", "messages": [{"role": "tool", "content": "x"}]},
+            "tool_call_id",
+        ),
+        (
+            {"type": "start", "id": "s1", "prompt": "x", "parts": ["reasoning", "thoughts"]},
+            "thoughts",
+        ),
+        ({"type": "start", "id": "s1", "prompt": "x", "parts": "reasoning"}, "parts"),
+        (
+            {"type": "start", "id": "s1", "prompt": "x", "options": {"stream_mode": "brief"}},
+            "stream_mode",
+        ),
+        (
+            {
+                "type": "start",
+                "id": "s1",
+                "prompt": "x",
+                "options": {"tools": [{"type": "function"}]},
+            },
+            "tools",
+        ),
+        (
+            {"type": "start", "id": "s1", "prompt": "x", "options": {"tool_choice": "always"}},
+            "tool_choice",
+        ),
+        (
+            {
+                "type": "start",
+                "id": "s1",
+                "messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "c"}]}],
+            },
+            "tool_calls",
+        ),
         ({"type": "start", "id": "s1", "messages": [{"role": "user", "content": 1}]}, "content"),
         (
             {"type": "start", "id": "s1", "messages": [{"role": "user", "content": [1]}]},
@@ -168,6 +203,7 @@ def test_server_frames_are_the_documented_json() -> None:
         "protocol": 1,
         "session": "abc",
         "limits": {"max_streams": 16},
+        "parts": ["reasoning", "sources", "tools", "progress"],
     }
     assert orjson.loads(encode_started("s1")) == {"type": "started", "id": "s1"}
     assert orjson.loads(encode_chunk(chunk_prefix("s1"), 7, 'He said "hi"\n')) == {
@@ -184,6 +220,22 @@ def test_server_frames_are_the_documented_json() -> None:
         "usage": {"total_tokens": 5},
     }
     assert orjson.loads(encode_cancelled("s1", 2)) == {"type": "cancelled", "id": "s1", "seq": 2}
+    assert orjson.loads(encode_cancelled("s1", 2, {"total_tokens": 9})) == {
+        "type": "cancelled",
+        "id": "s1",
+        "seq": 2,
+        "usage": {"total_tokens": 9},
+    }
+    assert orjson.loads(
+        encode_part("tool_call", "s1", 4, {"call_id": "c", "name": "f", "arguments": {}})
+    ) == {
+        "type": "tool_call",
+        "id": "s1",
+        "seq": 4,
+        "call_id": "c",
+        "name": "f",
+        "arguments": {},
+    }
     assert orjson.loads(encode_error(ErrorCode.UPSTREAM_ERROR, "m", "s1", True, status=503)) == {
         "type": "error",
         "id": "s1",

@@ -478,3 +478,179 @@ def test_finishing_an_ended_stream_is_ignored_not_an_illegal_move() -> None:
     finish_fail(stream, ErrorCode.STREAM_INTERRUPTED, "late")
     frames = [f for f in s.outbox.take_frames() if b'"id":"a"' in f]
     assert [orjson.loads(f)["type"] for f in frames] == ["started", "cancelled"]
+
+
+# ------------------------------------------------------------------ typed parts
+
+
+def start_with_parts(session: Session, sid: str, parts: list[str]) -> Stream:
+    [command] = session.receive(
+        orjson.dumps({"type": "start", "id": sid, "prompt": "p", "parts": parts}).decode()
+    )
+    assert isinstance(command, OpenUpstream)
+    return command.stream
+
+
+def test_parts_share_the_streams_seq_and_keep_the_upstreams_order() -> None:
+    """Reasoning is coalesced like text; a part numbers the text waiting before it first; every
+    content message takes the next seq, whatever its kind."""
+    s = make()
+    stream = start_with_parts(s, "s", ["reasoning", "sources", "tools", "progress"])
+    frames(s)
+    stream.push_reasoning("Let me ")
+    stream.push_reasoning("think.")
+    stream.push_progress({"kind": "search", "queries": ["sky"]})
+    stream.push("The sky")
+    stream.push(" is blue[1].")
+    stream.push_sources([{"index": 1, "url": "https://a"}])
+    stream.push(" Done.")
+    stream.push_tool_call({"call_id": "c1", "name": "f", "arguments": {"x": 1}})
+    finish_done(stream, {"finish_reason": "tool_calls"})
+    got = frames(s)
+    assert [(f["type"], f["seq"]) for f in got] == [
+        ("reasoning_chunk", 1),
+        ("progress", 2),
+        ("text_chunk", 3),
+        ("sources", 4),
+        ("text_chunk", 5),
+        ("tool_call", 6),
+        ("done", 6),
+    ]
+    assert got[0]["text"] == "Let me think."
+    assert got[1]["step"] == {"kind": "search", "queries": ["sky"]}
+    assert got[2]["text"] == "The sky is blue[1]."
+    assert got[3]["sources"] == [{"index": 1, "url": "https://a"}]
+    assert got[5] == {
+        "type": "tool_call",
+        "id": "s",
+        "seq": 6,
+        "call_id": "c1",
+        "name": "f",
+        "arguments": {"x": 1},
+    }
+    assert got[-1]["text"] == "The sky is blue[1]. Done."
+
+
+def test_a_client_that_asks_for_no_parts_gets_protocol_one_frames() -> None:
+    """The same upstream output without `parts`: text and done only (the translator pushes no
+    parts then; the stream would refuse none, so this pins what the session itself emits)."""
+    s = make()
+    stream = start(s, "s")
+    frames(s)
+    stream.push("a")
+    stream.push("b")
+    finish_done(stream, {})
+    assert frames(s) == [
+        {"type": "text_chunk", "id": "s", "seq": 1, "text": "ab"},
+        {"type": "done", "id": "s", "seq": 1, "text": "ab"},
+    ]
+
+
+def test_replay_of_a_stream_with_parts_is_the_same_frames_under_the_new_id() -> None:
+    """A resume replays text chunks and parts in their seq order, renamed, from any `after`."""
+    s = make()
+    stream = start_with_parts(s, "s", ["reasoning", "sources"])
+    frames(s)
+    sent: list[dict[str, Any]] = []
+    stream.push_reasoning("hmm")
+    stream.push("A")
+    sent += frames(s)
+    stream.push_sources([{"index": 1, "url": "https://a"}])
+    stream.push("B")
+    stream.push("C")
+    stream.push_reasoning("more")
+    sent += frames(s)
+    finish_done(stream, {})
+    sent += frames(s)
+    assert [f["seq"] for f in sent] == [1, 2, 3, 4, 5, 5]
+    for after in range(0, 6):
+        replayed = [orjson.loads(f) for f in stream.replay(after, "t")]
+        expected = [{**f, "id": "t"} for f in sent if f["seq"] > after or f["type"] == "done"]
+        assert replayed == expected, after
+
+
+def test_parts_of_a_detached_stream_are_retained_and_counted() -> None:
+    """With no socket, parts are produced at once into the retained log (and mirrored), and a
+    retained stream's size counts them."""
+    s = make()
+    stream = start_with_parts(s, "s", ["sources"])
+    frames(s)
+    s.detach()
+    mirrored: list[tuple[int, bytes]] = []
+    stream.on_part = lambda _s, seq, template: mirrored.append((seq, template))
+    before = stream.retained_size()
+    stream.push_sources([{"index": 1, "url": "https://example.com/" + "x" * 500}])
+    stream.push("text")
+    finish_done(stream, {})
+    assert [seq for seq, _ in mirrored] == [1]
+    assert b'"id":"__ID__"' in mirrored[0][1]
+    assert stream.retained_size() - before >= 500
+    assert [orjson.loads(f)["type"] for f in stream.replay(0, "s")] == [
+        "sources",
+        "text_chunk",
+        "done",
+    ]
+
+
+def test_cancelled_and_error_carry_the_upstreams_usage() -> None:
+    s = make()
+    a = start(s, "a")
+    b = start(s, "b")
+    frames(s)
+    a.upstream_meta = {"usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+    b.upstream_meta = {"usage": {"total_tokens": -1, "cost": 0.1}}
+    a.push("x")
+    s.receive('{"type":"cancel","id":"a"}')
+    finish_fail(b, ErrorCode.UPSTREAM_ERROR, "boom")
+    got = {f["id"]: f for f in frames(s) if f["type"] in ("cancelled", "error")}
+    assert got["a"]["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert got["b"]["usage"] == {"cost": 0.1}  # held to the documented shape
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["text", "reasoning", "sources", "tool", "progress", "drain"]),
+            st.text(min_size=1, max_size=4),
+        ),
+        max_size=40,
+    ),
+    st.integers(min_value=0, max_value=60),
+)
+def test_any_mix_of_parts_has_contiguous_seqs_and_replays_exactly(
+    ops: list[tuple[str, str]], after: int
+) -> None:
+    """Whatever mix and batching: seqs are contiguous across kinds, text and reasoning keep their
+    concatenation, and a replay from any point is the frames that were sent."""
+    s = make()
+    stream = start_with_parts(s, "s", ["reasoning", "sources", "tools", "progress"])
+    frames(s)
+    sent: list[dict[str, Any]] = []
+    for op, text in ops:
+        if op == "text":
+            stream.push(text)
+        elif op == "reasoning":
+            stream.push_reasoning(text)
+        elif op == "sources":
+            stream.push_sources([{"index": 1, "url": text}])
+        elif op == "tool":
+            stream.push_tool_call({"call_id": text, "name": "f", "arguments": {}})
+        elif op == "progress":
+            stream.push_progress({"kind": "thought", "text": text})
+        else:
+            sent += frames(s)
+    finish_done(stream, {})
+    sent += frames(s)
+    content = [f for f in sent if f["type"] != "done"]
+    assert [f["seq"] for f in content] == list(range(1, len(content) + 1))
+    assert sent[-1]["seq"] == len(content)
+    texts = "".join(f["text"] for f in content if f["type"] == "text_chunk")
+    assert texts == "".join(t for op, t in ops if op == "text") == sent[-1]["text"]
+    assert "".join(f["text"] for f in content if f["type"] == "reasoning_chunk") == "".join(
+        t for op, t in ops if op == "reasoning"
+    )
+    replayed = [orjson.loads(f) for f in stream.replay(min(after, len(content)), "s")]
+    assert replayed == [
+        f for f in sent if f["seq"] > min(after, len(content)) or f["type"] == "done"
+    ]

@@ -29,10 +29,12 @@ from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
 
 from gateway.io.server import STATIC_FILES
 from gateway.mock import choose_answer, text_chunks
 from gateway.mock.answers import MARKDOWN_ANSWERS
+from gateway.mock.script import reasoning_text
 from tests.conftest import Stack, StackFactory
 from tests.support import expected_text
 
@@ -153,7 +155,7 @@ async def test_two_answers_stream_side_by_side_and_stop_cancels_one_upstream(
 ) -> None:
     """A user asks two questions in the demo page; both answers grow at the same time side by
     side, Stop on the first makes the gateway close its upstream request and leaves its citation
-    markers rendered (without links: sources come with an answer's end), and the second
+    markers rendered, linked to the sources that had arrived while it streamed, and the second
     completes with its citations as links."""
     stack = await make_stack()
     page = await open_page(browser)
@@ -216,7 +218,13 @@ async def _ask_two_and_stop_one(stack: Stack, page: Page) -> None:
         }"""
     )
     assert raw_markers == []
-    assert await a.locator(".answer sup.cite a").count() == 0  # no sources arrived
+    # The sources stream with the answer (the page asks for them), so the stopped answer's
+    # markers link to those that had arrived, and its list shows them.
+    citations_a = choose_answer("Why is the sky blue?").citations
+    linked = await a.locator(".answer sup.cite a").evaluate_all("ls => ls.map(l => l.href)")
+    assert linked
+    assert set(linked) <= set(citations_a)
+    assert await a.locator(".sources a").count() > 0
 
     await page.locator('article.card[data-state="done"]', has_text="tag=b]]").wait_for()
     assert stack.mock.record("b").outcome == "completed"
@@ -430,6 +438,256 @@ async def test_page_says_simulated_only_when_the_mock_upstream_answers(
     live = await page_of(await make_stack(upstream_url="http://127.0.0.1:9/perplexity"))
     assert b'<meta name="gateway-upstream" content="live">' in live
     assert b'content="simulated">' not in live
+
+
+# ------------------------------------------------------------------ thinking, progress, sources
+
+#: Records, at every change inside #answers, what the last card shows (a film of the card).
+WATCH_LAST_CARD = """() => {
+    window.film = [];
+    const shot = () => {
+        const card = [...document.querySelectorAll('article.card')].at(-1);
+        if (!card) return;
+        const thinking = card.querySelector('details.thinking');
+        window.film.push({
+            state: card.dataset.state,
+            thinkingShown: !thinking.hidden,
+            thinkingOpen: thinking.open,
+            reasoning: card.querySelector('.reasoning').textContent.length,
+            answer: card.querySelector('.answer').textContent.trim().length,
+            sources: card.querySelectorAll('.sources li').length,
+            linked: card.querySelectorAll('.answer sup.cite a').length,
+            progress: card.querySelector('.progress').hidden
+                ? null : card.querySelector('.progress').textContent,
+        });
+    };
+    new MutationObserver(shot).observe(document.getElementById('answers'), {
+        subtree: true, childList: true, attributes: true, characterData: true,
+    });
+}"""
+
+
+async def test_thinking_streams_before_the_answer_and_folds_away(
+    make_stack: StackFactory, browser: BrowserContext
+) -> None:
+    """For a reasoning model (a leading `<think>` block), the card shows an open "Thinking"
+    section that streams the reasoning as plain text before the answer and folds away once the
+    answer starts (the reader can open it again); the sources are listed and the `[n]` markers
+    linked while the answer still streams."""
+    stack = await make_stack()
+    page = await open_page(browser)
+    async with diagnosed(page, "browser-thinking", stack.gateway.port):
+        await page.goto(f"http://127.0.0.1:{stack.gateway.port}/")
+        await page.locator('#status[data-state="open"]').wait_for()
+        await page.evaluate(WATCH_LAST_CARD)
+        question = "Why is the sky blue?"
+        prompt = f"{question} [[mock reasoning=think sources=4 delay_ms=20 tag=think]]"
+        await ask(page, prompt)
+        thinking_card = card(page, "think")
+        await thinking_card.locator("details.thinking > summary", has_text="Thinking").wait_for()
+        await page.locator('article.card[data-state="done"]', has_text="tag=think]]").wait_for()
+        film = await page.evaluate("() => window.film")
+
+        streaming = [shot for shot in film if shot["state"] == "streaming"]
+        # The reasoning streamed in the open section before any answer text...
+        assert any(s["thinkingOpen"] and s["reasoning"] and not s["answer"] for s in streaming)
+        # ...and the section folded away once the answer came.
+        assert await thinking_card.locator("details.thinking").get_attribute("open") is None
+        summary = await thinking_card.locator("details.thinking > summary").text_content()
+        assert summary is not None
+        assert re.fullmatch(r"Thinking · \d+\.\d s", summary), summary
+        # Sources listed and markers linked before the end.
+        assert any(s["sources"] and s["linked"] for s in streaming)
+
+        reasoning = thinking_card.locator(".reasoning")
+        assert (await reasoning.text_content() or "").strip() == reasoning_text(
+            choose_answer(question)
+        )
+        assert await reasoning.locator("*").count() == 0  # plain text, never HTML
+        answer = await thinking_card.locator(".answer").text_content()
+        assert answer is not None
+        assert "<think>" not in answer
+        assert "The user asks about" not in answer
+        items = thinking_card.locator(".sources li")
+        assert await items.evaluate_all("lis => lis.map(li => li.value)") == [1, 2, 3, 4]
+        for href in await items.locator("a").evaluate_all("ls => ls.map(l => l.href)"):
+            assert href.startswith("https://")
+        assert await thinking_card.locator(".progress").is_hidden()
+
+        await thinking_card.locator("details.thinking > summary").click()  # the reader opens it
+        assert await thinking_card.locator("details.thinking").get_attribute("open") == ""
+        ARTIFACTS.mkdir(exist_ok=True)
+        await page.screenshot(path=str(ARTIFACTS / "browser-thinking.png"), full_page=True)
+    await stack.assert_no_leaks()
+
+
+async def test_sources_list_grows_while_the_answer_streams(
+    make_stack: StackFactory, browser: BrowserContext
+) -> None:
+    """Sources that the upstream reveals one chunk after another (Perplexity repeats its
+    growing citations list on every chunk) are added to the card's list as they come, numbered
+    as the answer's markers number them."""
+    stack = await make_stack()
+    page = await open_page(browser)
+    async with diagnosed(page, "browser-sources", stack.gateway.port):
+        await page.goto(f"http://127.0.0.1:{stack.gateway.port}/")
+        await page.locator('#status[data-state="open"]').wait_for()
+        await page.evaluate(WATCH_LAST_CARD)
+        await ask(page, "Why is the sky blue? [[mock sources=grow:3 delay_ms=40 tag=grow]]")
+        grown = page.locator('article.card[data-state="done"]', has_text="tag=grow]]")
+        await grown.wait_for()
+        film = await page.evaluate("() => window.film")
+        counts = [s["sources"] for s in film if s["state"] == "streaming" and s["answer"]]
+        # It grew while the text did: several sizes seen, never shrinking, up to all three.
+        assert len(set(counts)) >= 2, counts
+        assert counts == sorted(counts), counts
+        assert counts[-1] == 3, counts
+        items = grown.locator(".sources li")
+        assert await items.evaluate_all("lis => lis.map(li => li.value)") == [1, 2, 3]
+        links = await items.locator("a").evaluate_all("ls => ls.map(l => l.href)")
+        assert links == choose_answer("Why is the sky blue?").citations
+    await stack.assert_no_leaks()
+
+
+async def test_progress_line_says_what_the_upstream_does(
+    make_stack: StackFactory, browser: BrowserContext
+) -> None:
+    """Perplexity's concise mode streams its reasoning steps: the card's progress line says
+    "Searching: ..." and then "Reading: ..." before the answer, and goes away when it ends."""
+    stack = await make_stack()
+    page = await open_page(browser)
+    async with diagnosed(page, "browser-progress", stack.gateway.port):
+        await page.goto(f"http://127.0.0.1:{stack.gateway.port}/")
+        await page.locator('#status[data-state="open"]').wait_for()
+        await page.evaluate(WATCH_LAST_CARD)
+        await ask(page, "Why is the sky blue? [[mock concise=1 delay_ms=30 tag=steps]]")
+        steps = card(page, "steps")
+        await page.locator('article.card[data-state="done"]', has_text="tag=steps]]").wait_for()
+        film = await page.evaluate("() => window.film")
+        lines = [s["progress"] for s in film if s["progress"]]
+        said = list(dict.fromkeys(lines))  # each line once, in order
+        searching = [n for n, line in enumerate(said) if line.startswith("Searching: ")]
+        reading = [n for n, line in enumerate(said) if line.startswith("Reading: ")]
+        assert searching, said
+        assert reading, said
+        assert searching[0] < reading[0], said
+        assert await steps.locator(".progress").is_hidden()
+        assert (await steps.locator(".answer").text_content() or "").strip()
+    await stack.assert_no_leaks()
+
+
+#: A Perplexity-shaped answer whose reasoning, source titles and one source URL are hostile.
+HOSTILE_REASONING = '<img src=x onerror="window.pwned=1"> and <script>window.pwned=2</script>'
+HOSTILE_SOURCES = [
+    {"title": "<b onmouseover=window.pwned=3>Bad</b>", "url": "javascript:window.pwned=4"},
+    {"title": "<img src=x onerror=window.pwned=5>Good", "url": "https://good.example/page"},
+]
+
+
+def hostile_events() -> list[dict[str, Any]]:
+    """Perplexity chat.completion chunks: a `<think>` block, then the answer with two markers;
+    citations and search_results on every chunk (as the 2026 API sends them)."""
+    pieces = [f"<think>\n{HOSTILE_REASONING}\n</think>\n\n", "Bad source[1], ", "good one[2].", ""]
+    events = []
+    for n, piece in enumerate(pieces):
+        final = n == len(pieces) - 1
+        events.append(
+            {
+                "id": "hostile",
+                "model": "sonar-reasoning",
+                "created": 1767225600,
+                "object": "chat.completion",
+                "citations": [s["url"] for s in HOSTILE_SOURCES],
+                "search_results": HOSTILE_SOURCES,
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "stop" if final else None,
+                        "message": {"role": "assistant", "content": "".join(pieces[: n + 1])},
+                        "delta": {"role": "assistant", "content": piece},
+                    }
+                ],
+            }
+        )
+    return events
+
+
+@contextlib.asynccontextmanager
+async def sse_upstream(events: list[dict[str, Any]]) -> AsyncIterator[str]:
+    """A small upstream that answers every POST with `events` as SSE (CRLF, clean EOF, as
+    Perplexity does); yields its chat-completions URL."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in events:
+            await response.write(b"data: " + orjson.dumps(event) + b"\r\n\r\n")
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/chat/completions", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        host, port = runner.addresses[0][:2]
+        yield f"http://{host}:{port}/chat/completions"
+    finally:
+        await runner.cleanup()
+
+
+async def test_hostile_reasoning_and_sources_are_inert(
+    make_stack: StackFactory, browser: BrowserContext
+) -> None:
+    """Reasoning and source titles full of markup are shown as the text they are, a source
+    whose URL is not http(s) is neither listed nor linked (its marker stays a bare number), and
+    nothing of them ran or was inserted as an element."""
+    async with sse_upstream(hostile_events()) as url:
+        stack = await make_stack(url=url)
+        page = await open_page(browser)
+        async with diagnosed(page, "browser-hostile-parts", stack.gateway.port):
+            await page.goto(f"http://127.0.0.1:{stack.gateway.port}/")
+            await page.locator('#status[data-state="open"]').wait_for()
+            await page.evaluate(
+                """() => {
+                    window.inserted = [];
+                    const bad = (el) => ['SCRIPT', 'IMG', 'B'].includes(el.tagName)
+                        || [...el.attributes].some((a) => /^on/i.test(a.name));
+                    new MutationObserver((records) => {
+                        for (const record of records) for (const node of record.addedNodes) {
+                            if (node.nodeType !== 1) continue;
+                            for (const el of [node, ...node.querySelectorAll('*')])
+                                if (bad(el)) window.inserted.push(el.outerHTML);
+                        }
+                    }).observe(document.documentElement, { childList: true, subtree: true });
+                }"""
+            )
+            await ask(page, "Which sources back this?")
+            done = page.locator('article.card[data-state="done"]')
+            await done.wait_for()
+            reasoning = await done.locator(".reasoning").text_content()
+            assert reasoning is not None
+            assert HOSTILE_REASONING in reasoning
+            assert await done.locator(".answer").text_content() == "Bad source[1], good one[2]."
+            items = done.locator(".sources li")
+            assert await items.count() == 1
+            assert await items.evaluate_all("lis => lis.map(li => li.value)") == [2]
+            link = items.locator("a")
+            assert await link.get_attribute("href") == "https://good.example/page"
+            assert await link.text_content() == HOSTILE_SOURCES[1]["title"]
+            markers = done.locator(".answer sup.cite")
+            assert await markers.all_text_contents() == ["[1]", "[2]"]
+            assert await markers.nth(0).locator("a").count() == 0
+            assert await markers.nth(1).locator("a").get_attribute("href") == (
+                "https://good.example/page"
+            )
+            assert await page.evaluate("() => window.pwned") is None
+            assert await page.evaluate("() => window.inserted") == []
+            assert await page.locator('a[href^="javascript:" i]').count() == 0
+        await stack.assert_no_leaks()
 
 
 # ------------------------------------------------------------------ what the package ships

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pty
 import signal
 import sys
 import time
@@ -29,9 +30,15 @@ from gateway_client import (
     GatewayBusy,
     GatewayClient,
     GatewayError,
+    ProgressPart,
     ProtocolError,
+    ReasoningPart,
+    Source,
+    SourcesPart,
     Stream,
     StreamInterrupted,
+    TextPart,
+    ToolCallPart,
     Unauthorized,
     UpstreamError,
 )
@@ -41,6 +48,7 @@ from websockets.exceptions import ConnectionClosed
 from gateway.config import Config
 from gateway.io.server import Gateway
 from gateway.mock import choose_answer
+from gateway.mock.script import reasoning_text
 from tests.conftest import TIMEOUT, Stack, StackFactory
 from tests.schema import validate_client_frame, validate_server_frame
 from tests.support import expected_text, free_port
@@ -74,9 +82,17 @@ def test_public_surface_is_pinned() -> None:
         "GatewayClient",
         "GatewayError",
         "InternalError",
+        "Part",
+        "ProgressPart",
         "ProtocolError",
+        "ReasoningPart",
+        "Source",
+        "SourcesPart",
         "Stream",
         "StreamInterrupted",
+        "TextPart",
+        "ToolCall",
+        "ToolCallPart",
         "Unauthorized",
         "UpstreamError",
         "Welcome",
@@ -460,6 +476,7 @@ WELCOME = {
     "protocol": 1,
     "session": "scripted-session-0001",
     "limits": {"max_streams": 16, "max_message_bytes": 65536},
+    "parts": ["reasoning", "sources", "tools", "progress"],
 }
 
 
@@ -570,6 +587,328 @@ async def test_refused_resume_fails_the_stream_with_the_gateway_code() -> None:
             await collect(stream)
         assert (info.value.code, info.value.retryable) == ("resume_unavailable", True)
         assert await gw.ping() >= 0
+
+
+# ------------------------------------------------------------------ typed parts (scripted)
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+SKY = "https://en.wikipedia.org/wiki/Rayleigh_scattering"
+SKY_SOURCE = {"index": 1, "url": SKY, "title": "Rayleigh scattering", "date": "2025-01-20"}
+
+
+def part_frames(sid: str) -> list[dict[str, Any]]:
+    """One message of every content kind, seq 1 to 7, then `done`."""
+    return [
+        {"type": "reasoning_chunk", "id": sid, "seq": 1, "text": "The user asks "},
+        {"type": "reasoning_chunk", "id": sid, "seq": 2, "text": "about light."},
+        {"type": "progress", "id": sid, "seq": 3, "step": {"kind": "search", "queries": ["sky"]}},
+        {"type": "sources", "id": sid, "seq": 4, "sources": [SKY_SOURCE]},
+        {"type": "text_chunk", "id": sid, "seq": 5, "text": "Blue light scatters more[1]. "},
+        {"type": "tool_call", "id": sid, "seq": 6, "call_id": "call_1", "name": "get_weather",
+         "arguments": {"city": "Paris"}},
+        {"type": "tool_call", "id": sid, "seq": 7, "call_id": "call_2", "name": "get_weather",
+         "arguments_raw": '{"city": Par'},
+        {"type": "done", "id": sid, "seq": 7, "text": "Blue light scatters more[1]. ",
+         "citations": [SKY], "reasoning": "The user asks about light.",
+         "tool_calls": [
+             {"call_id": "call_1", "name": "get_weather", "arguments": {"city": "Paris"}},
+             {"call_id": "call_2", "name": "get_weather", "arguments_raw": '{"city": Par'},
+         ],
+         "finish_reason": "tool_calls"},
+    ]  # fmt: skip
+
+
+async def test_parts_yield_every_kind_in_order_while_iteration_stays_text() -> None:
+    """`start(parts=..., tools=..., tool_choice=...)` asks for the parts (tools in options,
+    the "tools" part implied); `stream.parts()` yields every kind as a typed part in the order
+    sent, text included, while `async for chunk in stream` still yields only the text; the
+    result carries the reasoning, sources, tool calls and finish reason."""
+    starts: list[dict[str, Any]] = []
+
+    async def handler(ws: ServerConnection, n: int) -> None:
+        start = await recv_json(ws)
+        starts.append(start)
+        await send_json(ws, {"type": "started", "id": start["id"]})
+        for frame in part_frames(start["id"]):
+            await send_json(ws, frame)
+        await ws.wait_closed()
+
+    async with scripted(handler) as (url, _seen), GatewayClient(url) as gw:
+        assert gw.welcome is not None
+        assert gw.welcome.parts == ("reasoning", "sources", "tools", "progress")
+        stream = await gw.start(
+            "Why is the sky blue?",
+            parts=["reasoning", "sources", "progress"],
+            tools=[WEATHER_TOOL],
+            tool_choice="auto",
+        )
+        parts = [part async for part in stream.parts()]
+        text = await collect(stream)  # the other view of the same messages
+        answer = stream.result
+    assert starts[0]["parts"] == ["reasoning", "sources", "progress", "tools"]
+    assert starts[0]["options"] == {"tools": [WEATHER_TOOL], "tool_choice": "auto"}
+    assert [p.kind for p in parts] == [
+        "reasoning", "reasoning", "progress", "sources", "text", "tool_call", "tool_call",
+    ]  # fmt: skip
+    assert [p.seq for p in parts] == [1, 2, 3, 4, 5, 6, 7]
+    reasoning, _, progress, sources, chunk, call, bad = parts
+    assert isinstance(reasoning, ReasoningPart)
+    assert reasoning.text == "The user asks "
+    assert isinstance(progress, ProgressPart)
+    assert progress.step == {"kind": "search", "queries": ["sky"]}
+    assert isinstance(sources, SourcesPart)
+    assert sources.sources == (Source(1, SKY, "Rayleigh scattering", None, "2025-01-20"),)
+    assert chunk == TextPart(5, "Blue light scatters more[1]. ")
+    assert isinstance(call, ToolCallPart)
+    assert (call.call_id, call.name, call.arguments, call.arguments_raw) == (
+        "call_1", "get_weather", {"city": "Paris"}, None,
+    )  # fmt: skip
+    assert isinstance(bad, ToolCallPart)
+    assert (bad.arguments, bad.arguments_raw) == (None, '{"city": Par')
+    assert text == answer.text == "Blue light scatters more[1]. "
+    assert answer.reasoning == stream.reasoning == "The user asks about light."
+    assert answer.sources == stream.sources == sources.sources
+    assert answer.tool_calls == (call.call, bad.call)
+    assert (answer.finish_reason, answer.refusal, answer.seq) == ("tool_calls", False, 7)
+
+
+async def test_a_stream_without_parts_sends_the_protocol_1_start() -> None:
+    """Without parts or tools, the start frame has no `parts` (protocol 1 exactly), and a
+    refusal's `done.refusal` reaches the result."""
+    starts: list[dict[str, Any]] = []
+
+    async def handler(ws: ServerConnection, n: int) -> None:
+        start = await recv_json(ws)
+        starts.append(start)
+        sid = start["id"]
+        await send_json(ws, {"type": "started", "id": sid})
+        await send_json(ws, {"type": "text_chunk", "id": sid, "seq": 1, "text": "I can't."})
+        done = {"type": "done", "id": sid, "seq": 1, "text": "I can't.", "refusal": True}
+        await send_json(ws, done)
+        await ws.wait_closed()
+
+    async with scripted(handler) as (url, _seen), GatewayClient(url) as gw:
+        stream = await gw.start("Do something bad", id="plain")
+        assert [p async for p in stream.parts()] == [TextPart(1, "I can't.")]
+        assert stream.result.refusal
+    assert starts == [{"type": "start", "id": "plain", "prompt": "Do something bad"}]
+
+
+async def test_start_refuses_tools_given_twice_and_parts_given_as_a_string() -> None:
+    """`tools=` and `options={"tools": ...}` together, or `parts="reasoning"`, raise before
+    anything is sent."""
+    async with scripted(lambda ws, n: ws.wait_closed()) as (url, _seen), GatewayClient(url) as gw:
+        with pytest.raises(TypeError, match="tools once"):
+            await gw.start("x", tools=[WEATHER_TOOL], options={"tools": [WEATHER_TOOL]})
+        with pytest.raises(TypeError, match="parts must be a list"):
+            await gw.start("x", parts="reasoning")
+
+
+async def test_resume_after_a_drop_keeps_every_kind_exactly_once() -> None:
+    """The seq that text and parts share is what the client resumes from: after a drop in the
+    middle of the parts, every message arrives once, in order, replayed ones skipped."""
+    resumes: list[dict[str, Any]] = []
+
+    async def handler(ws: ServerConnection, n: int) -> None:
+        if n == 1:
+            sid = (await recv_json(ws))["id"]
+            await send_json(ws, {"type": "started", "id": sid, "resume_token": "rt-parts"})
+            for frame in part_frames(sid)[:4]:
+                await send_json(ws, frame)
+            await ws.close(1001, "going away")
+            return
+        resume = await recv_json(ws)
+        resumes.append(resume)
+        sid = resume["id"]
+        await send_json(ws, {"type": "resumed", "id": sid, "after": resume["after"]})
+        for frame in part_frames(sid)[2:]:  # from an earlier seq: the client skips 3 and 4
+            await send_json(ws, frame)
+        await ws.wait_closed()
+
+    async with scripted(handler) as (url, seen), GatewayClient(url, backoff=FAST) as gw:
+        stream = await gw.start("sky", parts=["reasoning", "sources", "progress", "tools"])
+        parts = [part async for part in stream.parts()]
+        assert len(seen) == 2
+    assert resumes == [{"type": "resume", "id": stream.id, "resume_token": "rt-parts", "after": 4}]
+    assert [p.seq for p in parts] == [1, 2, 3, 4, 5, 6, 7]
+    assert stream.result.text == "Blue light scatters more[1]. "
+    assert len(stream.result.sources) == 1
+
+
+async def test_a_gap_in_the_shared_seq_fails_the_stream() -> None:
+    """A message whose seq skips one (of any kind) fails the stream with invalid_frame: a
+    part lost is an answer silently wrong."""
+
+    async def handler(ws: ServerConnection, n: int) -> None:
+        sid = (await recv_json(ws))["id"]
+        await send_json(ws, {"type": "started", "id": sid})
+        await send_json(ws, {"type": "reasoning_chunk", "id": sid, "seq": 1, "text": "Hm."})
+        await send_json(ws, {"type": "text_chunk", "id": sid, "seq": 3, "text": "Blue."})
+        await ws.wait_closed()
+
+    async with scripted(handler) as (url, _seen), GatewayClient(url) as gw:
+        stream = await gw.start("sky", parts=["reasoning"])
+        with pytest.raises(ProtocolError) as info:
+            await collect(stream)
+    assert info.value.code == "invalid_frame"
+    assert "seq jumped from 1 to 3" in info.value.message
+
+
+async def test_cancelled_and_failed_streams_keep_their_usage_and_parts() -> None:
+    """`cancelled` and a terminal `error` carry the upstream's usage: a cancelled result has it
+    (with the reasoning and sources received), a failed stream's error has it."""
+    usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+
+    async def handler(ws: ServerConnection, n: int) -> None:
+        first = await recv_json(ws)
+        a = first["id"]
+        await send_json(ws, {"type": "started", "id": a})
+        await send_json(ws, part_frames(a)[0])
+        await send_json(ws, part_frames(a)[3] | {"seq": 2})
+        assert await recv_json(ws) == {"type": "cancel", "id": a}
+        await send_json(ws, {"type": "cancelled", "id": a, "seq": 2, "usage": usage})
+        b = (await recv_json(ws))["id"]
+        await send_json(ws, {"type": "started", "id": b})
+        error = {"type": "error", "id": b, "code": "stream_interrupted", "message": "reset"}
+        await send_json(ws, error | {"retryable": True, "seq": 0, "usage": usage})
+        await ws.wait_closed()
+
+    async with scripted(handler) as (url, _seen), GatewayClient(url) as gw:
+        stream = await gw.start("sky", parts=["reasoning", "sources"])
+        parts = stream.parts()
+        assert (await anext(parts)).kind == "reasoning"
+        assert (await anext(parts)).kind == "sources"
+        await stream.cancel()
+        answer = stream.result
+        assert (answer.cancelled, answer.usage) == (True, usage)
+        assert (answer.reasoning, len(answer.sources)) == ("The user asks ", 1)
+        failing = await gw.start("tides")
+        with pytest.raises(StreamInterrupted) as info:
+            await collect(failing)
+        assert info.value.usage == usage
+
+
+# ------------------------------------------------------------------ typed parts (real gateway)
+
+
+async def test_reasoning_and_sources_stream_from_a_think_block(stack: Stack) -> None:
+    """Against the real gateway and a Perplexity-shaped upstream whose answer starts with a
+    `<think>` block and carries citations: the reasoning and the sources arrive as parts before
+    the text, seqs contiguous across kinds, and the text has no reasoning in it."""
+    prompt = "Why is the sky blue? [[mock reasoning=think sources=3 chunks=8 tag=think]]"
+    async with GatewayClient(stack.url) as gw:
+        assert gw.welcome is not None
+        assert set(gw.welcome.parts) >= {"reasoning", "sources"}
+        stream = await gw.start(prompt, parts=["reasoning", "sources"])
+        parts = [part async for part in stream.parts()]
+        answer = stream.result
+    assert [p.seq for p in parts] == list(range(1, len(parts) + 1))
+    kinds = [p.kind for p in parts]
+    assert set(kinds) == {"reasoning", "sources", "text"}
+    assert kinds.index("reasoning") < kinds.index("text")
+    text = "".join(p.text for p in parts if p.kind == "text")
+    assert text == answer.text
+    assert "<think>" not in text
+    assert answer.text.strip() == expected_text(prompt).strip()
+    reasoning = reasoning_text(choose_answer("Why is the sky blue?"))
+    assert answer.reasoning.strip() == reasoning
+    assert [s.index for s in answer.sources] == [1, 2, 3]
+    assert all(s.url.startswith("https://") for s in answer.sources)
+    assert [s.url for s in answer.sources] == list(answer.citations)
+    await stack.assert_no_leaks()
+
+
+async def test_reasoning_never_mixes_into_text_when_not_asked(stack: Stack) -> None:
+    """A client that asks for no parts gets the answer without its `<think>` block, and no
+    part messages."""
+    prompt = "Why is the sky blue? [[mock reasoning=think chunks=6]]"
+    frames: list[dict[str, Any]] = []
+    async with GatewayClient(stack.url, on_frame=frames.append) as gw:
+        stream = await gw.start(prompt)
+        parts = [part async for part in stream.parts()]
+    assert {p.kind for p in parts} == {"text"}
+    assert "<think>" not in stream.result.text
+    assert stream.result.reasoning == ""
+    assert {f["type"] for f in frames} == {"welcome", "started", "text_chunk", "done"}
+
+
+async def test_concise_mode_streams_progress_steps(stack: Stack) -> None:
+    """Perplexity's concise mode: its reasoning steps arrive as progress parts (a search with
+    its queries first), before the answer's text."""
+    prompt = "Why is the sky blue? [[mock concise=1 tag=concise]]"
+    async with GatewayClient(stack.url) as gw:
+        stream = await gw.start(
+            prompt, parts=["progress", "sources"], options={"stream_mode": "concise"}
+        )
+        parts = [part async for part in stream.parts()]
+    steps = [p.step for p in parts if isinstance(p, ProgressPart)]
+    assert steps
+    assert steps[0]["kind"] == "search"
+    assert steps[0]["queries"]
+    kinds = [p.kind for p in parts]
+    assert kinds.index("progress") < kinds.index("text")
+    assert stack.mock.record("concise").body["stream_mode"] == "concise"
+
+
+async def test_tool_loop_over_the_gateway(make_stack: StackFactory) -> None:
+    """An OpenAI-compatible upstream answers with two tool calls: they arrive as ToolCallParts
+    and in the result (finish_reason tool_calls); the next start carries the assistant message
+    with its tool_calls (content None) and one tool message per result, which reach the
+    upstream as sent."""
+    stack = await make_stack(dialect="openai")
+    async with GatewayClient(stack.url) as gw:
+        question = {"role": "user", "content": "Weather and time in Paris? [[mock tools=2]]"}
+        first = await gw.start(messages=[question], tools=[WEATHER_TOOL], tool_choice="auto")
+        calls = [part async for part in first.parts() if isinstance(part, ToolCallPart)]
+        answer = first.result
+        assert [c.name for c in calls] == ["get_weather", "get_time"]
+        assert calls[0].arguments == {"location": "Paris, France", "unit": "celsius"}
+        assert answer.tool_calls == tuple(c.call for c in calls)
+        assert answer.finish_reason == "tool_calls"
+        assistant = answer.assistant_message()
+        assert assistant["content"] is None
+        results = [
+            {"role": "tool", "tool_call_id": c.call_id, "content": f'{{"ok": {i}}}'}
+            for i, c in enumerate(calls)
+        ]
+        follow_up = [
+            {"role": "user", "content": "Weather and time in Paris? [[mock tag=loop]]"},
+            assistant,
+            *results,
+        ]
+        second = await gw.start(messages=follow_up, tools=[WEATHER_TOOL])
+        assert await collect(second)
+    body = stack.mock.record("loop").body
+    assert body["messages"][1:] == [assistant, *results]
+    assert body["messages"][1]["tool_calls"][0]["function"]["arguments"] == (
+        '{"location":"Paris, France","unit":"celsius"}'
+    )
+    assert body["tools"] == [WEATHER_TOOL]
+
+
+async def test_resume_with_parts_against_the_real_gateway(stack: Stack) -> None:
+    """A socket lost while reasoning streams: the client resumes from the shared seq and
+    every part and chunk arrives exactly once."""
+    prompt = "sky [[mock reasoning=think sources=grow:4 chunks=30 delay_ms=10 tag=rp]]"
+    async with GatewayClient(stack.url, backoff=FAST) as gw:
+        stream = await gw.start(prompt, parts=["reasoning", "sources"])
+        parts = stream.parts()
+        received = [await anext(parts), await anext(parts)]
+        (connection,) = stack.gateway.connections
+        connection.ws.transport.abort()
+        received += [part async for part in parts]
+        answer = stream.result
+    assert [p.seq for p in received] == list(range(1, len(received) + 1))
+    assert "".join(p.text for p in received if p.kind == "text") == answer.text
+    assert [s.index for s in answer.sources] == [1, 2, 3, 4]
+    assert stack.mock.record("rp").outcome == "completed"
+    await stack.assert_no_leaks()
 
 
 # ------------------------------------------------------------------ the CLI
@@ -778,6 +1117,93 @@ async def test_cli_closed_stdout_cancels_the_stream_and_exits_141(
     await stack.assert_no_leaks()
     ended = metric(stack, "gateway_streams_ended_total", dialect="perplexity", outcome="cancelled")
     assert ended == 1  # a cancel frame, not just a closed socket
+
+
+def cli_parts_script(texts: list[str], starts: list[dict[str, Any]]) -> Handler:
+    """A server that answers with reasoning (a leading newline), then the text pieces `texts`
+    with a source arriving after the first one."""
+
+    async def handler(ws: ServerConnection, n: int) -> None:
+        start = await recv_json(ws)
+        starts.append(start)
+        sid = start["id"]
+        frames: list[dict[str, Any]] = [
+            {"type": "reasoning_chunk", "id": sid, "text": "\nThe user asks "},
+            {"type": "reasoning_chunk", "id": sid, "text": "about light."},
+            {"type": "text_chunk", "id": sid, "text": texts[0]},
+            {"type": "sources", "id": sid, "sources": [SKY_SOURCE]},
+            *({"type": "text_chunk", "id": sid, "text": text} for text in texts[1:]),
+        ]
+        await send_json(ws, {"type": "started", "id": sid})
+        for seq, frame in enumerate(frames, 1):
+            await send_json(ws, {**frame, "seq": seq})
+        done = {"type": "done", "id": sid, "seq": len(frames), "text": "".join(texts)}
+        await send_json(ws, {**done, "citations": [SKY], "reasoning": "The user asks about light."})
+        await ws.wait_closed()
+
+    return handler
+
+
+SOURCE_LINE = f"[1] {SKY} - Rayleigh scattering\n"
+
+
+async def test_cli_reasoning_comes_before_the_answer_and_sources_go_to_stderr() -> None:
+    """`ask --reasoning --sources` asks for both parts; stdout (not a terminal: no escape codes)
+    is the reasoning, a blank line and the answer; each source goes to stderr as it arrives, and
+    no citation list follows the answer."""
+    starts: list[dict[str, Any]] = []
+    texts = ["\n\nBlue light ", "scatters more[1]."]
+    async with scripted(cli_parts_script(texts, starts)) as (url, _seen):
+        proc = await run_cli("ask", "sky", "--url", url, "--reasoning", "--sources")
+        code, out, err = await finish(proc)
+    assert starts[0]["parts"] == ["reasoning", "sources"]
+    assert (code, err) == (0, SOURCE_LINE)
+    assert out == "The user asks about light.\n\nBlue light scatters more[1].\n"
+
+
+async def test_cli_a_source_never_splits_a_line_of_the_answer() -> None:
+    """With stdout and stderr on one file (a terminal, 2>&1), a source that arrives mid-line is
+    held until that line of the answer ends."""
+    starts: list[dict[str, Any]] = []
+    texts = ["Blue light ", "scatters.\nMore ", "text."]
+    async with scripted(cli_parts_script(texts, starts)) as (url, _seen):
+        proc = await run_cli(
+            "ask", "sky", "--url", url, "--sources", stderr=asyncio.subprocess.STDOUT
+        )
+        code, out, _err = await finish(proc)
+    assert starts[0]["parts"] == ["sources"]
+    assert code == 0
+    assert out == "Blue light scatters.\n" + SOURCE_LINE + "More text.\n"
+
+
+@pytest.mark.parametrize("no_color", ["", "1"], ids=["color", "NO_COLOR"])
+async def test_cli_reasoning_is_dimmed_only_on_a_terminal(no_color: str) -> None:
+    """On a terminal the reasoning is dimmed (ANSI faint, then normal intensity before the
+    answer), unless NO_COLOR is set."""
+    starts: list[dict[str, Any]] = []
+    master, slave = pty.openpty()
+    try:
+        async with scripted(cli_parts_script(["Blue."], starts)) as (url, _seen):
+            env = {"NO_COLOR": no_color, "TERM": "xterm"}
+            proc = await run_cli("ask", "sky", "--url", url, "--reasoning", stdout=slave, env=env)
+            os.close(slave)
+            slave = -1
+            code, _out, err = await finish(proc)
+        shown = b""
+        with contextlib.suppress(OSError):  # EIO once everything written was read
+            while chunk := os.read(master, 4096):
+                shown += chunk
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    assert (code, err) == (0, "")
+    text = shown.decode().replace("\r\n", "\n")
+    reasoning = "The user asks about light."
+    if no_color:
+        assert text == f"{reasoning}\n\nBlue.\n\nSources:\n[1] {SKY}\n"
+    else:
+        assert text == f"\x1b[2m{reasoning}\x1b[22m\n\nBlue.\n\nSources:\n[1] {SKY}\n"
 
 
 BAD_USAGE = [

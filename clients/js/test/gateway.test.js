@@ -280,6 +280,29 @@ describe("GatewayClient against a real gateway", { timeout: 60_000 }, () => {
     assert.equal((await upstreamRecord("js-close2")).outcome, "client_closed");
   });
 
+  test("parts() streams the reasoning and sources of a <think> answer before its text, one seq across kinds", async () => {
+    const gw = client();
+    const welcome = await gw.connect();
+    assert.deepEqual(welcome.parts, ["reasoning", "sources", "tools", "progress"]);
+    const prompt = "Why is the sky blue? [[mock reasoning=think sources=3 chunks=8]]";
+    const stream = gw.stream(prompt, { parts: ["reasoning", "sources"] });
+    const parts = [];
+    for await (const part of stream.parts()) parts.push(part);
+    const answer = await stream.result;
+    assert.deepEqual(parts.map((p) => p.seq), parts.map((_, i) => i + 1));
+    const kinds = parts.map((p) => p.kind);
+    assert.deepEqual(new Set(kinds), new Set(["reasoning", "sources", "text"]));
+    assert.ok(kinds.indexOf("reasoning") < kinds.indexOf("text"), kinds.join());
+    const text = parts.filter((p) => p.kind === "text").map((p) => p.text).join("");
+    assert.equal(text, answer.text);
+    assert.ok(!text.includes("<think>"));
+    assert.equal(answer.text.trim(), (await expectedText(prompt)).trim());
+    assert.ok(answer.reasoning.length > 0);
+    assert.equal(answer.reasoning, stream.reasoning);
+    assert.deepEqual(answer.sources.map((s) => s.index), [1, 2, 3]);
+    assert.deepEqual(answer.sources.map((s) => s.url), answer.citations);
+  });
+
   test("with a token, a gateway whose auth is off answers the auth frame and serves streams without an error event", async () => {
     const gw = client({ token: "secret-token" });
     const errors = [];
@@ -391,6 +414,25 @@ describe("resuming through a real network drop", { timeout: 60_000 }, () => {
     assert.equal((await stream.result).text, expected);
     assert.ok(states.includes("reconnecting"), states.join());
     assert.equal((await upstreamRecord("js-resume")).outcome, "completed", "the upstream never noticed");
+    gw.close();
+  });
+
+  test("a stream with parts resumes after the last seq of any kind: every part and chunk arrives once", async (t) => {
+    const proxy = await cuttableProxy(gateway.url);
+    t.after(() => proxy.close());
+    const gw = client({ url: proxy.url, reconnect: { initialDelayMs: 20, maxDelayMs: 100 } });
+    const prompt = "Why is the sky blue? [[mock reasoning=think sources=grow:4 chunks=40 delay_ms=15 tag=js-resume-parts]]";
+    const stream = gw.stream(prompt, { parts: ["reasoning", "sources"] });
+    const parts = [];
+    for await (const part of stream.parts()) {
+      parts.push(part);
+      if (parts.length === 2) proxy.cut();
+    }
+    const answer = await stream.result;
+    assert.deepEqual(parts.map((p) => p.seq), parts.map((_, i) => i + 1));
+    assert.equal(parts.filter((p) => p.kind === "text").map((p) => p.text).join(""), answer.text);
+    assert.deepEqual(answer.sources.map((s) => s.index), [1, 2, 3, 4]);
+    assert.equal((await upstreamRecord("js-resume-parts")).outcome, "completed");
     gw.close();
   });
 });

@@ -1,13 +1,14 @@
 // Connection handling against a scripted WebSocket server (the `ws` package): first-message auth,
-// reconnect on close codes, and resume after a reconnect — parts of the protocol that the gateway
-// will add later, so a script plays the server here. Each server step is awaited, never slept on.
+// reconnect on close codes, resume after a reconnect, and typed answer parts (reasoning, sources,
+// tool calls, progress) with exactly the frames a test wants. Each server step is awaited, never
+// slept on.
 
 import assert from "node:assert/strict";
 import { once } from "node:events";
 import { after, describe, test } from "node:test";
 import { WebSocket, WebSocketServer } from "ws";
 
-import { GatewayClient, GatewayError } from "../index.js";
+import { GatewayClient, GatewayError, assistantMessage } from "../index.js";
 
 const WELCOME = { type: "welcome", protocol: 1, session: "scripted", limits: { max_streams: 16, max_message_bytes: 65536 } };
 const FAST = { initialDelayMs: 5, maxDelayMs: 20 };
@@ -291,6 +292,201 @@ describe("GatewayClient connection handling (scripted server)", { timeout: 30_00
     await assert.rejects(stream.result, { code: "message_too_large", retryable: false });
     const small = gw.stream("ok");
     assert.equal((await peer.recv()).id, small.id, "the big start was never sent");
+    gw.close();
+  });
+});
+
+const WEATHER_TOOL = {
+  type: "function",
+  function: { name: "get_weather", parameters: { type: "object", properties: { city: { type: "string" } } } },
+};
+const SKY = "https://en.wikipedia.org/wiki/Rayleigh_scattering";
+const SKY_SOURCE = { index: 1, url: SKY, title: "Rayleigh scattering", date: "2025-01-20" };
+
+/** One content message of every kind, seq 1 to 7, then `done`. */
+function partFrames(id) {
+  return [
+    { type: "reasoning_chunk", id, seq: 1, text: "The user asks " },
+    { type: "reasoning_chunk", id, seq: 2, text: "about light." },
+    { type: "progress", id, seq: 3, step: { kind: "search", queries: ["sky"] } },
+    { type: "sources", id, seq: 4, sources: [SKY_SOURCE] },
+    { type: "text_chunk", id, seq: 5, text: "Blue light scatters more[1]. " },
+    { type: "tool_call", id, seq: 6, call_id: "call_1", name: "get_weather", arguments: { city: "Paris" } },
+    { type: "tool_call", id, seq: 7, call_id: "call_2", name: "get_weather", arguments_raw: '{"city": Par' },
+    {
+      type: "done",
+      id,
+      seq: 7,
+      text: "Blue light scatters more[1]. ",
+      citations: [SKY],
+      reasoning: "The user asks about light.",
+      tool_calls: [
+        { call_id: "call_1", name: "get_weather", arguments: { city: "Paris" } },
+        { call_id: "call_2", name: "get_weather", arguments_raw: '{"city": Par' },
+      ],
+      finish_reason: "tool_calls",
+    },
+  ];
+}
+
+describe("typed answer parts (scripted server)", { timeout: 30_000 }, () => {
+  test("parts() yields every kind in order, text included, while the stream's own iteration yields only text; result has reasoning, sources and tool calls", async () => {
+    const srv = await server();
+    const gw = new GatewayClient(srv.url, { WebSocket });
+    const peer = await srv.accept();
+    peer.send({ ...WELCOME, parts: ["reasoning", "sources", "tools", "progress"] });
+    const stream = gw.stream("Why is the sky blue?", {
+      parts: ["reasoning", "sources", "progress"],
+      tools: [WEATHER_TOOL],
+      toolChoice: "auto",
+      options: { temperature: 0.2 },
+    });
+    const start = await peer.recv();
+    assert.deepEqual(start, {
+      type: "start",
+      id: stream.id,
+      prompt: "Why is the sky blue?",
+      options: { temperature: 0.2, tools: [WEATHER_TOOL], tool_choice: "auto" },
+      parts: ["reasoning", "sources", "progress", "tools"],
+    });
+    peer.send({ type: "started", id: stream.id });
+    for (const frame of partFrames(stream.id)) peer.send(frame);
+    const [parts, chunks] = await Promise.all([
+      (async () => {
+        const seen = [];
+        for await (const part of stream.parts()) seen.push(part);
+        return seen;
+      })(),
+      (async () => {
+        const seen = [];
+        for await (const chunk of stream) seen.push(chunk);
+        return seen;
+      })(),
+    ]);
+    assert.deepEqual(parts, [
+      { kind: "reasoning", seq: 1, text: "The user asks " },
+      { kind: "reasoning", seq: 2, text: "about light." },
+      { kind: "progress", seq: 3, step: { kind: "search", queries: ["sky"] } },
+      { kind: "sources", seq: 4, sources: [SKY_SOURCE] },
+      { kind: "text", seq: 5, text: "Blue light scatters more[1]. " },
+      { kind: "tool_call", seq: 6, callId: "call_1", name: "get_weather", arguments: { city: "Paris" } },
+      { kind: "tool_call", seq: 7, callId: "call_2", name: "get_weather", argumentsRaw: '{"city": Par' },
+    ]);
+    assert.deepEqual(chunks, ["Blue light scatters more[1]. "]);
+    const answer = await stream.result;
+    assert.equal(answer.reasoning, "The user asks about light.");
+    assert.equal(stream.reasoning, answer.reasoning);
+    assert.deepEqual(answer.sources, [SKY_SOURCE]);
+    assert.deepEqual(answer.toolCalls, [
+      { callId: "call_1", name: "get_weather", arguments: { city: "Paris" } },
+      { callId: "call_2", name: "get_weather", argumentsRaw: '{"city": Par' },
+    ]);
+    assert.equal(answer.finishReason, "tool_calls");
+    assert.equal(answer.refusal, false);
+    assert.deepEqual(assistantMessage(answer), {
+      role: "assistant",
+      content: "Blue light scatters more[1]. ",
+      tool_calls: [
+        { id: "call_1", type: "function", function: { name: "get_weather", arguments: '{"city":"Paris"}' } },
+        { id: "call_2", type: "function", function: { name: "get_weather", arguments: '{"city": Par' } },
+      ],
+    });
+    assert.throws(() => stream.parts(), TypeError, "one parts() iteration per stream");
+    gw.close();
+  });
+
+  test("a stream that asks for nothing new sends protocol 1's start, and a refusal is flagged", async () => {
+    const srv = await server();
+    const gw = new GatewayClient(srv.url, { WebSocket });
+    const peer = await srv.accept();
+    peer.send(WELCOME);
+    const stream = gw.stream("Do something bad");
+    assert.deepEqual(await peer.recv(), { type: "start", id: stream.id, prompt: "Do something bad" });
+    peer.send({ type: "started", id: stream.id });
+    peer.send({ type: "text_chunk", id: stream.id, seq: 1, text: "I can't." });
+    peer.send({ type: "done", id: stream.id, seq: 1, text: "I can't.", refusal: true });
+    const answer = await stream.result;
+    assert.equal(answer.refusal, true);
+    assert.deepEqual([answer.reasoning, answer.sources, answer.toolCalls], ["", [], []]);
+    assert.deepEqual(assistantMessage(answer), { role: "assistant", content: "I can't." });
+    gw.close();
+  });
+
+  test("tools given twice, or parts that are not a list, are refused at once", () => {
+    const gw = new GatewayClient("ws://127.0.0.1:9/v1/ws", { WebSocket, connect: false });
+    assert.throws(() => gw.stream("x", { tools: [WEATHER_TOOL], options: { tools: [WEATHER_TOOL] } }), TypeError);
+    assert.throws(() => gw.stream("x", { parts: "reasoning" }), TypeError);
+    gw.close();
+  });
+
+  test("a tool loop's messages (an assistant message with tool_calls and content null, tool results) are sent as given", async () => {
+    const srv = await server();
+    const gw = new GatewayClient(srv.url, { WebSocket });
+    const peer = await srv.accept();
+    peer.send(WELCOME);
+    const messages = [
+      { role: "user", content: "Weather in Paris?" },
+      assistantMessage({ text: "", toolCalls: [{ callId: "call_1", name: "get_weather", arguments: { city: "Paris" } }] }),
+      { role: "tool", tool_call_id: "call_1", content: '{"celsius": 21}' },
+    ];
+    assert.equal(messages[1].content, null);
+    const stream = gw.stream(messages, { tools: [WEATHER_TOOL] });
+    assert.deepEqual(await peer.recv(), {
+      type: "start",
+      id: stream.id,
+      messages,
+      options: { tools: [WEATHER_TOOL] },
+      parts: ["tools"],
+    });
+    gw.close();
+  });
+
+  test("after a drop in the middle of the parts, the resume starts after the last seq of any kind and nothing arrives twice", async () => {
+    const srv = await server();
+    const gw = new GatewayClient(srv.url, { WebSocket, reconnect: FAST });
+    const first = await srv.accept();
+    first.send(WELCOME);
+    const stream = gw.stream("hi", { parts: ["reasoning", "sources", "progress", "tools"] });
+    const { id } = await first.recv();
+    first.send({ type: "started", id, resume_token: "rt-parts" });
+    for (const frame of partFrames(id).slice(0, 4)) first.send(frame);
+    const parts = stream.parts();
+    const seen = [];
+    for (let i = 0; i < 4; i += 1) seen.push((await parts.next()).value);
+    first.socket.terminate();
+    const second = await srv.accept();
+    second.send(WELCOME);
+    assert.deepEqual(await second.recv(), { type: "resume", id, resume_token: "rt-parts", after: 4 });
+    second.send({ type: "resumed", id, after: 4 });
+    for (const frame of partFrames(id).slice(2)) second.send(frame); // seq 3 and 4 again: skipped
+    for (;;) {
+      const { value, done } = await parts.next();
+      if (done) break;
+      seen.push(value);
+    }
+    assert.deepEqual(seen.map((p) => p.seq), [1, 2, 3, 4, 5, 6, 7]);
+    assert.deepEqual(stream.sources, [SKY_SOURCE]);
+    assert.equal((await stream.result).text, "Blue light scatters more[1]. ");
+    gw.close();
+  });
+
+  test("leaving a parts() loop early cancels the stream", async () => {
+    const srv = await server();
+    const gw = new GatewayClient(srv.url, { WebSocket });
+    const peer = await srv.accept();
+    peer.send(WELCOME);
+    const stream = gw.stream("hi", { parts: ["reasoning"] });
+    const { id } = await peer.recv();
+    peer.send({ type: "started", id });
+    peer.send(partFrames(id)[0]);
+    for await (const part of stream.parts()) {
+      assert.equal(part.kind, "reasoning");
+      break;
+    }
+    assert.deepEqual(await peer.recv(), { type: "cancel", id });
+    peer.send({ type: "cancelled", id, seq: 1, usage: { prompt_tokens: 3, completion_tokens: 1, total_tokens: 4 } });
+    await assert.rejects(stream.result, { name: "AbortError" });
+    assert.equal(await stream.ended, "cancelled");
     gw.close();
   });
 });

@@ -10,6 +10,9 @@
 
 Many streams run concurrently on one socket; errors are typed `GatewayError`s carrying the
 protocol's `code` and `retryable`; dropped sockets are reconnected with jittered backoff.
+`start(..., parts=["reasoning", "sources"])` asks for typed parts besides the text, which
+`stream.parts()` yields in order (`TextPart`, `ReasoningPart`, `SourcesPart`, `ToolCallPart`,
+`ProgressPart`).
 """
 
 from gateway_client._backoff import Backoff
@@ -24,7 +27,18 @@ from gateway_client._errors import (
     Unauthorized,
     UpstreamError,
 )
-from gateway_client._frames import Answer, Welcome
+from gateway_client._frames import (
+    Answer,
+    Part,
+    ProgressPart,
+    ReasoningPart,
+    Source,
+    SourcesPart,
+    TextPart,
+    ToolCall,
+    ToolCallPart,
+    Welcome,
+)
 
 __version__ = "0.1.0"
 
@@ -37,9 +51,17 @@ __all__ = [
     "GatewayClient",
     "GatewayError",
     "InternalError",
+    "Part",
+    "ProgressPart",
     "ProtocolError",
+    "ReasoningPart",
+    "Source",
+    "SourcesPart",
     "Stream",
     "StreamInterrupted",
+    "TextPart",
+    "ToolCall",
+    "ToolCallPart",
     "Unauthorized",
     "UpstreamError",
     "Welcome",

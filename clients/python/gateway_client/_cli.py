@@ -26,7 +26,7 @@ from typing import Any, Final, NoReturn, TypeVar
 
 from gateway_client._client import DEFAULT_URL, GatewayClient, Stream
 from gateway_client._errors import GatewayError, Unauthorized
-from gateway_client._frames import Answer, dumps
+from gateway_client._frames import Answer, Part, dumps
 
 PROG: Final = "gateway-client"
 EXIT_OK: Final = 0
@@ -115,6 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="send the token as an Authorization header (default) or as an auth frame",
     )
     ask.add_argument(
+        "--reasoning",
+        action="store_true",
+        help="ask for the model's reasoning and print it before the answer (dimmed on a "
+        "terminal), separated from it by a blank line",
+    )
+    ask.add_argument(
+        "--sources",
+        action="store_true",
+        help="ask for sources and print each to stderr as it arrives ('[n] url - title'), "
+        "instead of the citation list after the answer",
+    )
+    ask.add_argument(
         "--json", action="store_true", help="print the raw protocol frames, one per line"
     )
     return parser
@@ -163,8 +175,16 @@ class _Stdout:
         return self._event
 
     def write(self, text: str) -> None:
+        if self._put(text):
+            self.at_line_start = text.endswith("\n")
+
+    def style(self, code: str) -> None:
+        """Write a terminal control sequence (it does not move the cursor to a new line)."""
+        self._put(code)
+
+    def _put(self, text: str) -> bool:
         if self.gone or not text:
-            return
+            return False
         try:
             out = sys.stdout
             if out is None:  # started with fd 1 closed (`gateway-client ... >&-`)
@@ -173,8 +193,8 @@ class _Stdout:
             out.flush()
         except OSError as exc:
             self._lost(exc)
-            return
-        self.at_line_start = text.endswith("\n")
+            return False
+        return True
 
     def end_line(self) -> None:
         """Make sure what follows (on stdout, or on stderr when both are the terminal) starts
@@ -229,10 +249,118 @@ async def _race(work: Coroutine[Any, Any, T], interrupted: asyncio.Event, gone: 
     raise _Interrupted if interrupted.is_set() else _OutputGone
 
 
-async def _consume(stream: Stream, stdout: _Stdout | None) -> Answer:
-    async for chunk in stream:
-        if stdout is not None:
-            stdout.write(chunk)
+#: ECMA-48 "faint" and "normal intensity": reasoning is dimmed on a terminal.
+DIM: Final = "\x1b[2m"
+UNDIM: Final = "\x1b[22m"
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _shares_stdout() -> bool:
+    """Whether stderr is the same file as stdout (a terminal, or `2>&1`): then what goes to
+    stderr must wait for stdout to reach the start of a line."""
+    try:
+        return os.path.sameopenfile(sys.stdout.fileno(), sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+class _Render:
+    """Writes a stream's parts as `ask` shows them: the answer's text on stdout; with
+    `--reasoning` the reasoning there too, dimmed when stdout is a terminal (and NO_COLOR is not
+    set), a blank line between it and the answer; with `--sources` each source on stderr as it
+    arrives, held back while stdout is mid-line when both go to the same file, so that a source
+    never splits a line of the answer."""
+
+    def __init__(self, stdout: _Stdout, *, kinds: Sequence[str], dim: bool, share: bool) -> None:
+        self.stdout = stdout
+        #: The parts asked for ("reasoning", "sources"): only those are shown.
+        self.kinds = frozenset(kinds)
+        self.dim = dim
+        self.share = share
+        self.mode: str | None = None  # "text" or "reasoning": what was written last
+        self.dimmed = False
+        #: Newlines that would only add blank lines: at the start of the reasoning, and of
+        #: the answer after it (a blank line already separates them).
+        self.skip_newlines = False
+        self.held: list[str] = []
+        self.sources_shown = 0
+
+    def part(self, part: Part) -> None:
+        if part.kind == "text" or (part.kind == "reasoning" and "reasoning" in self.kinds):
+            self._text(part.kind, part.text)
+        elif part.kind == "sources" and "sources" in self.kinds:
+            for source in part.sources:
+                title = f" - {source.title}" if source.title else ""
+                self.held.append(f"[{source.index}] {source.url}{title}\n")
+                self.sources_shown += 1
+            self._flush_sources()
+
+    def _text(self, mode: str, text: str) -> None:
+        if mode != self.mode:
+            if self.mode is not None:
+                self._undim()
+                self.stdout.end_line()
+                self.stdout.write("\n")
+            self.skip_newlines = self.mode is not None or mode == "reasoning"
+            self.mode = mode
+        if self.skip_newlines:
+            text = text.lstrip("\n")
+            if not text:
+                return
+            self.skip_newlines = False
+        if mode == "reasoning" and self.dim and not self.dimmed:
+            self.stdout.style(DIM)
+            self.dimmed = True
+        if not (self.held and self.share):
+            self.stdout.write(text)
+            return
+        head, newline, tail = text.rpartition("\n")
+        if newline:  # let the held sources out at the end of a line
+            self.stdout.write(head + newline)
+            self._flush_sources()
+        self.stdout.write(tail)
+
+    def _undim(self) -> None:
+        if self.dimmed:
+            self.stdout.style(UNDIM)
+            self.dimmed = False
+
+    def _flush_sources(self) -> None:
+        if not self.held or (self.share and not self.stdout.at_line_start):
+            return
+        dimmed = self.dimmed
+        if self.share:
+            self._undim()
+        lines, self.held = "".join(self.held), []
+        with contextlib.suppress(OSError, AttributeError):
+            sys.stderr.write(lines)
+            sys.stderr.flush()
+        if dimmed and not self.dimmed:
+            self.stdout.style(DIM)
+            self.dimmed = True
+
+    def close(self) -> None:
+        """The stream is over (or being left): normal intensity again, held sources out."""
+        self._undim()
+        if self.held:
+            self.stdout.end_line()
+            self._flush_sources()
+
+
+async def _consume(stream: Stream, render: _Render | None) -> Answer:
+    try:
+        async for part in stream.parts():
+            if render is not None:
+                render.part(part)
+    finally:
+        if render is not None:
+            render.close()
     return stream.result
 
 
@@ -284,13 +412,24 @@ async def _ask(args: argparse.Namespace, token: str | None, stdout: _Stdout) -> 
         loop.add_signal_handler(signal.SIGINT, interrupted.set)
     stream: Stream | None = None
     status = EXIT_OK
+    parts = [
+        kind for kind, flag in (("reasoning", args.reasoning), ("sources", args.sources)) if flag
+    ]
+    render = None
+    if not args.json:
+        dim = _is_terminal(sys.stdout) and not os.environ.get("NO_COLOR")
+        dim = dim and os.environ.get("TERM") != "dumb"
+        render = _Render(stdout, kinds=parts, dim=dim, share=_shares_stdout())
     try:
         await _race(client.connect(), interrupted, gone)
-        stream = await _race(client.start(args.prompt, model=args.model), interrupted, gone)
-        answer = await _race(_consume(stream, None if args.json else stdout), interrupted, gone)
-        if not args.json:
+        stream = await _race(
+            client.start(args.prompt, model=args.model, parts=parts), interrupted, gone
+        )
+        answer = await _race(_consume(stream, render), interrupted, gone)
+        if render is not None:
             stdout.end_line()
-            stdout.write(_citations(answer))
+            if not render.sources_shown:  # with --sources they were shown as they came
+                stdout.write(_citations(answer))
     except _Interrupted:
         if stream is not None:
             await _cancel(stream, interrupted)

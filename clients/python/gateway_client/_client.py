@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import random
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from enum import Enum
 from types import TracebackType
 from typing import Any, Final, Literal, Self
@@ -43,13 +44,16 @@ from gateway_client._frames import (
     Answer,
     Authenticated,
     Cancelled,
+    Content,
     Done,
     ErrorFrame,
+    Part,
     Pong,
     Resumed,
     ServerFrame,
+    Source,
     Started,
-    TextChunk,
+    ToolCall,
     Welcome,
     build_start,
     decode,
@@ -86,8 +90,9 @@ class Stream:
 
     Iterating yields each chunk's text (str) and ends after the stream's terminal frame, raising
     the stream's typed `GatewayError` if it failed. `result` then holds the `Answer`. Chunks
-    are buffered until read, so a stream iterated late loses nothing. Streams are created by
-    `GatewayClient.start`, never directly.
+    are buffered until read, so a stream iterated late loses nothing. `parts()` iterates the
+    same stream as typed parts instead: text and everything else the start asked for, in the
+    order the gateway sent them. Streams are created by `GatewayClient.start`, never directly.
     """
 
     def __init__(self, client: GatewayClient, stream_id: str) -> None:
@@ -97,8 +102,16 @@ class Stream:
         self._accepted = False
         self._started = asyncio.Event()
         self._ended = asyncio.Event()
-        self._chunks: asyncio.Queue[str | None] = asyncio.Queue()  # None marks the end
-        self._parts: list[str] = []
+        #: Every content message received, in seq order (text and parts); the text iterator
+        #: and the parts iterator each read it from their own position.
+        self._log: list[Part] = []
+        self._text_pos = 0
+        self._parts_pos = 0
+        self._grew = asyncio.Event()
+        self._texts: list[str] = []
+        self._reasoning: list[str] = []
+        self._sources: list[Source] = []
+        self._tool_calls: list[ToolCall] = []
         self._seq = 0
         self._resume_token: str | None = None
         self._answer: Answer | None = None
@@ -111,11 +124,27 @@ class Stream:
     @property
     def text(self) -> str:
         """The text received so far."""
-        return "".join(self._parts)
+        return "".join(self._texts)
+
+    @property
+    def reasoning(self) -> str:
+        """The reasoning received so far (a start that asked for "reasoning")."""
+        return "".join(self._reasoning)
+
+    @property
+    def sources(self) -> tuple[Source, ...]:
+        """The sources received so far (a start that asked for "sources")."""
+        return tuple(self._sources)
+
+    @property
+    def tool_calls(self) -> tuple[ToolCall, ...]:
+        """The tool calls received so far (a start that asked for "tools")."""
+        return tuple(self._tool_calls)
 
     @property
     def seq(self) -> int:
-        """The seq of the last text chunk received (0 before the first)."""
+        """The seq of the last content message received (0 before the first); text and parts
+        share it."""
         return self._seq
 
     @property
@@ -142,13 +171,40 @@ class Stream:
         return self
 
     async def __anext__(self) -> str:
-        item = await self._chunks.get()
-        if item is None:
-            self._chunks.put_nowait(None)  # iterating again ends again
+        while True:
+            log = self._log
+            while self._text_pos < len(log):
+                part = log[self._text_pos]
+                self._text_pos += 1
+                if part.kind == "text":
+                    return part.text
+            await self._wait_for_more()
+
+    def parts(self) -> AsyncIterator[Part]:
+        """Iterate the stream as typed parts: `TextPart`s (the same text `async for chunk in
+        stream` yields) and the `ReasoningPart`, `SourcesPart`, `ToolCallPart` and
+        `ProgressPart` messages the start asked for, in the order the gateway sent them, so a
+        UI renders one ordered stream. Ends like the text iteration (raising the stream's error
+        if it failed). The text and the parts are two independent views of the same messages:
+        reading one does not consume the other."""
+        return _Parts(self)
+
+    async def _next_part(self) -> Part:
+        while self._parts_pos >= len(self._log):
+            await self._wait_for_more()
+        part = self._log[self._parts_pos]
+        self._parts_pos += 1
+        return part
+
+    async def _wait_for_more(self) -> None:
+        """Wait until the log grows; at the end of an ended stream raise its end instead (and
+        again on every later call: iterating an ended stream ends again)."""
+        if self._phase is _Phase.ENDED:
             if self._error is not None:
                 raise self._error
             raise StopAsyncIteration
-        return item
+        self._grew.clear()
+        await self._grew.wait()
 
     async def wait(self) -> Answer:
         """Wait until the stream ends and return its `Answer` (raises its error if it failed).
@@ -186,24 +242,51 @@ class Stream:
         self._resume_token = resume_token
         self._started.set()
 
-    def _on_chunk(self, seq: int, text: str) -> None:
+    def _on_content(self, part: Part) -> None:
+        """A content message: every kind takes the stream's next seq (docs/protocol.md,
+        "Parts"), so one counter detects replays after a resume and gaps for all of them."""
+        seq = part.seq
         if seq <= self._seq:
             return  # already received before a reconnect
         if seq != self._seq + 1:
-            self._fail(invalid_frame(f"text_chunk seq jumped from {self._seq} to {seq}", self.id))
+            self._fail(invalid_frame(f"seq jumped from {self._seq} to {seq}", self.id))
             return
         self._seq = seq
-        self._parts.append(text)
-        self._chunks.put_nowait(text)
+        if part.kind == "text":
+            self._texts.append(part.text)
+        elif part.kind == "reasoning":
+            self._reasoning.append(part.text)
+        elif part.kind == "sources":
+            self._sources.extend(part.sources)
+        elif part.kind == "tool_call":
+            self._tool_calls.append(part.call)
+        self._log.append(part)
+        self._grew.set()
 
     def _finish(self, answer: Answer) -> None:
         if self._phase is not _Phase.ENDED:
-            self._answer = answer
+            # `done` repeats the reasoning and tool calls (when asked); sources come only as
+            # messages. What `done` lacks is taken from what streamed.
+            self._answer = dataclasses.replace(
+                answer,
+                reasoning=answer.reasoning or self.reasoning,
+                sources=self.sources,
+                tool_calls=answer.tool_calls or self.tool_calls,
+            )
             self._end()
 
-    def _finish_cancelled(self) -> None:
+    def _finish_cancelled(self, usage: Mapping[str, Any] | None = None) -> None:
         if self._phase is not _Phase.ENDED:
-            self._answer = Answer(self.id, self.text, self._seq, cancelled=True)
+            self._answer = Answer(
+                self.id,
+                self.text,
+                self._seq,
+                usage=usage,
+                cancelled=True,
+                reasoning=self.reasoning,
+                sources=self.sources,
+                tool_calls=self.tool_calls,
+            )
             self._end()
 
     def _fail(self, error: GatewayError) -> None:
@@ -215,8 +298,22 @@ class Stream:
         self._phase = _Phase.ENDED
         self._started.set()
         self._ended.set()
-        self._chunks.put_nowait(None)
+        self._grew.set()
         self._client._forget(self)
+
+
+class _Parts:
+    """The async iterator `Stream.parts()` returns (one reading position per stream, like the
+    text iteration: a second `parts()` continues where the first stopped)."""
+
+    def __init__(self, stream: Stream) -> None:
+        self._stream = stream
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Part:
+        return await self._stream._next_part()
 
 
 #: What a frame we sent is waiting for (see the module docstring on id-null errors).
@@ -363,14 +460,22 @@ class GatewayClient:
         messages: Sequence[Mapping[str, Any]] | None = None,
         model: str | None = None,
         options: Mapping[str, Any] | None = None,
+        parts: Sequence[str] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
         id: str | None = None,
     ) -> Stream:
         """Start a stream and wait until the gateway accepted it (`started`).
 
         Give a `prompt` or `messages` (``[{"role": "user", "content": "..."}]``), not both.
-        `id` is generated (unique on this client) unless given. Raises the gateway's refusal as
-        a typed `GatewayError` (e.g. `ProtocolError` for a bad option, `GatewayBusy` for
-        too_many_streams); failures after `started` surface while iterating the stream.
+        `parts` names what the stream should carry besides text: any of "reasoning",
+        "sources", "tools", "progress" (docs/protocol.md, "Parts"; `gw.welcome.parts` lists
+        what the gateway offers); `stream.parts()` yields them. `tools` (OpenAI-style function
+        declarations) and `tool_choice` go into `options`, and `tools` implies the "tools"
+        part (a call the model makes is the client's to run). `id` is generated (unique on this
+        client) unless given. Raises the gateway's refusal as a typed `GatewayError` (e.g.
+        `ProtocolError` for a bad option or part, `GatewayBusy` for too_many_streams); failures
+        after `started` surface while iterating the stream.
         """
         if (prompt is None) == (messages is None):
             raise TypeError("start() needs a prompt or messages=[...], not both")
@@ -379,7 +484,22 @@ class GatewayClient:
         sid = id if id is not None else f"{self._id_prefix}-{next(self._ids)}"
         if not isinstance(sid, str) or ID_PATTERN.fullmatch(sid) is None:
             raise ValueError("id must be 1 to 64 characters of [A-Za-z0-9._:-]")
-        request = build_start(sid, prompt, messages, model, options)
+        if isinstance(parts, str) or (
+            parts is not None and not all(isinstance(p, str) for p in parts)
+        ):
+            raise TypeError('parts must be a list of kinds, e.g. ["reasoning", "sources"]')
+        wanted = list(dict.fromkeys(parts or ()))
+        merged = dict(options or {})
+        for key, given in (("tools", tools is not None), ("tool_choice", tool_choice is not None)):
+            if given and key in merged:
+                raise TypeError(f"give {key} once: as {key}= or in options, not both")
+        if tools is not None:
+            merged["tools"] = [dict(tool) for tool in tools]
+        if tool_choice is not None:
+            merged["tool_choice"] = tool_choice
+        if merged.get("tools") and "tools" not in wanted:
+            wanted.append("tools")
+        request = build_start(sid, prompt, messages, model, merged, wanted)
         data = dumps(request)
         ws = await self._socket()
         limit = self._welcome.max_message_bytes if self._welcome else None
@@ -759,10 +879,10 @@ class GatewayClient:
                 pass
 
     def _dispatch(self, frame: ServerFrame) -> None:
-        if isinstance(frame, TextChunk):
+        if isinstance(frame, Content):
             stream = self._streams.get(frame.id)
             if stream is not None:
-                stream._on_chunk(frame.seq, frame.text)
+                stream._on_content(frame.part)
         elif isinstance(frame, Started):
             stream = self._streams.get(frame.id)
             if stream is not None and stream._phase is _Phase.STARTING:
@@ -775,7 +895,7 @@ class GatewayClient:
         elif isinstance(frame, Cancelled):
             stream = self._streams.get(frame.id)
             if stream is not None:
-                stream._finish_cancelled()
+                stream._finish_cancelled(frame.usage)
         elif isinstance(frame, ErrorFrame):
             self._on_error(frame)
         elif isinstance(frame, Pong):

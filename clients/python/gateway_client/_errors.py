@@ -30,6 +30,7 @@ class GatewayError(Exception):
         status: int | None = None,
         retry_after_ms: int | None = None,
         frame: Mapping[str, Any] | None = None,
+        usage: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
@@ -37,7 +38,7 @@ class GatewayError(Exception):
         self.retryable = retryable
         #: The stream this error is about, if any.
         self.stream_id = stream_id
-        #: The last text_chunk seq the stream received before it ended (terminal errors only).
+        #: The seq of the last message the stream received before it ended (terminal errors only).
         self.seq = seq
         #: The upstream's HTTP status (`upstream_error`).
         self.status = status
@@ -45,6 +46,9 @@ class GatewayError(Exception):
         self.retry_after_ms = retry_after_ms
         #: The `error` frame as received, when the error came from the gateway.
         self.frame = frame
+        #: The tokens the upstream reported before the stream failed (the tokens spent are
+        #: spent), when it had reported any.
+        self.usage = usage
 
 
 class ProtocolError(GatewayError):
@@ -149,4 +153,5 @@ def error_from_frame(frame: Mapping[str, Any]) -> GatewayError:
         status=frame.get("status"),
         retry_after_ms=frame.get("retry_after_ms"),
         frame=frame,
+        usage=frame.get("usage"),
     )

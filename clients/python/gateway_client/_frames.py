@@ -4,6 +4,10 @@ Pure code (no I/O). `parse_server_frame` accepts exactly the server frames that
 docs/asyncapi.yaml describes, with two deliberate leniencies so that a newer gateway never breaks
 an older client: a frame of an unknown `type` is ignored (returns None), and an `error` with an
 unknown `code` becomes a plain `GatewayError`. Unknown fields are ignored everywhere.
+
+A stream's content messages (`text_chunk` and the parts of docs/protocol.md, "Parts":
+`reasoning_chunk`, `sources`, `tool_call`, `progress`) all become a `Content` frame holding one
+typed part; they share the stream's one `seq` counter.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from gateway_client._errors import INVALID_FRAME, GatewayError, ProtocolError, error_from_frame
 
@@ -66,8 +70,13 @@ ERROR_CODES: Final = frozenset(
         "internal",
     }
 )
-#: Token counts that `done.usage` carries as non-negative integers when present.
+#: Token counts that `usage` carries as non-negative integers when present.
 USAGE_COUNTS: Final = ("prompt_tokens", "completion_tokens", "total_tokens")
+#: The part kinds a start may ask for besides text (docs/protocol.md, "Parts"), as `welcome`
+#: lists them.
+PART_KINDS: Final = ("reasoning", "sources", "tools", "progress")
+#: Kinds of a `progress` step.
+STEP_KINDS: Final = frozenset({"search", "fetch", "code", "thought", "other"})
 
 
 def build_start(
@@ -76,8 +85,10 @@ def build_start(
     messages: Sequence[Mapping[str, Any]] | None = None,
     model: str | None = None,
     options: Mapping[str, Any] | None = None,
+    parts: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """The `start` frame for a stream (the caller has checked prompt xor messages)."""
+    """The `start` frame for a stream (the caller has checked prompt xor messages). Without
+    `parts` (or with none) the frame is protocol 1's as before parts existed."""
     frame: dict[str, Any] = {"type": "start", "id": stream_id}
     if prompt is not None:
         frame["prompt"] = prompt
@@ -87,6 +98,8 @@ def build_start(
         frame["model"] = model
     if options:
         frame["options"] = dict(options)
+    if parts:
+        frame["parts"] = list(parts)
     return frame
 
 
@@ -102,19 +115,127 @@ class Welcome:
     #: max_streams_per_principal, starts_per_minute and allowed_models).
     limits: Mapping[str, Any] = field(repr=False)
     raw: Mapping[str, Any] = field(repr=False, compare=False)
+    #: The part kinds a start may ask for on this gateway (empty: an older gateway, text only).
+    parts: tuple[str, ...] = ()
+
+
+# ---------------------------------------------------------------- typed parts
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """A source the answer rests on. `index` is the number its `[n]` markers use."""
+
+    index: int
+    url: str
+    title: str | None = None
+    snippet: str | None = None
+    date: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A call of a tool the client declared, for the client to run.
+
+    `arguments` is the parsed JSON the model wrote; when that was not valid JSON, `arguments`
+    is None and `arguments_raw` holds the string as sent (never dropped).
+    """
+
+    call_id: str
+    name: str
+    arguments: Any = None
+    arguments_raw: str | None = None
+
+    def message_item(self) -> dict[str, Any]:
+        """This call as an item of an assistant message's `tool_calls`, for the next start of
+        a tool loop (`{"id", "type": "function", "function": {"name", "arguments"}}`, the
+        arguments as the JSON string OpenAI's chat API takes)."""
+        raw = self.arguments_raw if self.arguments_raw is not None else dumps(self.arguments)
+        return {
+            "id": self.call_id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": raw},
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TextPart:
+    """A piece of the answer's text (what `async for chunk in stream` yields)."""
+
+    seq: int
+    text: str
+    kind: Literal["text"] = field(default="text", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningPart:
+    """A piece of the model's reasoning (a start that asked for "reasoning")."""
+
+    seq: int
+    text: str
+    kind: Literal["reasoning"] = field(default="reasoning", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class SourcesPart:
+    """Sources not announced before in this stream (a start that asked for "sources")."""
+
+    seq: int
+    sources: tuple[Source, ...]
+    kind: Literal["sources"] = field(default="sources", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallPart:
+    """One complete tool call (a start that asked for "tools", or passed `tools=`)."""
+
+    seq: int
+    call: ToolCall
+    kind: Literal["tool_call"] = field(default="tool_call", init=False)
+
+    @property
+    def call_id(self) -> str:
+        return self.call.call_id
+
+    @property
+    def name(self) -> str:
+        return self.call.name
+
+    @property
+    def arguments(self) -> Any:
+        return self.call.arguments
+
+    @property
+    def arguments_raw(self) -> str | None:
+        return self.call.arguments_raw
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressPart:
+    """A step of the upstream's own work (a start that asked for "progress"): `step["kind"]`
+    is `search` (`queries`, `results`), `fetch` (`urls`), `code` (`code`, `result`), `thought`
+    (`text`) or `other`."""
+
+    seq: int
+    step: Mapping[str, Any]
+    kind: Literal["progress"] = field(default="progress", init=False)
+
+
+#: What `Stream.parts()` yields; tell them apart by `kind` (or by class).
+Part = TextPart | ReasoningPart | SourcesPart | ToolCallPart | ProgressPart
 
 
 @dataclass(frozen=True, slots=True)
 class Answer:
     """The outcome of a finished stream: its full text and the upstream's metadata.
 
-    Metadata the upstream did not send is empty (`()`) or None. A stream ended by `cancel()` has
-    `cancelled=True` and the text received until then.
+    Metadata the upstream did not send is empty (`()`, "") or None. A stream ended by `cancel()`
+    has `cancelled=True`, and the text and parts received until then.
     """
 
     id: str
     text: str
-    #: The seq of the last text chunk (0 when there was none).
+    #: The seq of the stream's last content message (0 when there was none).
     seq: int
     citations: tuple[str, ...] = ()
     search_results: tuple[Mapping[str, Any], ...] = ()
@@ -122,10 +243,31 @@ class Answer:
     related_questions: tuple[str, ...] = ()
     videos: tuple[Any, ...] = ()
     usage: Mapping[str, Any] | None = None
+    #: `stop`, `length`, `tool_calls` or `content_filter` (None when the upstream said nothing).
     finish_reason: str | None = None
     cancelled: bool = False
+    #: The model's reasoning (when the start asked for "reasoning"; never part of `text`).
+    reasoning: str = ""
+    #: The sources streamed as `sources` messages (when the start asked for "sources"), in the
+    #: order they arrived; `citations` and `search_results` are the upstream's own lists.
+    sources: tuple[Source, ...] = ()
+    #: The tool calls the model made (when the start asked for "tools").
+    tool_calls: tuple[ToolCall, ...] = ()
+    #: Whether the answer is the model's refusal (its text is the refusal).
+    refusal: bool = False
     #: The `done` frame as received (empty for a cancelled stream).
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def assistant_message(self) -> dict[str, Any]:
+        """This answer as the assistant message that continues the conversation: for a tool
+        loop, with its `tool_calls` (and `content` None when it has no text); append a
+        `{"role": "tool", "tool_call_id": ..., "content": ...}` message per result."""
+        message: dict[str, Any] = {"role": "assistant", "content": self.text or None}
+        if self.tool_calls:
+            message["tool_calls"] = [call.message_item() for call in self.tool_calls]
+        elif message["content"] is None:
+            message["content"] = ""
+        return message
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,12 +279,12 @@ class Started:
 
 
 @dataclass(frozen=True, slots=True)
-class TextChunk:
-    """`text_chunk`: the next piece of a stream's answer."""
+class Content:
+    """A content message of a stream (`text_chunk`, `reasoning_chunk`, `sources`, `tool_call`,
+    `progress`), as its typed part."""
 
     id: str
-    seq: int
-    text: str
+    part: Part
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,10 +296,12 @@ class Done:
 
 @dataclass(frozen=True, slots=True)
 class Cancelled:
-    """`cancelled`: the stream's terminal frame after a cancel."""
+    """`cancelled`: the stream's terminal frame after a cancel (with the upstream's `usage`
+    when it had sent any)."""
 
     id: str
     seq: int
+    usage: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +335,7 @@ class Resumed:
 
 
 ServerFrame = (
-    Welcome | Started | TextChunk | Done | Cancelled | ErrorFrame | Pong | Authenticated | Resumed
+    Welcome | Started | Content | Done | Cancelled | ErrorFrame | Pong | Authenticated | Resumed
 )
 
 
@@ -244,6 +388,10 @@ def _list(obj: Mapping[str, Any], key: str, item: type | None = None) -> tuple[A
     return tuple(value)
 
 
+def _opt_str(obj: Mapping[str, Any], key: str) -> str | None:
+    return None if key not in obj else _str(obj, key)
+
+
 def _welcome(obj: Mapping[str, Any]) -> Welcome:
     limits = obj.get("limits")
     if not isinstance(limits, dict):
@@ -251,6 +399,8 @@ def _welcome(obj: Mapping[str, Any]) -> Welcome:
     for key in ("max_prompt_chars", "max_streams_per_principal", "starts_per_minute"):
         _opt_int(limits, key, 1)
     _list(limits, "allowed_models", str)
+    # Kinds this client does not know (a newer gateway's) are left out, not an error.
+    parts = tuple(p for p in _list(obj, "parts", str) if p in PART_KINDS)
     return Welcome(
         _int(obj, "protocol", 1),
         _str(obj, "session", 1),
@@ -258,6 +408,7 @@ def _welcome(obj: Mapping[str, Any]) -> Welcome:
         _int(limits, "max_message_bytes", 1),
         limits,
         obj,
+        parts,
     )
 
 
@@ -268,16 +419,71 @@ def _started(obj: Mapping[str, Any]) -> Started:
     return Started(_id(obj), token)
 
 
+def _usage(obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    if "usage" not in obj:
+        return None
+    usage = obj["usage"]
+    if not isinstance(usage, dict):
+        raise _Invalid("'usage' must be an object")
+    for key in USAGE_COUNTS:
+        _opt_int(usage, key, 0)
+    return usage
+
+
+def _source(obj: Any) -> Source:
+    if not isinstance(obj, dict):
+        raise _Invalid("a source must be an object")
+    return Source(
+        _int(obj, "index", 1),
+        _str(obj, "url"),
+        _opt_str(obj, "title"),
+        _opt_str(obj, "snippet"),
+        _opt_str(obj, "date"),
+    )
+
+
+def _tool_call(obj: Any) -> ToolCall:
+    """A ToolCallBody: call_id, name, and exactly one of arguments and arguments_raw."""
+    if not isinstance(obj, dict):
+        raise _Invalid("a tool call must be an object")
+    if ("arguments" in obj) == ("arguments_raw" in obj):
+        raise _Invalid("a tool call has exactly one of 'arguments' and 'arguments_raw'")
+    return ToolCall(
+        _str(obj, "call_id"),
+        _str(obj, "name"),
+        obj.get("arguments"),
+        _opt_str(obj, "arguments_raw"),
+    )
+
+
+def _content(obj: Mapping[str, Any], part: Part) -> Content:
+    return Content(_id(obj), part)
+
+
+def _sources(obj: Mapping[str, Any]) -> Content:
+    items = obj.get("sources")
+    if not isinstance(items, list) or not items:
+        raise _Invalid("'sources' must be a non-empty list")
+    return _content(obj, SourcesPart(_int(obj, "seq", 1), tuple(_source(s) for s in items)))
+
+
+def _progress(obj: Mapping[str, Any]) -> Content:
+    step = obj.get("step")
+    kind = step.get("kind") if isinstance(step, dict) else None
+    if not isinstance(step, dict) or not isinstance(kind, str):
+        raise _Invalid("'step' must be an object with a string 'kind'")
+    if kind not in STEP_KINDS:  # a newer gateway's kind: shown as "other", as documented
+        step = {**step, "kind": "other", "upstream_kind": kind}
+    return _content(obj, ProgressPart(_int(obj, "seq", 1), step))
+
+
 def _done(obj: Mapping[str, Any]) -> Done:
-    usage = obj.get("usage")
-    if "usage" in obj:
-        if not isinstance(usage, dict):
-            raise _Invalid("'usage' must be an object")
-        for key in USAGE_COUNTS:
-            _opt_int(usage, key, 0)
+    usage = _usage(obj)
     finish = obj.get("finish_reason")
     if "finish_reason" in obj and not isinstance(finish, str):
         raise _Invalid("'finish_reason' must be a string")
+    if "refusal" in obj and obj["refusal"] is not True:
+        raise _Invalid("'refusal' must be true when present")
     answer = Answer(
         id=_id(obj),
         text=_str(obj, "text"),
@@ -289,6 +495,9 @@ def _done(obj: Mapping[str, Any]) -> Done:
         videos=_list(obj, "videos"),
         usage=usage,
         finish_reason=finish,
+        reasoning=_opt_str(obj, "reasoning") or "",
+        tool_calls=tuple(_tool_call(c) for c in _list(obj, "tool_calls")),
+        refusal="refusal" in obj,
         raw=obj,
     )
     return Done(answer)
@@ -303,6 +512,7 @@ def _error(obj: Mapping[str, Any]) -> ErrorFrame:
     seq = _opt_int(obj, "seq", 0)
     _opt_int(obj, "status", 100, 599)
     _opt_int(obj, "retry_after_ms", 0)
+    _usage(obj)
     return ErrorFrame(sid, seq, error_from_frame(obj))
 
 
@@ -320,9 +530,13 @@ def _resumed(obj: Mapping[str, Any]) -> Resumed:
 _PARSERS: Final[dict[str, Callable[[Mapping[str, Any]], ServerFrame]]] = {
     "welcome": _welcome,
     "started": _started,
-    "text_chunk": lambda o: TextChunk(_id(o), _int(o, "seq", 1), _str(o, "text")),
+    "text_chunk": lambda o: _content(o, TextPart(_int(o, "seq", 1), _str(o, "text"))),
+    "reasoning_chunk": lambda o: _content(o, ReasoningPart(_int(o, "seq", 1), _str(o, "text"))),
+    "sources": _sources,
+    "tool_call": lambda o: _content(o, ToolCallPart(_int(o, "seq", 1), _tool_call(o))),
+    "progress": _progress,
     "done": _done,
-    "cancelled": lambda o: Cancelled(_id(o), _int(o, "seq", 0)),
+    "cancelled": lambda o: Cancelled(_id(o), _int(o, "seq", 0), _usage(o)),
     "error": _error,
     "pong": lambda _o: Pong(),
     "authenticated": _authenticated,

@@ -3,6 +3,10 @@
 // One ES module, no build step, no dependencies: browsers use their native WebSocket, Node 20+
 // passes one (e.g. the `ws` package) as `new GatewayClient(url, { WebSocket })`.
 // Types: index.d.ts.
+//
+// Typed parts (docs/protocol.md, "Parts"): `gw.stream(prompt, { parts: ["reasoning", "sources"] })`
+// asks for them, `stream.parts()` yields them in order with the text; every content message of a
+// stream shares one seq, which is what a resume after a reconnect starts from.
 
 export const PROTOCOL_VERSION = 1;
 
@@ -88,7 +92,19 @@ function connectionLost(closeCode) {
   );
 }
 
-function answerOf(frame) {
+/** The part kinds a start may ask for besides text (docs/protocol.md, "Parts"). */
+export const PART_KINDS = Object.freeze(["reasoning", "sources", "tools", "progress"]);
+
+/** A tool call as the client API shows it (camelCase; `argumentsRaw` when not valid JSON). */
+function toolCallOf(body) {
+  const call = { callId: body.call_id, name: body.name };
+  if ("arguments_raw" in body) call.argumentsRaw = body.arguments_raw;
+  else call.arguments = body.arguments;
+  return call;
+}
+
+/** The answer of a stream that ended with `done`; what `done` lacks is taken from what streamed. */
+function answerOf(frame, stream) {
   return {
     id: frame.id,
     text: frame.text,
@@ -100,8 +116,34 @@ function answerOf(frame) {
     videos: frame.videos ?? [],
     usage: frame.usage ?? null,
     finishReason: frame.finish_reason ?? null,
+    reasoning: typeof frame.reasoning === "string" ? frame.reasoning : stream.reasoning,
+    sources: [...stream.sources],
+    toolCalls: Array.isArray(frame.tool_calls) ? frame.tool_calls.map(toolCallOf) : [...stream.toolCalls],
+    refusal: frame.refusal === true,
     raw: frame,
   };
+}
+
+/**
+ * The assistant message that continues a conversation after `answer`: for a tool loop, with its
+ * `tool_calls` (and `content: null` when it has no text). Append a
+ * `{ role: "tool", tool_call_id, content }` message per result and start the next stream.
+ */
+export function assistantMessage(answer) {
+  const message = { role: "assistant", content: answer.text || null };
+  if (answer.toolCalls?.length) {
+    message.tool_calls = answer.toolCalls.map((call) => ({
+      id: call.callId,
+      type: "function",
+      function: {
+        name: call.name,
+        arguments: call.argumentsRaw !== undefined ? call.argumentsRaw : JSON.stringify(call.arguments ?? null),
+      },
+    }));
+  } else if (message.content === null) {
+    message.content = "";
+  }
+  return message;
 }
 
 // Internal entry points of GatewayStream, called by GatewayClient only.
@@ -112,18 +154,24 @@ const kStartFrame = Symbol("startFrame");
 const kEnd = Symbol("end");
 const kCancel = Symbol("cancel");
 
+/** A reader of a stream's content: its own queue, and whether it was handed out. */
+function view() {
+  return { queue: [], waiter: null, iterated: false, thrown: false };
+}
+
 /**
- * One prompt stream. Iterate it (`for await`) for the text of each chunk; `result` resolves with
- * the whole answer. Aborting (the `signal`, `cancel()`, or leaving the loop early) sends `cancel`
- * and rejects `result` and the iteration with the abort reason (an "AbortError" DOMException).
+ * One prompt stream. Iterate it (`for await`) for the text of each chunk, or `parts()` for typed
+ * parts (text, reasoning, sources, tool calls, progress) in the order they came; `result`
+ * resolves with the whole answer. Aborting (the `signal`, `cancel()`, or leaving a loop early)
+ * sends `cancel` and rejects `result` and the iteration with the abort reason (an "AbortError"
+ * DOMException).
  */
 export class GatewayStream {
   #client;
   #start;
-  #chunks = [];
-  #waiter = null;
-  #failure = null;
-  #iterated = false;
+  #text = view();
+  #parts = view();
+  #error = null;
   #signal;
   #onAbort = null;
   #resolveResult;
@@ -140,7 +188,13 @@ export class GatewayStream {
     this.state = "queued";
     /** The text received so far. */
     this.text = "";
-    /** The seq of the last chunk received. */
+    /** The reasoning received so far (a stream that asked for "reasoning"). */
+    this.reasoning = "";
+    /** The sources received so far (a stream that asked for "sources"), in arrival order. */
+    this.sources = [];
+    /** The tool calls received so far (a stream that asked for "tools"). */
+    this.toolCalls = [];
+    /** The seq of the last content message received (text and parts share it). */
     this.seq = 0;
     /** Given by `started` on gateways that support resuming after a reconnect. */
     this.resumeToken = null;
@@ -167,13 +221,27 @@ export class GatewayStream {
   }
 
   [Symbol.asyncIterator]() {
-    if (this.#iterated) throw new TypeError("A GatewayStream can be iterated only once.");
-    this.#iterated = true;
+    return this.#iterate(this.#text, "A GatewayStream can be iterated only once.");
+  }
+
+  /**
+   * The stream as typed parts, in the order the gateway sent them: `{ kind: "text" }` (the same
+   * text the stream's own iteration yields), and the "reasoning", "sources", "tool_call" and
+   * "progress" parts the start asked for. Independent of the text iteration (reading one does
+   * not consume the other); one `parts()` iteration per stream.
+   */
+  parts() {
+    return this.#iterate(this.#parts, "A GatewayStream's parts() can be iterated only once.");
+  }
+
+  #iterate(reader, message) {
+    if (reader.iterated) throw new TypeError(message);
+    reader.iterated = true;
     return {
-      next: () => this.#next(),
+      next: () => this.#next(reader),
       return: async () => {
         this.cancel();
-        this.#chunks.length = 0;
+        reader.queue.length = 0;
         return { value: undefined, done: true };
       },
       [Symbol.asyncIterator]() {
@@ -182,25 +250,62 @@ export class GatewayStream {
     };
   }
 
-  async #next() {
-    if (this.#chunks.length) return { value: this.#chunks.shift(), done: false };
-    if (this.#failure) {
-      const failure = this.#failure;
-      this.#failure = null;
-      this.#iterated = "failed";
-      throw failure.error;
+  async #next(reader) {
+    for (;;) {
+      if (reader.queue.length) return { value: reader.queue.shift(), done: false };
+      if (this.#error !== null && !reader.thrown) {
+        reader.thrown = true;
+        throw this.#error;
+      }
+      if (this.#settled) return { value: undefined, done: true };
+      await new Promise((resolve) => {
+        reader.waiter = resolve;
+      });
     }
-    if (this.#settled || this.#iterated === "failed") return { value: undefined, done: true };
-    await new Promise((resolve) => {
-      this.#waiter = resolve;
-    });
-    return this.#next();
   }
 
   #wake() {
-    const waiter = this.#waiter;
-    this.#waiter = null;
-    waiter?.();
+    for (const reader of [this.#text, this.#parts]) {
+      const waiter = reader.waiter;
+      reader.waiter = null;
+      waiter?.();
+    }
+  }
+
+  /** A content message (text or a part): every kind takes the stream's next seq. */
+  #content(frame) {
+    if (typeof frame.seq === "number" && frame.seq <= this.seq) return; // replayed after a resume
+    this.seq = frame.seq;
+    if (this.#settled) return;
+    const seq = frame.seq;
+    let part;
+    switch (frame.type) {
+      case "text_chunk":
+        this.text += frame.text;
+        this.#text.queue.push(frame.text);
+        part = { kind: "text", seq, text: frame.text };
+        break;
+      case "reasoning_chunk":
+        this.reasoning += frame.text;
+        part = { kind: "reasoning", seq, text: frame.text };
+        break;
+      case "sources": {
+        const sources = Array.isArray(frame.sources) ? frame.sources : [];
+        this.sources.push(...sources);
+        part = { kind: "sources", seq, sources };
+        break;
+      }
+      case "tool_call": {
+        const call = toolCallOf(frame);
+        this.toolCalls.push(call);
+        part = { kind: "tool_call", seq, ...call };
+        break;
+      }
+      default: // progress
+        part = { kind: "progress", seq, step: frame.step };
+    }
+    this.#parts.queue.push(part);
+    this.#wake();
   }
 
   /** Settle `result` once: with an answer, or with an error. */
@@ -209,7 +314,7 @@ export class GatewayStream {
     this.#settled = true;
     if (this.#signal && this.#onAbort) this.#signal.removeEventListener("abort", this.#onAbort);
     if (error !== null) {
-      this.#failure = { error };
+      this.#error = error;
       this.#rejectResult(error);
     } else {
       this.#resolveResult(answer);
@@ -251,15 +356,14 @@ export class GatewayStream {
         if (typeof frame.resume_token === "string") this.resumeToken = frame.resume_token;
         return false;
       case "text_chunk":
-        if (typeof frame.seq === "number" && frame.seq <= this.seq) return false; // replayed
-        this.seq = frame.seq;
-        if (this.#settled) return false;
-        this.text += frame.text;
-        this.#chunks.push(frame.text);
-        this.#wake();
+      case "reasoning_chunk":
+      case "sources":
+      case "tool_call":
+      case "progress":
+        this.#content(frame);
         return false;
       case "done":
-        this.#settle(answerOf(frame), null);
+        this.#settle(answerOf(frame, this), null);
         this.#end("done");
         return true;
       case "cancelled":
@@ -383,6 +487,19 @@ export class GatewayClient extends EventTarget {
     } else throw new TypeError("stream() takes a prompt string or a list of messages.");
     if (options.model !== undefined) start.model = options.model;
     if (options.options !== undefined) start.options = options.options;
+    const parts = options.parts ?? [];
+    if (!Array.isArray(parts) || !parts.every((kind) => typeof kind === "string")) {
+      throw new TypeError('`parts` is a list of kinds, e.g. ["reasoning", "sources"].');
+    }
+    const wanted = [...new Set(parts)];
+    for (const [key, value] of [["tools", options.tools], ["tool_choice", options.toolChoice]]) {
+      if (value === undefined) continue;
+      if (start.options && key in start.options) throw new TypeError(`Give ${key} once: as an option of stream() or in options, not both.`);
+      start.options = { ...start.options, [key]: value };
+    }
+    // Declared tools imply the "tools" part: a call the model makes is the client's to run.
+    if (start.options?.tools?.length && !wanted.includes("tools")) wanted.push("tools");
+    if (wanted.length) start.parts = wanted;
     const id = options.id ?? `${this.#idPrefix}${++this.#nextId}`;
     if (this.#streams.has(id)) throw new GatewayError("duplicate_id", `Stream id ${id} is active.`);
     const stream = new GatewayStream(this, id, start, options.signal);
