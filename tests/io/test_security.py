@@ -210,6 +210,7 @@ async def test_first_message_auth(make_stack: StackFactory, tokens_file: Path) -
     )
     silent = Client(await connect(stack.url))
     await clock.timer_set(5)  # its deadline runs from the open
+    [silent_connection] = stack.gateway.connections
     ws = await connect(stack.url)
     good = Client(ws)
     await good.send({"type": "auth", "token": BOB})
@@ -222,7 +223,9 @@ async def test_first_message_auth(make_stack: StackFactory, tokens_file: Path) -
         await bad.send(first)
         assert await closed_code(bad) == 4401
     clock.advance(4.9)
-    assert len(stack.gateway.auth_deadlines) == 1
+    # (The refused sockets' own deadlines may still be there: the gateway forgets them when
+    # their TCP close reaches it, which can come after their close frame reached the client.)
+    assert silent_connection in stack.gateway.auth_deadlines
     clock.advance(0.1)
     assert await closed_code(silent) == 4401
     assert silent.log == []  # not even a welcome
