@@ -185,3 +185,38 @@ async def test_stream_paused_by_a_slow_socket_goes_on_when_resumed_on_another_in
         for gateway in gateways:
             await gateway.stop()
         await mock.stop()
+
+
+async def test_parts_are_resumed_on_another_instance_exactly_once(pair: Pair) -> None:
+    """Parts share the stream's seq across instances too: instance B replays A's reasoning,
+    sources and text from Redis and follows live, each message once, in seq order."""
+    client = await pair.client(pair.a)
+    await client.send(
+        {
+            "type": "start",
+            "id": "s",
+            "prompt": "Why is the sky blue? "
+            "[[mock reasoning=think sources=3 chunks=40 delay_ms=10]]",
+            "parts": ["reasoning", "sources"],
+        }
+    )
+    started = await client.recv_until(lambda f: f["type"] == "started")
+    await client.recv_until(lambda f: f["type"] == "text_chunk")
+    await drop(client)
+    before = [f for f in client.by_id["s"] if "seq" in f]
+    assert {f["type"] for f in before} >= {"reasoning_chunk", "text_chunk"}
+    other = await pair.client(pair.b)
+    # From the start: what A produced comes back from Redis, parts included, then B follows.
+    after = await resume(other, started["resume_token"], 0)
+    replayed = [f for f in after if "seq" in f]
+    assert replayed[: len(before)] == before
+    content = [f for f in after if "seq" in f and f["type"] != "done"]
+    assert [f["seq"] for f in content] == list(range(1, len(content) + 1))
+    kinds = {f["type"] for f in content}
+    assert {"reasoning_chunk", "sources", "text_chunk"} <= kinds
+    done = after[-1]
+    assert done["type"] == "done"
+    assert done["text"] == "".join(f["text"] for f in content if f["type"] == "text_chunk")
+    assert done["reasoning"] == "".join(
+        f["text"] for f in content if f["type"] == "reasoning_chunk"
+    )
