@@ -519,9 +519,9 @@ class OpenAITranslator(Translator):
         "_call",
         "_call_indexes",
         "_calls",
+        "_cited",
         "_closed",
-        "_last_citations",
-        "_last_results",
+        "_found",
         "_limits",
         "_reasoning",
         "_reasoning_bytes",
@@ -555,8 +555,9 @@ class OpenAITranslator(Translator):
         self._calls: list[dict[str, Any]] = []
         self._call_indexes: set[int] = set()
         self._sources = SourceIndex(limits.max_sources) if "sources" in wants else None
-        self._last_citations: Any = None
-        self._last_results: tuple[int, Any] = (0, None)
+        #: The lengths of Perplexity's `citations` and `search_results` last looked at.
+        self._cited = 0
+        self._found = 0
         #: Reasoning steps seen (for progress or sources), to tell new ones from repeats.
         self._steps: list[Any] | None = (
             [] if self._want_progress or self._sources is not None else None
@@ -603,7 +604,7 @@ class OpenAITranslator(Translator):
                     value = obj[key]
                     if value is not None:
                         meta[key] = value
-            if self._sources is not None:
+            if self._sources is not None and ("citations" in obj or "search_results" in obj):
                 self._perplexity_sources(obj)
         choices = obj.get("choices")
         if not choices or not isinstance(choices, list):
@@ -852,18 +853,19 @@ class OpenAITranslator(Translator):
 
     def _perplexity_sources(self, obj: dict[str, Any]) -> None:
         """New sources in Perplexity's cumulative lists, looked at only when they changed (they
-        repeat on every chunk)."""
+        repeat on every chunk), so a new entry is told by a list's length."""
         citations = obj.get("citations")
         results = obj.get("search_results")
-        shape = (len(results), results[-1]) if isinstance(results, list) and results else (0, None)
-        if citations == self._last_citations and shape == self._last_results:
-            return
-        self._last_citations = citations
-        self._last_results = shape
+        cited = len(citations) if isinstance(citations, list) else 0
+        found = len(results) if isinstance(results, list) else 0
+        if cited == self._cited and found == self._found:
+            return  # the same lists again: they only ever grow (upstream-formats.md, 1a)
+        self._cited = cited
+        self._found = found
         assert self._sources is not None
-        found = self._sources.perplexity(citations, results)
-        if found:
-            self._sink.push_sources(found)
+        new = self._sources.perplexity(citations, results)
+        if new:
+            self._sink.push_sources(new)
 
     def _annotations(self, annotations: list[Any]) -> None:
         """`url_citation` annotations (OpenAI search models: `{type, url_citation: {url,

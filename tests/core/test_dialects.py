@@ -458,6 +458,32 @@ def test_think_splitter_state_machine() -> None:
     assert tr._think is None  # past the decision: the fast path needs no splitter
 
 
+def test_long_leading_whitespace_gives_up_waiting_for_a_block() -> None:
+    """Past 4 KiB of leading whitespace the answer is taken to have no block: the whitespace is
+    relayed as it came (a stream of blanks is not held, nor re-scanned, for ever)."""
+    tr, sink = chat()
+    blanks = [" "] * 5000
+    assert relay(tr, sink, content_events([*blanks, "<think>x</think>"])) == " " * 5000 + (
+        "<think>x</think>"
+    )
+    assert sink.of("reasoning") == []
+
+
+def test_a_delta_with_text_and_parts_gives_both() -> None:
+    """A text delta that also carries another key leaves the fast path and loses nothing: text
+    with a null reasoning field (DeepSeek's every chunk), text with a tool call."""
+    tr, sink = chat()
+    events = [
+        ev(openai_chunk({"content": "A", "reasoning_content": None})),
+        ev(openai_chunk({"role": "assistant", "content": "B", "tool_calls": []})),
+        ev(openai_chunk({"content": "C", **tool_delta(0, id="t", name="f")})),
+        ev(openai_chunk({"content": None, "reasoning": "R"}, "tool_calls")),
+    ]
+    assert relay(tr, sink, events) == "ABC"
+    assert sink.of("reasoning") == ["R"]
+    assert [c["call_id"] for c in sink.of("tool_call")] == ["t"]
+
+
 def test_reasoning_bytes_are_limited_whether_or_not_wanted() -> None:
     """Reasoning over max_reasoning_bytes (UTF-8 bytes, <think> included) fails the stream
     with upstream_protocol_error, also for a client that did not ask for reasoning."""
@@ -786,10 +812,12 @@ THOUGHT_STEP = {"thought": "The user wants today's weather.", "type": None}
 OTHER_STEP = {"thought": "", "type": "browse_maps"}
 
 
-def concise(kind: str, delta: dict[str, Any], **top: Any) -> dict[str, Any]:
-    chunk = {"id": "c", "model": "sonar-pro", "object": kind}
-    chunk.update(top)
-    chunk["choices"] = [{"index": 0, "finish_reason": top.pop("finish", None), "delta": delta}]
+def concise(
+    kind: str, delta: dict[str, Any], finish: str | None = None, **top: Any
+) -> dict[str, Any]:
+    """A chunk of Perplexity's `stream_mode: "concise"` (docs: stream-mode guide)."""
+    chunk: dict[str, Any] = {"id": "c", "model": "sonar-pro", "object": kind, **top}
+    chunk["choices"] = [{"index": 0, "finish_reason": finish, "delta": delta}]
     return chunk
 
 
@@ -823,70 +851,58 @@ def test_progress_steps_of_each_kind() -> None:
 
 def test_perplexity_concise_stream() -> None:
     """A concise stream: `chat.reasoning` steps as progress (their search results as sources),
-    `chat.reasoning.done` repeating them adds nothing, the answer, then `chat.completion.done`
-    ends it with the final citations, search results and usage."""
+    `chat.reasoning.done` repeating the steps in its `message` adds nothing, the answer, then
+    `chat.completion.done` ends it with the final citations, search results and usage. The
+    citations list the search results in the order the steps found them, so the sources sent
+    early carry the numbers the answer's markers use."""
     results = SEARCH_STEP["web_search"]["search_results"]  # type: ignore[index]
     usage = {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}
+    reasoning_done = concise("chat.reasoning.done", {"content": ""}, search_results=results)
+    reasoning_done["usage"] = usage
+    reasoning_done["choices"][0]["message"] = {
+        "role": "assistant",
+        "content": "",
+        "reasoning_steps": [SEARCH_STEP, FETCH_STEP, THOUGHT_STEP],
+    }
+    citations = ["https://nws", "https://wc", "https://new"]
     tr, sink = chat("perplexity")
     events = [
-        ev(
-            concise(
-                "chat.reasoning",
-                {"role": "assistant", "content": "", "reasoning_steps": [SEARCH_STEP]},
-            )
-        ),
-        ev(
-            concise(
-                "chat.reasoning", {"content": "", "reasoning_steps": [FETCH_STEP, THOUGHT_STEP]}
-            )
-        ),
-        ev(
-            concise(
-                "chat.reasoning.done",
-                {"content": ""},
-                search_results=results,
-                usage=usage,
-            )
-        ),
+        ev(concise("chat.reasoning", {"content": "", "reasoning_steps": [SEARCH_STEP]})),
+        ev(concise("chat.reasoning", {"content": "", "reasoning_steps": [FETCH_STEP]})),
+        ev(concise("chat.reasoning", {"content": "", "reasoning_steps": [THOUGHT_STEP]})),
+        ev(reasoning_done),
         ev(concise("chat.completion.chunk", {"content": "Mild, 61F[1]"})),
         ev(
             concise(
                 "chat.completion.done",
                 {"content": ""},
                 finish="stop",
-                citations=["https://wc", "https://nws", "https://new"],
+                citations=citations,
                 search_results=results,
                 usage=usage,
             )
         ),
     ]
-    events[2] = ev(
-        {
-            **orjson.loads(events[2].data),
-            "choices": [
-                {
-                    "index": 0,
-                    "delta": {"content": ""},
-                    "message": {
-                        "content": "",
-                        "reasoning_steps": [SEARCH_STEP, FETCH_STEP, THOUGHT_STEP],
-                    },
-                }
-            ],
-        }
-    )
     assert relay(tr, sink, events) == "Mild, 61F[1]"
     assert [s["kind"] for s in sink.of("progress")] == ["search", "fetch", "thought"]
     sent = [s for batch in sink.of("sources") for s in batch]
     assert [(s["index"], s["url"]) for s in sent] == [
-        (1, "https://nws"),
-        (2, "https://wc"),
-        (3, "https://new"),
+        (1, citations[0]),
+        (2, citations[1]),
+        (3, citations[2]),
     ]
-    assert sink.kinds()[:3] == ["progress", "sources", "progress"]
+    assert sent[0] == {
+        "index": 1,
+        "url": "https://nws",
+        "title": "NWS",
+        "snippet": "61F",
+        "date": "2025-05-26",
+    }
+    assert sink.kinds() == ["progress", "sources", "progress", "progress", "text", "sources"]
     assert tr.meta["finish_reason"] == "stop"
     assert tr.meta["usage"] == usage
-    assert tr.meta["citations"] == ["https://wc", "https://nws", "https://new"]
+    assert tr.meta["citations"] == citations
+    assert tr.meta["search_results"] == results
 
 
 def test_perplexity_completion_done_ends_the_answer() -> None:
