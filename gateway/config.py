@@ -91,6 +91,8 @@ class Config:
     api_key_env: str = "PERPLEXITY_API_KEY"
     api_key: str | None = field(default=None, repr=False)
     default_model: str = "sonar"
+    #: `max_tokens` sent to APIs that require one (Anthropic) when a start gives none.
+    default_max_tokens: int = 4096
     upstream_read_timeout: float = 60.0
     upstream_connect_timeout: float = 10.0
     upstream_first_byte_timeout: float = 30.0
@@ -371,6 +373,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, s
     )
     flag("api-key-env", "env var holding the upstream API key (sent as Bearer)", d.api_key_env)
     flag("default-model", "model used when a start names none", d.default_model)
+    flag(
+        "default-max-tokens",
+        "max_tokens sent to APIs that require one (anthropic) when a start gives none",
+        d.default_max_tokens,
+        _positive(int),
+    )
     flag(
         "upstream-read-timeout",
         "longest silence allowed between upstream bytes, seconds",

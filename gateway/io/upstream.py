@@ -13,7 +13,7 @@ import math
 import random
 import time
 from asyncio import FIRST_COMPLETED
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Final
 
@@ -26,11 +26,12 @@ from gateway import __version__
 from gateway.config import Config
 from gateway.core.clock import Clock, Timer
 from gateway.core.dialects import (
+    RequestDefaults,
     Translator,
     UpstreamFailure,
+    dialect_for,
     parse_error_body,
     status_retryable,
-    translator_for,
 )
 from gateway.core.parts import PartLimits
 from gateway.core.protocol import ErrorCode
@@ -137,6 +138,7 @@ class Upstream:
         self, config: Config, url: str, metrics: Metrics | None = None, clock: Clock | None = None
     ) -> None:
         self.clock: Clock = clock if clock is not None else LoopClock()
+        self.defaults = RequestDefaults(config.default_max_tokens)
         self.part_limits = PartLimits(
             config.max_reasoning_bytes, config.max_tool_args_bytes, config.max_sources
         )
@@ -163,8 +165,6 @@ class Upstream:
             "Accept": "text/event-stream",
             "User-Agent": f"llm-ws-gateway/{__version__}",
         }
-        if config.api_key:
-            self._headers["Authorization"] = f"Bearer {config.api_key}"
         #: Upstream responses currently open (a leak check for tests and a gauge for metrics).
         self.open_responses = 0
         #: The bodies being relayed now, by stream (the read-gap watchdog looks at them; a
@@ -315,7 +315,9 @@ class Upstream:
             **content,
         )
 
-    async def _first_response(self, body: bytes) -> tuple[aiohttp.ClientResponse, bytes]:
+    async def _first_response(
+        self, url: yarl.URL, headers: Mapping[str, str], body: bytes
+    ) -> tuple[aiohttp.ClientResponse, bytes]:
         """POST and read the first body bytes, retrying what is safe to retry.
 
         Returns an open 2xx response and its first bytes (b"" for an empty body). Retries connect
@@ -328,7 +330,7 @@ class Upstream:
             retry_after: float | None = None
             try:
                 async with asyncio.timeout(self.config.upstream_first_byte_timeout):
-                    resp = await self._session.post(self._url, data=body)
+                    resp = await self._session.post(url, data=body, headers=headers)
                     status_class = resp.status // 100
                     responses = self._responses.get(status_class)
                     if responses is None:  # not 1xx..5xx: labelled as it is, as before
@@ -405,13 +407,20 @@ class Upstream:
         started: float,
     ) -> None:
         request = stream.request
-        translator = translator_for(self.dialect, stream.wants, stream, self.part_limits)
+        dialect = dialect_for(self.dialect)
+        translator = dialect.new_translator(stream.wants, stream, self.part_limits)
         # What the upstream reports besides text (usage...), for a cancelled or failed end.
         stream.upstream_meta = translator.meta
-        body = translator.build_body(
-            request.model or self.config.default_model, request.messages, request.options
+        req = dialect.request(
+            self.url,
+            request.model or self.config.default_model,
+            request.messages,
+            request.options,
+            self.config.api_key,
+            self.defaults,
         )
-        resp, data = await self._first_response(orjson.dumps(body))
+        url = self._url if req.url == self.url else yarl.URL(req.url)
+        resp, data = await self._first_response(url, req.headers, orjson.dumps(req.body))
         self.open_responses += 1
         finished_cleanly = False
         feed: _BodyFeed | None = None

@@ -37,7 +37,7 @@ from gateway.mock.formats import (
     plan_stream,
     validate_for_dialect,
 )
-from gateway.mock.formats.base import _dumps
+from gateway.mock.formats.base import BadRequest, MockRequest, _dumps
 from gateway.mock.knobs import (
     _DIRECTIVE_RE,
     BodyKind,
@@ -62,41 +62,21 @@ ENDLESS_WRITE_BYTES: Final = 64 * 1024
 # --------------------------------------------------------------------------------------------
 
 
-class _BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-def _content_text(content: object) -> str:
-    """A message's text: a string, or the text parts of an OpenAI-style content list."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(
-            p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
-        )
-    return ""
-
-
 def _decode_request(raw: bytes) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise _BadRequest(f"request body is not valid JSON: {exc}") from exc
+        raise BadRequest(f"request body is not valid JSON: {exc}") from exc
     if not isinstance(body, dict):
-        raise _BadRequest("request body must be a JSON object")
+        raise BadRequest("request body must be a JSON object")
     return body
 
 
-def _question_and_knobs(body: Mapping[str, Any]) -> tuple[str, Knobs, int]:
-    """(question, knobs, prompt_tokens) from the messages; the directive is read from the last
-    user message only."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise _BadRequest("'messages' must be a list of objects", "messages")
-    texts = [_content_text(m.get("content")) for m in messages]
-    user = [i for i, m in enumerate(messages) if m.get("role") == "user"]
+def _question_and_knobs(request: MockRequest) -> tuple[str, Knobs, int]:
+    """(question, knobs, prompt_tokens) from the conversation; the directive is read from the
+    last user turn only."""
+    texts = [text for _, text in request.turns]
+    user = [i for i, (role, _) in enumerate(request.turns) if role == "user"]
     question, knobs = parse_directive(texts[user[-1]]) if user else ("", Knobs())
     prompt_tokens = sum(len(_DIRECTIVE_RE.sub(" ", t).split()) for t in texts)
     return question, knobs, max(prompt_tokens, 1)
@@ -109,7 +89,7 @@ def _stream_mode(body: Mapping[str, Any], dialect: Dialect, knobs: Knobs) -> Kno
         return knobs
     mode = body["stream_mode"]
     if mode not in ("full", "concise"):
-        raise _BadRequest('\'stream_mode\' must be "full" or "concise"', "stream_mode")
+        raise BadRequest('\'stream_mode\' must be "full" or "concise"', "stream_mode")
     if mode == "concise" and knobs.transcript is None and not knobs.concise:
         return dataclasses.replace(knobs, concise=True)
     return knobs
@@ -420,19 +400,21 @@ class MockUpstream:
     async def _handle(self, request: web.Request, dialect: Dialect) -> web.StreamResponse:
         raw = await request.read()
         body: dict[str, Any] | None = None
-        problem: _BadRequest | DirectiveError | None = None
+        problem: BadRequest | DirectiveError | None = None
         question, knobs, prompt_tokens = "", Knobs(), 1
+        mock_request: MockRequest | None = None
         transcript: Transcript | None = None
         try:
             body = _decode_request(raw)
-            question, knobs, prompt_tokens = _question_and_knobs(body)
+            mock_request = _FORMATTERS[dialect].read_request(body, request.match_info.get("model"))
+            question, knobs, prompt_tokens = _question_and_knobs(mock_request)
             knobs = _stream_mode(body, dialect, knobs)
             validate_for_dialect(knobs, dialect)
             if knobs.transcript is not None:
                 if self.transcripts is None:
                     raise no_library(knobs.transcript)
                 transcript = self.transcripts.load(knobs.transcript)
-        except (_BadRequest, DirectiveError) as exc:
+        except (BadRequest, DirectiveError) as exc:
             problem = exc
         rec = RequestRecord(
             tag=knobs.tag,
@@ -453,26 +435,27 @@ class MockUpstream:
             self._handler_tasks.add(task)
         self._notify()
         try:
-            if self.require_key is not None and rec.authorization != f"Bearer {self.require_key}":
-                return await self._send_error(request, rec, 401, "html")
+            if (
+                self.require_key is not None
+                and _FORMATTERS[dialect].api_key(request.headers) != self.require_key
+            ):
+                return await self._send_error(request, rec, 401, "html", dialect=dialect)
             if problem is not None:
-                return await self._send_bad_request(request, rec, problem)
-            assert body is not None
-            if body.get("stream") is not True:
-                problem = _BadRequest(
-                    'the mock upstream only streams: set "stream": true', "stream"
-                )
-                return await self._send_bad_request(request, rec, problem)
+                return await self._send_bad_request(request, rec, problem, dialect)
+            assert mock_request is not None
+            if not mock_request.stream:
+                problem = BadRequest('the mock upstream only streams: set "stream": true', "stream")
+                return await self._send_bad_request(request, rec, problem, dialect)
             if knobs.header_delay_ms > 0:
                 await asyncio.sleep(knobs.header_delay_ms / 1000)
             if knobs.status is not None and self._error_due(knobs):
                 return await self._send_error(
-                    request, rec, knobs.status, knobs.body, knobs.retry_after
+                    request, rec, knobs.status, knobs.body, knobs.retry_after, dialect
                 )
             if transcript is not None:
                 plan = _Plan(plan_replay(transcript, knobs), knobs, transcript.eol, _replay_id())
             else:
-                spec = self._spec(dialect, body, question, knobs, prompt_tokens)
+                spec = self._spec(dialect, mock_request, question, knobs, prompt_tokens)
                 if knobs.fast:
                     return await self._stream_fast(request, rec, spec)
                 plan = _Plan(plan_stream(spec), knobs, spec.eol, spec.request_id)
@@ -540,40 +523,38 @@ class MockUpstream:
     def _spec(
         self,
         dialect: Dialect,
-        body: Mapping[str, Any],
+        mock_request: MockRequest,
         question: str,
         knobs: Knobs,
         prompt_tokens: int,
     ) -> StreamSpec:
         answer = choose_answer(question)
-        model = body.get("model")
-        options = body.get("stream_options")
+        model = mock_request.model
         pieces = tuple(text_chunks(answer.text, knobs.chunks, knobs.words))
         request_id = _FORMATTERS[dialect].make_request_id(uuid.uuid4())
         return StreamSpec(
             dialect=dialect,
-            model=model if isinstance(model, str) and model else DEFAULT_MODELS[dialect],
+            model=model if model is not None else DEFAULT_MODELS[dialect],
             answer=answer,
             pieces=pieces,
             prompt_tokens=prompt_tokens,
             knobs=knobs,
-            include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+            include_usage=mock_request.include_usage,
             request_id=request_id,
             created=int(time.time()),
             parts=build_parts(answer, knobs, pieces, request_id) if knobs.scripted else None,
         )
 
     async def _send_bad_request(
-        self, request: web.Request, rec: RequestRecord, problem: _BadRequest | DirectiveError
+        self,
+        request: web.Request,
+        rec: RequestRecord,
+        problem: BadRequest | DirectiveError,
+        dialect: Dialect,
     ) -> web.StreamResponse:
         param = problem.key if isinstance(problem, DirectiveError) else problem.param
-        error = {
-            "message": str(problem),
-            "type": "invalid_request_error",
-            "param": param,
-            "code": 400,
-        }
-        return await self._send(request, rec, 400, _dumps({"error": error}), "application/json")
+        error = _FORMATTERS[dialect].error_json(400, "invalid_request_error", str(problem), param)
+        return await self._send(request, rec, 400, _dumps(error), "application/json")
 
     async def _send_error(
         self,
@@ -582,8 +563,9 @@ class MockUpstream:
         status: int,
         kind: BodyKind,
         retry_after: str | None = None,
+        dialect: Dialect = "perplexity",
     ) -> web.StreamResponse:
-        payload, content_type = error_body(status, kind)
+        payload, content_type = error_body(status, kind, dialect=dialect)
         headers: dict[str, str] = {hdrs.RETRY_AFTER: retry_after} if retry_after is not None else {}
         return await self._send(request, rec, status, payload, content_type, headers)
 

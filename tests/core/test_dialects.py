@@ -11,9 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.core.dialects import (
+    DIALECTS,
     EventsTranslator,
     OpenAITranslator,
     PerplexityTranslator,
+    RequestDefaults,
     ThinkSplitter,
     Translator,
     UpstreamFailure,
@@ -169,18 +171,24 @@ def test_unparsable_event_is_protocol_error(data: str) -> None:
 
 def test_openai_body_asks_for_usage_perplexity_body_does_not() -> None:
     """The request body carries model, messages, stream and options; only OpenAI gets
-    stream_options."""
+    stream_options. The key goes as a Bearer header to the configured URL."""
     msgs = ({"role": "user", "content": "hi"},)
-    body = OpenAITranslator.build_body("m", msgs, {"temperature": 0.1})
-    assert body == {
+    defaults = RequestDefaults()
+    req = DIALECTS["openai"].request("http://u/v1", "m", msgs, {"temperature": 0.1}, "k", defaults)
+    assert req.url == "http://u/v1"
+    assert req.headers == {"Authorization": "Bearer k"}
+    assert req.body == {
         "temperature": 0.1,
         "model": "m",
         "messages": [{"role": "user", "content": "hi"}],
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    assert "stream_options" not in PerplexityTranslator.build_body("m", msgs, {})
-    assert translator_for("events").build_body("m", msgs, {"stream": False})["stream"] is True
+    pplx = DIALECTS["perplexity"].request("http://u", "m", msgs, {}, None, defaults)
+    assert "stream_options" not in pplx.body
+    assert pplx.headers == {}
+    events = DIALECTS["events"].request("http://u", "m", msgs, {"stream": False}, None, defaults)
+    assert events.body["stream"] is True
 
 
 def test_events_dialect_named_and_typed_events() -> None:

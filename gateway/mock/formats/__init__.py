@@ -209,19 +209,19 @@ def _reason(status: int) -> str:
         return "Unknown"
 
 
-def error_body(status: int, kind: BodyKind, message: str | None = None) -> tuple[bytes, str]:
-    """(body, content type) of an error answer: Perplexity/OpenAI JSON (integer code, as
-    Perplexity sends), an openresty HTML page (Perplexity's 401 really looks like this) or text."""
+def error_body(
+    status: int, kind: BodyKind, message: str | None = None, dialect: Dialect = "perplexity"
+) -> tuple[bytes, str]:
+    """(body, content type) of an error answer: the dialect's JSON error (Perplexity/OpenAI's
+    has an integer code, as Perplexity sends), an openresty HTML page (Perplexity's 401 really
+    looks like this) or text."""
     reason = "Authorization Required" if status == 401 else _reason(status)
     if kind == "json":
-        error = {
-            "message": message or f"{reason} (simulated by the mock upstream)",
-            "type": _ERROR_TYPES.get(
-                status, "server_error" if status >= 500 else "invalid_request_error"
-            ),
-            "code": status,
-        }
-        return _dumps({"error": error}), "application/json"
+        error_type = _ERROR_TYPES.get(
+            status, "server_error" if status >= 500 else "invalid_request_error"
+        )
+        text = message or f"{reason} (simulated by the mock upstream)"
+        return _dumps(_FORMATTERS[dialect].error_json(status, error_type, text)), "application/json"
     if kind == "html":
         page = (
             f"<html><head><title>{status} {reason}</title></head><body>"

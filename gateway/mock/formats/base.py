@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import orjson
@@ -47,6 +48,46 @@ def _dumps(obj: object) -> bytes:
     return orjson.dumps(obj)
 
 
+class BadRequest(Exception):
+    """A request the mock refuses with a 400 (the API's own error shape); `param` names the
+    field at fault."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True, slots=True)
+class MockRequest:
+    """What the mock reads of a request, whatever its API: the conversation's turns as (role,
+    text), the model, whether a stream was asked for and whether usage was."""
+
+    turns: tuple[tuple[str, str], ...]
+    model: str | None
+    stream: bool
+    include_usage: bool = False
+
+
+def content_text(content: object) -> str:
+    """A message's text: a string, or the text parts of a content list (OpenAI's and
+    Anthropic's `{type: text, text}` parts)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(
+            p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+        )
+    return ""
+
+
+def bearer_key(headers: Mapping[str, str]) -> str | None:
+    """The key of an `Authorization: Bearer` header, if any."""
+    value = headers.get("Authorization")
+    if value is None or not value.startswith("Bearer "):
+        return None
+    return value[len("Bearer ") :]
+
+
 class _Formatter(ABC):
     """One dialect's events. Stateful (running text, token count): call in stream order.
 
@@ -66,6 +107,43 @@ class _Formatter(ABC):
     #: The typed parts this API can carry, as knob tokens: "reasoning=think", "tools",
     #: "sources", "concise", "refusal", "choices" (`validate_for_dialect` refuses the rest).
     scripts: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def read_request(cls, body: Mapping[str, Any], path_model: str | None) -> MockRequest:
+        """The conversation, model and stream flag of a request body (chat completions by
+        default: `messages`, `model`, `stream`, `stream_options.include_usage`). `path_model`
+        is the model named in the URL, for APIs that put it there. Raises BadRequest."""
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise BadRequest("'messages' must be a list of objects", "messages")
+        turns = tuple((str(m.get("role")), content_text(m.get("content"))) for m in messages)
+        model = body.get("model")
+        options = body.get("stream_options")
+        return MockRequest(
+            turns,
+            model if isinstance(model, str) and model else None,
+            body.get("stream") is True,
+            isinstance(options, dict) and options.get("include_usage") is True,
+        )
+
+    @classmethod
+    def api_key(cls, headers: Mapping[str, str]) -> str | None:
+        """The credential the request carries, where this API puts it (a Bearer token by
+        default)."""
+        return bearer_key(headers)
+
+    @classmethod
+    def error_json(
+        cls, status: int, kind: str, message: str, param: str | None = None
+    ) -> dict[str, Any]:
+        """This API's JSON error body (OpenAI's shape with Perplexity's integer code by
+        default); `kind` is the OpenAI-style error type for `status`, `param` the request
+        field at fault (400s only)."""
+        error: dict[str, Any] = {"message": message, "type": kind}
+        if status == 400:
+            error["param"] = param
+        error["code"] = status
+        return {"error": error}
 
     @staticmethod
     def make_request_id(token: uuid.UUID) -> str:
