@@ -6,7 +6,7 @@ of the question and read into `Knobs`; unknown keys or useless combinations rais
 
 Knobs: chunks, delay_ms, header_delay_ms, status (+ body=json|html|text, retry_after; underscores
 become spaces; times=N with tag= errs only on the first N requests of that tag),
-fault=reset|stall|malformed|eof|giant|endless (+ after=K, size=BYTES for giant), keepalive_ms
+fault=reset|stall|malformed|eof|giant|endless|error (+ after=K, size=BYTES for giant), keepalive_ms
 (``: ping`` comments while a started stream waits), ignore_close=1 (keep writing after the client
 left), linger_ms (wait before ending the body), words=N (words per chunk), crlf=0|1, bytewise=1,
 done=0|1, finish=0, comments=1, tag. Benchmarks: fast=1 (+ rate=R, stamp=1). See `Knobs`.
@@ -51,7 +51,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal, get_args
 
-FaultKind = Literal["reset", "stall", "malformed", "eof", "giant", "endless"]
+FaultKind = Literal["reset", "stall", "malformed", "eof", "giant", "endless", "error"]
 BodyKind = Literal["json", "html", "text"]
 ReasoningShape = Literal[
     "think", "think_open", "reasoning_content", "reasoning", "details", "mistral"
@@ -98,6 +98,9 @@ class Knobs:
     * ``keepalive_ms``: while a stream whose headers are sent waits (the pause between chunks,
       or ``fault=stall``), write an SSE comment ``: ping`` every that many ms, as real upstreams
       do to keep proxies from timing the connection out;
+    * ``fault=error``: after K chunks, the API's own mid-stream error event (an overloaded or
+      server error: Anthropic's ``overloaded_error``, OpenAI's ``{"error": ...}``, ...), then
+      the end of the body, as providers do when they fail after answering 200;
     * ``fault=endless``: after K chunks, one ``data: xxx...`` line that never ends, written in
       64 KiB pieces until the client goes away (a runaway upstream);
     * ``ignore_close``: the handler is shielded from the cancellation aiohttp uses to report a
@@ -421,7 +424,7 @@ def _check_parts(values: Mapping[str, Any]) -> None:
                 raise DirectiveError(
                     key, f"mock directive key {key!r} does not apply to a replayed transcript"
                 )
-        if values.get("fault") in ("malformed", "giant"):
+        if values.get("fault") in ("malformed", "giant", "error"):
             raise DirectiveError(
                 "fault", "a replayed transcript takes fault=reset|stall|eof|endless only"
             )

@@ -1,9 +1,12 @@
-"""Real recorded chat-completions streams (../shared/reference/transcripts/) through the dialects:
-each relays to the answer text, reasoning, sources, tool calls, finish reason and usage that its
-`expected.json` entry gives, whatever the byte boundaries of the body.
+"""Real recorded upstream streams (../shared/reference/transcripts/) through the dialects: each
+relays to the answer text, reasoning, sources, tool calls, finish reason and usage that its
+`expected.json` entry gives, whatever the byte boundaries of the body; a recording of a failed
+stream ends in the upstream's error.
 
 The recordings are read where they live (a workplace rule keeps them out of this repository):
 next to the repository in `shared/reference/transcripts/`, or where `GATEWAY_TRANSCRIPTS` says.
+The wire bodies are built by the mock upstream's replay (`gateway.mock.replay`, INDEX.md's
+framing rules), which is what the end-to-end test serves too.
 """
 
 from __future__ import annotations
@@ -19,9 +22,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.core.dialects import normalise_finish, translator_for
+from gateway.core.dialects import UpstreamFailure, normalise_finish, translator_for
 from gateway.core.parts import KNOWN_PARTS
+from gateway.core.protocol import ErrorCode
 from gateway.core.sse import SSEDecoder, SSEEvent
+from gateway.mock.formats import Emit
+from gateway.mock.knobs import Knobs
+from gateway.mock.replay import TranscriptLibrary, plan_replay
 
 TRANSCRIPTS = Path(
     os.environ.get("GATEWAY_TRANSCRIPTS")
@@ -34,36 +41,40 @@ if not (TRANSCRIPTS / "expected.json").is_file():
     )
 
 EXPECTED: dict[str, Any] = orjson.loads((TRANSCRIPTS / "expected.json").read_bytes())
-#: The chat-completions recordings (the `openai` and `perplexity` dialects); Anthropic, Responses
-#: and Gemini recordings belong to dialects still to come.
-CHAT_PREFIXES = (
-    "perplexity-chat-",
-    "openai-chat-",
-    "azure-",
-    "deepseek-",
-    "xai-chat-",
-    "mistral-",
-    "groq-",
-)
-CHAT = sorted(
-    name for name in EXPECTED if name.endswith(".jsonl") and name.startswith(CHAT_PREFIXES)
-)
+LIBRARY = TranscriptLibrary(TRANSCRIPTS)
+ALL = sorted(name for name in EXPECTED if name.endswith(".jsonl"))
+#: Recording name prefix -> the gateway dialect that reads it.
+DIALECT_PREFIXES = {
+    "perplexity-chat-": "perplexity",
+    "openai-chat-": "openai",
+    "azure-openai-chat-": "openai",
+    "deepseek-chat-": "openai",
+    "xai-chat-": "openai",
+    "mistral-chat-": "openai",
+    "groq-chat-": "openai",
+    "anthropic-messages-": "anthropic",
+    "openai-responses-": "openai-responses",
+    "xai-responses-": "openai-responses",
+    "google-gemini-": "gemini",
+    "google-vertex-": "gemini",
+}
+FAILED = [name for name in ALL if EXPECTED[name]["error"] is not None]
+COMPLETE = [name for name in ALL if name not in FAILED]
 
 
 def dialect_of(name: str) -> str:
-    return "perplexity" if name.startswith("perplexity-") else "openai"
+    for prefix, dialect in DIALECT_PREFIXES.items():
+        if name.startswith(prefix):
+            return dialect
+    raise AssertionError(f"no dialect reads {name}")
 
 
 def wire_body(name: str) -> bytes:
     """The response body as the provider framed it: the byte-exact `.sse` capture where there is
-    one, else `data: <payload>` per line (CRLF for Perplexity, upstream-formats.md 0.2), without a
-    `[DONE]` the recording cannot vouch for (INDEX.md, "Replaying")."""
-    wire = EXPECTED[name].get("wire")
-    if wire is not None:
-        return (TRANSCRIPTS / wire["sse_file"]).read_bytes()
-    end = b"\r\n\r\n" if dialect_of(name) == "perplexity" else b"\n\n"
-    lines = (TRANSCRIPTS / name).read_bytes().splitlines()
-    return b"".join(b"data: " + line + end for line in lines if line)
+    one, else the events the mock's replay builds from the `.jsonl` by INDEX.md's rules (event
+    names where the API has them, its line ending, `[DONE]` only where the provider sends it)."""
+    steps = plan_replay(LIBRARY.load(name.removesuffix(".jsonl")), Knobs())
+    return b"".join(step.data for step in steps if isinstance(step, Emit))
 
 
 @dataclass
@@ -120,12 +131,26 @@ def relay(name: str, pieces: list[bytes], wants: frozenset[str] = KNOWN_PARTS) -
     return Relayed("".join(text), translator.meta, sink)
 
 
+def expected_finish(name: str) -> str | None:
+    """The protocol's finish_reason for a recording: its upstream value normalised, except that
+    an answer that ends by calling tools says `tool_calls` whatever the API calls that end
+    (Responses' `completed`, Gemini's `STOP`), so a client knows to run them."""
+    want = EXPECTED[name]
+    raw = want["finish_reason"]
+    if raw.startswith("incomplete:"):  # Responses: the terminal status and why
+        raw = raw.partition(":")[2]
+    finish = normalise_finish(raw)
+    if want["tool_calls"] and finish == "stop":
+        return "tool_calls"
+    return finish
+
+
 def check(name: str, got: Relayed) -> None:
     want = EXPECTED[name]
     # The protocol relays a refusal as the answer's text, flagged in `done`; expected.json keeps
     # it apart (`refusal`), so the two are joined here.
-    assert got.text == want["text"] + (want["refusal"] or "")
-    assert got.meta.get("refusal", None) is (True if want["refusal"] else None)
+    assert got.text == want["text"] + (want.get("refusal") or "")
+    assert got.meta.get("refusal", None) is (True if want.get("refusal") else None)
     # For the multi-choice stream expected.json's top level is choice 0, which is the protocol's
     # rule too (the other choices are not relayed).
     reasoning = "".join(got.sink.of("reasoning"))
@@ -135,25 +160,28 @@ def check(name: str, got: Relayed) -> None:
     assert [s["url"] for s in sorted(sources, key=lambda s: s["index"])] == want["sources"]
     assert [s["index"] for s in sources] == list(range(1, len(sources) + 1))
     calls = got.sink.of("tool_call")
-    assert [(c["call_id"], c["name"]) for c in calls] == [
-        (c["id"], c["name"]) for c in want["tool_calls"]
-    ]
+    assert [c["name"] for c in calls] == [c["name"] for c in want["tool_calls"]]
     for call, expected_call in zip(calls, want["tool_calls"], strict=True):
+        # Gemini's calls have no id: the gateway numbers them.
+        if expected_call.get("id") is not None:
+            assert call["call_id"] == expected_call["id"]
+        assert call["call_id"]
         if expected_call["arguments_parsed"] is None:
             assert call["arguments_raw"] == expected_call["arguments"]
         else:
             assert call["arguments"] == expected_call["arguments_parsed"]
+    assert len({c["call_id"] for c in calls}) == len(calls)
     assert got.meta.get("tool_calls", []) == calls
-    # expected.json has the upstream's own value; the protocol normalises it.
-    assert got.meta.get("finish_reason") == normalise_finish(want["finish_reason"])
+    assert got.meta.get("finish_reason") == expected_finish(name)
     assert got.meta.get("usage") == want["usage"]
 
 
-def test_the_chat_recordings_are_there_and_unchanged() -> None:
-    """Every chat-completions provider is covered, and each file is the one expected.json
-    describes (its SHA-256)."""
-    assert len(CHAT) == 18
-    for name in CHAT:
+def test_the_recordings_are_there_and_unchanged() -> None:
+    """Every recording is read by a dialect, and each file is the one expected.json describes
+    (its SHA-256)."""
+    assert len(ALL) == 34
+    for name in ALL:
+        assert dialect_of(name)
         digest = hashlib.sha256((TRANSCRIPTS / name).read_bytes()).hexdigest()
         assert digest == EXPECTED[name]["sha256"], name
         wire = EXPECTED[name].get("wire")
@@ -162,26 +190,26 @@ def test_the_chat_recordings_are_there_and_unchanged() -> None:
             assert hashlib.sha256(body).hexdigest() == wire["sse_sha256"], name
 
 
-@pytest.mark.parametrize("name", CHAT)
+@pytest.mark.parametrize("name", COMPLETE)
 def test_recording_relays_to_its_expected_result(name: str) -> None:
     """The whole body in one piece gives expected.json's text, reasoning, sources, tool calls,
     finish reason and usage."""
     check(name, relay(name, [wire_body(name)]))
 
 
-@pytest.mark.parametrize("name", CHAT)
+@pytest.mark.parametrize("name", COMPLETE)
 def test_recording_without_parts_is_text_and_done_only(name: str) -> None:
     """A client that asked for no parts gets the same text and nothing else: no part pushed,
     no `reasoning` or `tool_calls` in `done`."""
     got = relay(name, [wire_body(name)], frozenset())
     want = EXPECTED[name]
-    assert got.text == want["text"] + (want["refusal"] or "")
+    assert got.text == want["text"] + (want.get("refusal") or "")
     assert [k for k, _ in got.sink.log if k != "text"] == []
     assert "reasoning" not in got.meta
     assert "tool_calls" not in got.meta
 
 
-@pytest.mark.parametrize("name", CHAT)
+@pytest.mark.parametrize("name", COMPLETE)
 def test_recording_one_event_per_read_keeps_parts_in_order(name: str) -> None:
     """Parts come in the order the upstream revealed them: reasoning before the answer text
     and tool calls, when the recording has them in that order."""
@@ -193,7 +221,7 @@ def test_recording_one_event_per_read_keeps_parts_in_order(name: str) -> None:
         assert last_reasoning < first_other
 
 
-@pytest.mark.parametrize("name", CHAT)
+@pytest.mark.parametrize("name", COMPLETE)
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_recording_split_at_any_bytes_changes_nothing(name: str, data: st.DataObject) -> None:
@@ -207,9 +235,29 @@ def test_recording_split_at_any_bytes_changes_nothing(name: str, data: st.DataOb
     check(name, relay(name, pieces))
 
 
-def test_replayed_events_carry_no_event_names() -> None:
-    """Chat-completions streams use no `event:` names (INDEX.md), so every event reaching the
-    dialect is a plain `message`."""
-    for name in CHAT:
+@pytest.mark.parametrize("name", FAILED)
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_failed_recording_ends_in_the_upstreams_error(name: str, data: st.DataObject) -> None:
+    """A stream the upstream failed (an `error` event, `response.failed`) ends in
+    `upstream_error` with the upstream's message made safe (no URL), however it is split."""
+    body = wire_body(name)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(body)), max_size=20), label="cuts"))
+    pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+    with pytest.raises(UpstreamFailure) as info:
+        relay(name, pieces)
+    assert info.value.code is ErrorCode.UPSTREAM_ERROR
+    message = EXPECTED[name]["error"]["message"]
+    assert info.value.message.startswith(message[:40])
+    assert "https://" not in info.value.message
+
+
+def test_chat_events_carry_no_event_names_and_typed_apis_name_theirs() -> None:
+    """Chat-completions and Gemini streams use no `event:` names; Anthropic and Responses name
+    every event after its `type` (INDEX.md), which is what their dialects read."""
+    for name in ALL:
         events: list[SSEEvent] = SSEDecoder().feed(wire_body(name))
-        assert {e.event for e in events} == {"message"}, name
+        if dialect_of(name) in ("anthropic", "openai-responses"):
+            assert all(orjson.loads(e.data)["type"] == e.event for e in events), name
+        else:
+            assert {e.event for e in events} == {"message"}, name

@@ -169,6 +169,9 @@ def plan_stream(spec: StreamSpec) -> Iterator[Step]:
                 yield Emit(ping + fmt.malformed(), kind="fault")
             elif knobs.fault == "giant":
                 yield Emit(ping + fmt.giant(knobs.size), kind="fault")
+            elif knobs.fault == "error":
+                yield Emit(ping + fmt.error_event(), kind="fault")
+                return
             elif knobs.fault is not None:
                 yield Fault(knobs.fault)
                 return

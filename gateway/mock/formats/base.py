@@ -203,6 +203,12 @@ class _Formatter(ABC):
     def malformed(self) -> bytes:
         return b'data: {"choices": [' + self.eol + self.eol
 
+    def error_event(self) -> bytes:
+        """A mid-stream error event in this API's shape, for an overloaded server (`fault=error`):
+        the chat-completions `{"error": {...}}` data event by default."""
+        error = {"message": "Overloaded (simulated by the mock upstream)", "type": "server_error"}
+        return self.event(_dumps({"error": error}))
+
     @abstractmethod
     def giant(self, size: int) -> bytes:
         """One event of about `size` bytes that is still valid for the dialect."""

@@ -40,5 +40,9 @@ class _EventsFormatter(_Formatter):
             + self.eol
         )
 
+    def error_event(self) -> bytes:
+        error = {"message": "Overloaded (simulated by the mock upstream)", "type": "server_error"}
+        return self.event(_dumps({"type": "error", "error": error}), "error")
+
     def giant(self, size: int) -> bytes:
         return self.event(self.padded({"type": "text_chunk", "text": ""}, size), "text_chunk")
