@@ -23,9 +23,10 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from gateway.auth import is_loopback_host
+from gateway.core.dialects import DIALECTS
+from gateway.core.routes import RoutesError, RouteTable, UpstreamSpec, parse_routes
 
 PERPLEXITY_URL: Final = "https://api.perplexity.ai/chat/completions"
-DIALECTS: Final = ("events", "openai", "perplexity")
 LOG_FORMATS: Final = ("json", "console")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
@@ -98,6 +99,12 @@ class Config:
     upstream_first_byte_timeout: float = 30.0
     upstream_retries: int = 2
     upstream_retry_budget: float = 10.0
+    #: Every upstream's circuit breaker (a routes file may say otherwise per upstream).
+    breaker_failures: int = 5
+    breaker_cooldown: float = 30.0
+    #: --routes: the file, and the table it describes (None: today's flags, one upstream).
+    routes_file: str | None = None
+    routes: RouteTable | None = field(default=None, repr=False)
     max_streams: int = 16
     max_message_bytes: int = 65536
     #: Process-wide cap on concurrent streams; also sizes the upstream connection pool.
@@ -170,7 +177,7 @@ class Config:
     @property
     def uses_mock(self) -> bool:
         """True when no upstream is configured and the built-in mock answers instead."""
-        return self.upstream_url is None
+        return self.upstream_url is None and self.routes is None
 
 
 #: The modes of each dependency shortcut (gateway/io/seams/): the fast one, its public-API
@@ -369,10 +376,28 @@ def add_serve_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, s
         "dialect",
         "upstream stream format; default: inferred from the URL (perplexity for api.perplexity.ai)",
         None,
-        choices=DIALECTS,
+        choices=tuple(sorted(DIALECTS)),
     )
     flag("api-key-env", "env var holding the upstream API key (sent as Bearer)", d.api_key_env)
     flag("default-model", "model used when a start names none", d.default_model)
+    flag(
+        "routes",
+        "TOML file of named upstreams and model rules, with fallback (docs/upstreams.md); "
+        "replaces --upstream-url/--dialect/--api-key-env and --allowed-models",
+        None,
+    )
+    flag(
+        "breaker-failures",
+        "consecutive failures that take an upstream out of rotation",
+        d.breaker_failures,
+        _positive(int),
+    )
+    flag(
+        "breaker-cooldown",
+        "seconds an upstream stays out of rotation before one probe is let through",
+        d.breaker_cooldown,
+        _positive(float),
+    )
     flag(
         "default-max-tokens",
         "max_tokens sent to APIs that require one (anthropic) when a start gives none",
@@ -665,9 +690,12 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
             "--tls-cert and --tls-key go together; give both (the PEM certificate chain and "
             "its private key) or neither"
         )
+    routes = _routes(args, env, dialect) if args.routes is not None else None
     # Every flag is named like its Config field; the derived values above take precedence.
     values = {f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)}
     values.update(
+        routes_file=args.routes,
+        routes=routes,
         upstream_url=upstream_url,
         dialect=dialect,
         api_key=api_key,
@@ -676,6 +704,41 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
         **{name: _switch(name, getattr(args, name)) for name in SWITCHES if hasattr(args, name)},
     )
     return Config(**values)
+
+
+def _routes(args: argparse.Namespace, env: Mapping[str, str], dialect: str) -> RouteTable:
+    """The table of `--routes FILE`; a file that cannot be read or used is one line."""
+    path = args.routes
+    if args.upstream_url is not None or args.dialect is not None:
+        raise StartupError(
+            f"--routes {path} names every upstream: drop --upstream-url and --dialect (or "
+            "drop --routes for a single upstream)"
+        )
+    if args.allowed_models is not None:
+        raise StartupError(
+            f"--routes {path}: the allowed models are its [[models]] names; drop --allowed-models"
+        )
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise StartupError(f"--routes {path}: cannot read it ({reason})") from None
+    defaults = UpstreamSpec(
+        name="",
+        url="",
+        dialect=dialect,
+        connect_timeout=args.upstream_connect_timeout,
+        first_byte_timeout=args.upstream_first_byte_timeout,
+        read_timeout=args.upstream_read_timeout,
+        retries=args.upstream_retries,
+        breaker_failures=args.breaker_failures,
+        breaker_cooldown=args.breaker_cooldown,
+    )
+    try:
+        return parse_routes(text, path, defaults, tuple(DIALECTS), env, args.default_model)
+    except RoutesError as exc:
+        raise StartupError(str(exc)) from None
 
 
 def check_exposure(config: Config) -> None:

@@ -110,6 +110,41 @@ class Metrics:
             ["status"],
             registry=r,
         )
+        # By upstream (route names from --routes, or `default`: bounded by configuration).
+        self.upstream_requests = Counter(
+            "gateway_upstream_requests",
+            "Upstream requests sent (retries included), by upstream",
+            ["upstream"],
+            registry=r,
+        )
+        self.upstream_failures = Counter(
+            "gateway_upstream_failures",
+            "Upstream attempts that failed the upstream's way (unreachable, 429, 5xx, overloaded, "
+            "timeout, broken off), by upstream and protocol error code",
+            ["upstream", "code"],
+            registry=r,
+        )
+        self.upstream_fallbacks = Counter(
+            "gateway_upstream_fallbacks",
+            "Streams that moved on from an upstream before their first token: after its failure "
+            "(reason=error) or because its circuit breaker was open (reason=breaker)",
+            ["upstream", "reason"],
+            registry=r,
+        )
+        self.breaker_state = Gauge(
+            "gateway_upstream_breaker_state",
+            "Circuit breaker per upstream: 0 closed, 1 half-open (a probe is out), 2 open",
+            ["upstream"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.upstream_ttft = Histogram(
+            "gateway_upstream_ttft_seconds",
+            "From sending a request to an upstream to its first token, by upstream",
+            ["upstream"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32),
+            registry=r,
+        )
         self.coalesced = Counter(
             "gateway_coalesced_deltas",
             "Upstream deltas merged into a previous frame because the socket was busy",

@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from fnmatch import fnmatchcase
 from typing import Any, Final, Protocol
 
 from gateway.core.protocol import (
@@ -133,6 +134,7 @@ class Stream:
         "chunks_in",
         "coalesced",
         "ends",
+        "fallbacks",
         "id",
         "meta_bytes",
         "on_chunk",
@@ -151,6 +153,7 @@ class Stream:
         "ready",
         "request",
         "resume_token",
+        "route",
         "seq",
         "sink",
         "started_at",
@@ -222,10 +225,20 @@ class Stream:
         #: What the upstream said besides text so far (its translator's: usage, citations...),
         #: for the `usage` of a `cancelled` or `error`.
         self.upstream_meta: dict[str, Any] | None = None
+        #: The upstream (route name) serving it now, and how many it moved on from before its
+        #: first token (gateway.core.routes): for its log line and metrics.
+        self.route: str | None = None
+        self.fallbacks = 0
 
     @property
     def active(self) -> bool:
         return self.state is State.ACTIVE
+
+    @property
+    def produced(self) -> bool:
+        """Whether the upstream has given it anything yet (text, reasoning or a part): from
+        then on it may not move to another upstream (docs/upstreams.md, "Fallback")."""
+        return self.chunks_in > 0 or self.seq > 0 or bool(self.pending_reasoning)
 
     def push(self, text: str) -> None:
         """A text delta from the upstream (hot path). Ignored once the stream is terminal."""
@@ -608,8 +621,12 @@ class Limits:
     max_prompt_chars: int = 0
     max_streams_per_principal: int = 0
     starts_per_minute: int = 0
-    #: None = any model.
+    #: None = any model. Otherwise the exact names, and `model_globs` the patterns (a routes
+    #: file's rules such as `sonar*`): a start's model must be one or match one.
     allowed_models: frozenset[str] | None = None
+    model_globs: tuple[str, ...] = ()
+    #: A start that names no model is refused (a routes file whose rules give no default).
+    model_required: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         limits: dict[str, Any] = {
@@ -623,8 +640,24 @@ class Limits:
         if self.starts_per_minute:
             limits["starts_per_minute"] = self.starts_per_minute
         if self.allowed_models is not None:
-            limits["allowed_models"] = sorted(self.allowed_models)
+            limits["allowed_models"] = [*sorted(self.allowed_models), *self.model_globs]
         return limits
+
+    def model_refused(self, model: str | None) -> str | None:
+        """Why a start's model is refused (None: it is served), naming the allowed models."""
+        if model is None:
+            return "name a model: " + self._allowed() if self.model_required else None
+        allowed = self.allowed_models
+        if allowed is None or model in allowed:
+            return None
+        if any(fnmatchcase(model, glob) for glob in self.model_globs):
+            return None
+        return f"model {model[:64]!r} is not served here; " + self._allowed()
+
+    def _allowed(self) -> str:
+        names = [*sorted(self.allowed_models or ()), *self.model_globs]
+        shown = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+        return f"allowed: {shown} (welcome.limits.allowed_models)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -833,11 +866,9 @@ class Session:
             return self._refuse(
                 ErrorCode.DUPLICATE_ID, f"stream {sid!r} is already active on this socket", sid
             )
-        allowed = limits.allowed_models
-        if allowed is not None and msg.model is not None and msg.model not in allowed:
-            return self._refuse(
-                ErrorCode.BAD_MESSAGE, "model not allowed (see welcome.limits)", sid
-            )
+        unserved = limits.model_refused(msg.model)
+        if unserved is not None:
+            return self._refuse(ErrorCode.BAD_MESSAGE, unserved, sid)
         if limits.max_prompt_chars and prompt_chars(msg.messages) > limits.max_prompt_chars:
             return self._refuse(
                 ErrorCode.PROMPT_TOO_LARGE,

@@ -18,6 +18,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Final
 
+import orjson
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
 from websockets.datastructures import Headers
@@ -123,6 +124,20 @@ def _static(path: str, simulated: bool = False) -> Response:
     return Response(HTTPStatus.OK, "OK", headers, body)
 
 
+def _model_limits(config: Config) -> dict[str, Any]:
+    """The models a start may name: a routes file's rules (exact names and globs), else
+    --allowed-models, else any."""
+    table = config.routes
+    if table is None:
+        allowed = frozenset(config.allowed_models) if config.allowed_models else None
+        return {"allowed_models": allowed}
+    return {
+        "allowed_models": frozenset(rule.name for rule in table.rules if not rule.is_glob),
+        "model_globs": tuple(rule.name for rule in table.rules if rule.is_glob),
+        "model_required": table.default_model is None,
+    }
+
+
 class Gateway:
     """The server: the listening socket, the upstream client and every open connection."""
 
@@ -137,7 +152,7 @@ class Gateway:
             max_prompt_chars=config.max_prompt_chars,
             max_streams_per_principal=config.max_streams_per_principal,
             starts_per_minute=config.starts_per_minute,
-            allowed_models=frozenset(config.allowed_models) if config.allowed_models else None,
+            **_model_limits(config),
         )
         self.auth = TokenAuthenticator(
             Path(config.auth_tokens_file) if config.auth_tokens_file else None,
@@ -231,7 +246,7 @@ class Gateway:
     def open_stream(self, stream: Stream) -> None:
         """Start `stream`'s relay task (owned here, not by the socket: it may outlive it)."""
         self.active_streams += 1
-        self.upstream.started_total.inc()
+        self.upstream.count_started(stream)
         self.idle.clear()
         stream.started_at = self.clock.now()
         if self.store is not None:
@@ -591,6 +606,8 @@ class Gateway:
             return conn.protocol.reject(HTTPStatus.OK, "ready\n")
         if path in STATIC_FILES:
             return _static(path, self.config.uses_mock)
+        if path == "/v1/models":
+            return self._models(conn, request)
         if path == "/metrics" and self.config.metrics_port is None:  # else on its own port
             body = self.metrics.render()
             headers = Headers(
@@ -604,6 +621,43 @@ class Gateway:
         return conn.protocol.reject(
             HTTPStatus.NOT_FOUND, "not found; the WebSocket endpoint is /v1/ws\n"
         )
+
+    def _models(self, conn: WebSocket, request: Request) -> Response:
+        """`GET /v1/models`: the models a start may name, in the shape of OpenAI's list (plus
+        `default`, the model of a start that names none, and `any_model`). Behind the same
+        credentials as the WebSocket when authentication is on."""
+        if self.auth.enabled:
+            scheme, _, token = (request.headers.get("Authorization") or "").partition(" ")
+            try:
+                if scheme.lower() != "bearer" or not token.strip():
+                    raise AuthError("use Authorization: Bearer")
+                self.auth.authenticate(token.strip(), self.clock.wall())
+            except AuthError as exc:
+                return self._refuse(conn, HTTPStatus.UNAUTHORIZED, "unauthorized", str(exc))
+        limits, table = self.limits, self.upstream.table
+        any_model = limits.allowed_models is None
+        names = (
+            [table.default_model or self.config.default_model]
+            if any_model
+            else [*sorted(limits.allowed_models or ()), *limits.model_globs]
+        )
+        body = orjson.dumps(
+            {
+                "object": "list",
+                "data": [{"id": n, "object": "model", "owned_by": "llm-ws-gateway"} for n in names],
+                "default": table.default_model,
+                "any_model": any_model,
+            }
+        )
+        headers = Headers(
+            [
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(body))),
+                ("Cache-Control", "no-store"),
+                ("Connection", "close"),
+            ]
+        )
+        return Response(HTTPStatus.OK, "OK", headers, body)
 
     def _refuse(self, conn: WebSocket, status: HTTPStatus, reason: str, text: str) -> Response:
         self.metrics.rejected.labels(reason).inc()

@@ -36,6 +36,15 @@ from gateway.core.dialects import (
 from gateway.core.parts import PartLimits
 from gateway.core.protocol import ErrorCode
 from gateway.core.retry import RETRY_STATUSES, RetryPolicy
+from gateway.core.routes import (
+    CLOSED,
+    DEFAULT_UPSTREAM,
+    STATE_VALUES,
+    Attempt,
+    Breaker,
+    UpstreamSpec,
+    single_route,
+)
 from gateway.core.session import Outbox, State, Stream, finish_done, finish_fail
 from gateway.core.sse import SSEDecoder, SSEEventTooLarge
 from gateway.io.seams import attach_push, detach_push, pool_idle, set_reading
@@ -131,8 +140,102 @@ class FlowControl:
                 callback()
 
 
+class Route:
+    """One upstream as the relay uses it: its spec, parsed URL, dialect, retry policy, circuit
+    breaker and labelled metric series (resolved once: `labels()` takes a lock and builds its
+    key on every call, docs/performance.md)."""
+
+    __slots__ = (
+        "_failures",
+        "_fallbacks",
+        "_metrics",
+        "_state",
+        "breaker",
+        "dialect",
+        "name",
+        "requests",
+        "retry",
+        "spec",
+        "timeout",
+        "ttft",
+        "url",
+    )
+
+    def __init__(self, spec: UpstreamSpec, retry_budget: float, metrics: Metrics) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.dialect = dialect_for(spec.dialect)
+        self.url = yarl.URL(spec.url)  # parsed once, not on every request
+        self.retry = RetryPolicy(spec.retries, retry_budget)
+        self.breaker = Breaker(spec.breaker_failures, spec.breaker_cooldown)
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, connect=spec.connect_timeout, sock_connect=spec.connect_timeout
+        )
+        self._metrics = metrics
+        self.requests = metrics.upstream_requests.labels(spec.name)
+        self.ttft = metrics.upstream_ttft.labels(spec.name)
+        self._state = metrics.breaker_state.labels(spec.name)
+        self._fallbacks: dict[str, Counter] = {}
+        self._failures: dict[str, Counter] = {}
+        self._state.set(STATE_VALUES[CLOSED])
+
+    def allow(self, now: float) -> bool:
+        allowed = self.breaker.allow(now)
+        self._show()
+        return allowed
+
+    def succeeded(self) -> None:
+        if self.breaker.state != CLOSED:
+            self.breaker.success()
+            self._show()
+        else:
+            self.breaker.success()
+
+    def failed(self, now: float, failure: UpstreamFailure) -> None:
+        """A failure of the upstream's own (retryable): counted, and held against it."""
+        self._count(self._failures, self._metrics.upstream_failures, failure.code.value)
+        hold = None
+        if failure.status == 429 and failure.retry_after_ms is not None:
+            hold = failure.retry_after_ms / 1000
+        self.breaker.failure(now, hold)
+        self._show()
+
+    def released(self, now: float) -> None:
+        self.breaker.release(now)
+        self._show()
+
+    def fallback(self, reason: str) -> None:
+        """A stream moved on from this upstream (`error`), or skipped it (`breaker`)."""
+        self._count(self._fallbacks, self._metrics.upstream_fallbacks, reason)
+
+    def _count(self, cache: dict[str, Counter], family: Counter, label: str) -> None:
+        series = cache.get(label)
+        if series is None:
+            series = cache[label] = family.labels(self.name, label)
+        series.inc()
+
+    def _show(self) -> None:
+        self._state.set(STATE_VALUES[self.breaker.state])
+
+
+class _DialectSeries:
+    """The per-dialect metric series of the streams an upstream of that dialect served."""
+
+    __slots__ = ("bytes", "chunks", "duration", "ended", "started", "ttfc")
+
+    def __init__(self, metrics: Metrics, dialect: str) -> None:
+        self.started = metrics.streams_started.labels(dialect)
+        self.ttfc = metrics.time_to_first_chunk.labels(dialect)
+        self.duration = metrics.stream_duration.labels(dialect)
+        self.chunks = metrics.chunks.labels(dialect)
+        self.bytes = metrics.upstream_bytes.labels(dialect)
+        self.ended: dict[str, Counter] = {}
+
+
 class Upstream:
-    """The process-wide upstream client: one `ClientSession`, sized for `max_active_streams`."""
+    """The process-wide upstream client: one `ClientSession`, sized for `max_active_streams`,
+    and the routes (`gateway.core.routes`): which upstreams serve a model, in which order, each
+    with its own circuit breaker."""
 
     def __init__(
         self, config: Config, url: str, metrics: Metrics | None = None, clock: Clock | None = None
@@ -144,20 +247,30 @@ class Upstream:
         )
         self.config = config
         self.url = url
-        self._url = yarl.URL(url)  # parsed once, not on every request
-        self.dialect = config.dialect
         self.metrics = m = metrics if metrics is not None else Metrics()
-        # The labelled series, resolved once: labels() takes a lock and builds its key on every
-        # call (docs/performance.md).
-        dialect = self.dialect
-        self.started_total = m.streams_started.labels(dialect)
-        self._ttfc = m.time_to_first_chunk.labels(dialect)
-        self._duration = m.stream_duration.labels(dialect)
-        self._chunks = m.chunks.labels(dialect)
-        self._bytes = m.upstream_bytes.labels(dialect)
-        self._ended: dict[str, Counter] = {}
+        self.table = config.routes or single_route(
+            UpstreamSpec(
+                name=DEFAULT_UPSTREAM,
+                url=url,
+                dialect=config.dialect,
+                api_key=config.api_key,
+                connect_timeout=config.upstream_connect_timeout,
+                first_byte_timeout=config.upstream_first_byte_timeout,
+                read_timeout=config.upstream_read_timeout,
+                retries=config.upstream_retries,
+                breaker_failures=config.breaker_failures,
+                breaker_cooldown=config.breaker_cooldown,
+            ),
+            config.default_model,
+        )
+        self.routes = {
+            name: Route(spec, config.upstream_retry_budget, m)
+            for name, spec in self.table.upstreams.items()
+        }
+        self._series = {
+            name: _DialectSeries(m, name) for name in {r.dialect.name for r in self.routes.values()}
+        }
         self._responses = {n: m.upstream_responses.labels(f"{n}xx") for n in range(1, 6)}
-        self.retry = RetryPolicy(config.upstream_retries, config.upstream_retry_budget)
         self._session: aiohttp.ClientSession | None = None
         self._connector: aiohttp.TCPConnector | None = None
         self._headers = {
@@ -174,6 +287,17 @@ class Upstream:
         #: Push mode (aiohttp hands each piece of body over in its callback) or pull mode
         #: (public API); set from the self-test's verdict before the first stream.
         self.push = config.upstream_body != "pull"
+
+    def plan(self, stream: Stream) -> tuple[Attempt, ...]:
+        """The upstreams to try for `stream`, in order (empty: no rule serves its model)."""
+        model = stream.request.model or self.table.default_model
+        return self.table.plan(model) if model is not None else ()
+
+    def count_started(self, stream: Stream) -> None:
+        """Count an accepted stream, under the dialect of the first upstream it will try."""
+        plan = self.plan(stream)
+        if plan:
+            self._series[plan[0].upstream.dialect].started.inc()
 
     async def start(self) -> None:
         self._connector = aiohttp.TCPConnector(
@@ -198,7 +322,7 @@ class Upstream:
             # another principal's request (and the jar costs time on every response).
             cookie_jar=aiohttp.DummyCookieJar(),
         )
-        if self.config.upstream_read_timeout:
+        if self._watch_period() > 0:
             self._watchdog = self.clock.call_later(self._watch_period(), self._check_read_gaps)
 
     async def close(self) -> None:
@@ -210,27 +334,28 @@ class Upstream:
             self._session = None
 
     def _watch_period(self) -> float:
-        """How often the watchdog looks: a stream fails between 1 and 1.25 times
-        --upstream-read-timeout after its last bytes (at most a second late)."""
-        return min(1.0, self.config.upstream_read_timeout / 4)
+        """How often the watchdog looks: a stream fails between 1 and 1.25 times its
+        upstream's read timeout after its last bytes (at most a second late)."""
+        limits = [r.spec.read_timeout for r in self.routes.values() if r.spec.read_timeout > 0]
+        return min(1.0, min(limits) / 4) if limits else 0.0
 
     def _check_read_gaps(self) -> None:
-        """Fail every body that has been silent longer than --upstream-read-timeout (not
+        """Fail every body that has been silent longer than its upstream's read timeout (not
         counting our own flow-control pauses): the relay reports `upstream_timeout`."""
-        limit = self.config.upstream_read_timeout
-        deadline = self.clock.now() - limit
-        for feed in [f for f in self._live.values() if f.last_read < deadline]:
-            feed.fail(TimeoutError(f"no upstream bytes for {limit:g} s"))
+        now = self.clock.now()
+        late = [f for f in self._live.values() if 0 < f.read_timeout < now - f.last_read]
+        for feed in late:
+            feed.fail(TimeoutError(f"no upstream bytes for {feed.read_timeout:g} s"))
         self._watchdog = self.clock.call_later(self._watch_period(), self._check_read_gaps)
 
-    def _count_parts(self, frames: dict[int, bytes]) -> None:
+    def _count_parts(self, dialect: str, frames: dict[int, bytes]) -> None:
         """Part messages by kind: each frame starts `{"type":"<kind>"`."""
         kinds: dict[bytes, int] = {}
         for frame in frames.values():
             kind = frame[9 : frame.find(b'"', 9)]
             kinds[kind] = kinds.get(kind, 0) + 1
         for kind, n in kinds.items():
-            self.metrics.parts_sent.labels(self.dialect, kind.decode()).inc(n)
+            self.metrics.parts_sent.labels(dialect, kind.decode()).inc(n)
 
     def abort(self, stream: Stream) -> None:
         """Close `stream`'s upstream connection now (a cancel): the upstream sees it before the
@@ -286,18 +411,26 @@ class Upstream:
     def stream_ended(self, stream: Stream, started: float) -> None:
         """Count and log a finished stream: one canonical line per stream (called by the
         server when the relay task is over, even one cancelled before it ever ran)."""
-        m, dialect = self.metrics, self.dialect
+        m = self.metrics
+        # Counted under the dialect of the upstream that served it (the first it would have
+        # tried, when it never reached one).
+        route = self.routes.get(stream.route) if stream.route is not None else None
+        if route is None:
+            plan = self.plan(stream)
+            route = self.routes[plan[0].upstream.name] if plan else next(iter(self.routes.values()))
+        dialect = route.dialect.name
+        series = self._series[dialect]
         duration = self.clock.now() - started
-        self._duration.observe(duration)
+        series.duration.observe(duration)
         m.coalesced.inc(stream.coalesced)
-        ended = self._ended.get(stream.outcome)
+        ended = series.ended.get(stream.outcome)
         if ended is None:
-            ended = self._ended[stream.outcome] = m.streams_ended.labels(dialect, stream.outcome)
+            ended = series.ended[stream.outcome] = m.streams_ended.labels(dialect, stream.outcome)
         ended.inc()
-        self._chunks.inc(stream.chunks_in)
+        series.chunks.inc(stream.chunks_in)
         if stream.part_frames:
-            self._count_parts(stream.part_frames)
-        self._bytes.inc(stream.bytes_in)
+            self._count_parts(dialect, stream.part_frames)
+        series.bytes.inc(stream.bytes_in)
         content: dict[str, str] = {}
         if self.config.log_content:  # opt-in only: prompts and answers are user data
             content["prompt"] = orjson.dumps(stream.request.messages).decode()[:4000]
@@ -307,6 +440,8 @@ class Upstream:
             stream=stream.id,
             principal=stream.principal,
             dialect=dialect,
+            upstream=stream.route,
+            fallbacks=stream.fallbacks,
             outcome=stream.outcome,
             chunks_in=stream.chunks_in,
             chunks_out=stream.seq,
@@ -316,21 +451,26 @@ class Upstream:
         )
 
     async def _first_response(
-        self, url: yarl.URL, headers: Mapping[str, str], body: bytes
+        self, route: Route, url: yarl.URL, headers: Mapping[str, str], body: bytes, retry: bool
     ) -> tuple[aiohttp.ClientResponse, bytes]:
-        """POST and read the first body bytes, retrying what is safe to retry.
+        """POST and read the first body bytes, retrying what is safe to retry when `retry` (the
+        last upstream a stream may try; before that, a failure moves it on at once).
 
         Returns an open 2xx response and its first bytes (b"" for an empty body). Retries connect
         failures and 429/502/503/504 with jittered backoff (retry.py); nothing has reached the
         client yet, so a retried stream still starts its seqs at 1.
         """
         assert self._session is not None, "Upstream.start() was not awaited"
+        spec = route.spec
         attempt, waited = 0, 0.0
         while True:
             retry_after: float | None = None
+            route.requests.inc()
             try:
-                async with asyncio.timeout(self.config.upstream_first_byte_timeout):
-                    resp = await self._session.post(url, data=body, headers=headers)
+                async with asyncio.timeout(spec.first_byte_timeout):
+                    resp = await self._session.post(
+                        url, data=body, headers=headers, timeout=route.timeout
+                    )
                     status_class = resp.status // 100
                     responses = self._responses.get(status_class)
                     if responses is None:  # not 1xx..5xx: labelled as it is, as before
@@ -339,12 +479,12 @@ class Upstream:
                     try:
                         if 200 <= resp.status < 300:
                             return resp, await resp.content.readany()
-                        failure = await _status_failure(resp, self.config.api_key)
+                        failure = await _status_failure(resp, spec.api_key)
                     except BaseException:
                         resp.close()  # cancelled or failed before we hand it over: no leak
                         raise
                     resp.close()
-                if failure.status not in RETRY_STATUSES:
+                if failure.status not in RETRY_STATUSES or not retry:
                     raise failure
                 if failure.retry_after_ms is not None:
                     retry_after = failure.retry_after_ms / 1000
@@ -352,6 +492,8 @@ class Upstream:
                 failure = UpstreamFailure(
                     ErrorCode.UPSTREAM_UNAVAILABLE, "cannot reach the upstream"
                 )
+                if not retry:
+                    raise failure from None
             except aiohttp.ClientError:
                 # The connection broke before any answer (reset, bad status line): no output
                 # yet, but the request may have reached the upstream, so it is not retried.
@@ -361,17 +503,17 @@ class Upstream:
             except TimeoutError:
                 raise UpstreamFailure(
                     ErrorCode.UPSTREAM_TIMEOUT,
-                    "no answer from the upstream within "
-                    f"{self.config.upstream_first_byte_timeout:g} s",
+                    f"no answer from the upstream within {spec.first_byte_timeout:g} s",
                 ) from None
             attempt += 1
-            delay = self.retry.delay(attempt, retry_after, waited, random.random())
+            delay = route.retry.delay(attempt, retry_after, waited, random.random())
             if delay is None:
                 raise failure
             waited += delay
             self.metrics.upstream_retries.inc()
             log.info(
                 "upstream.retry",
+                upstream=route.name,
                 attempt=attempt,
                 code=failure.code.value,
                 status=failure.status,
@@ -379,14 +521,14 @@ class Upstream:
             )
             await asyncio.sleep(delay)
 
-    def _failure(self, error: BaseException) -> BaseException:
+    def _failure(self, error: BaseException, route: Route) -> BaseException:
         """What a body that ended badly means for the client (a bug of ours stays itself)."""
         if isinstance(error, UpstreamFailure):
             return error
         if isinstance(error, TimeoutError):
             return UpstreamFailure(
                 ErrorCode.UPSTREAM_TIMEOUT,
-                f"no data from the upstream for {self.config.upstream_read_timeout:g} s",
+                f"no data from the upstream for {route.spec.read_timeout:g} s",
             )
         if isinstance(error, SSEEventTooLarge):
             return UpstreamFailure(
@@ -406,21 +548,100 @@ class Upstream:
         flow_for: Callable[[Stream], FlowControl | None],
         started: float,
     ) -> None:
+        """Try the stream's upstreams in order (docs/upstreams.md, "Fallback"): one out of
+        rotation is skipped; a failure of the upstream's own (retryable) before the stream has
+        produced anything moves it to the next, invisibly to the client. The last one it may
+        try gets its retries; what it says then is the stream's outcome."""
+        plan = self.plan(stream)
+        if not plan:  # admission refuses these; a race with a reload would end up here
+            raise UpstreamFailure(
+                ErrorCode.BAD_MESSAGE, "no upstream serves this model", retryable=False
+            )
+        now = self.clock.now
+        routes = [self.routes[attempt.upstream.name] for attempt in plan]
+        failure: UpstreamFailure | None = None
+        for i, (attempt, route) in enumerate(zip(plan, routes, strict=True)):
+            if not route.allow(now()):
+                route.fallback("breaker")
+                continue
+            last = not any(later.breaker.available(now()) for later in routes[i + 1 :])
+            stream.route = route.name
+            try:
+                await self._attempt(stream, flow_for, started, route, attempt.model, last)
+                return
+            except UpstreamFailure as exc:
+                if last or stream.produced or not exc.may_retry or not stream.active:
+                    raise
+                _bare(exc)
+                failure = exc
+            route.fallback("error")
+            stream.fallbacks += 1
+            log.info(
+                "upstream.fallback",
+                upstream=route.name,
+                code=failure.code.value,
+                status=failure.status,
+            )
+        if failure is not None:
+            raise failure
+        wait = min(route.breaker.retry_in(now()) for route in routes)
+        raise UpstreamFailure(
+            ErrorCode.UPSTREAM_UNAVAILABLE,
+            "every upstream of this model is out of rotation after repeated failures",
+            retryable=True,
+            retry_after_ms=max(1, math.ceil(wait * 1000)),
+        )
+
+    async def _attempt(
+        self,
+        stream: Stream,
+        flow_for: Callable[[Stream], FlowControl | None],
+        started: float,
+        route: Route,
+        model: str,
+        last: bool,
+    ) -> None:
+        """One upstream's try at the stream, and the breaker's verdict on it: a first token
+        (or a whole answer) is a success, a retryable failure a failure; a cancel or a refusal
+        of the request itself says nothing about the upstream."""
+        try:
+            await self._run(stream, flow_for, started, route, model, last)
+        except UpstreamFailure as exc:
+            if exc.may_retry:
+                route.failed(self.clock.now(), exc)
+            else:
+                route.released(self.clock.now())
+            raise
+        except BaseException:
+            route.released(self.clock.now())
+            raise
+        if stream.outcome == "cancelled" and not stream.produced:
+            route.released(self.clock.now())
+        else:
+            route.succeeded()
+
+    async def _run(
+        self,
+        stream: Stream,
+        flow_for: Callable[[Stream], FlowControl | None],
+        started: float,
+        route: Route,
+        model: str,
+        retry: bool,
+    ) -> None:
         request = stream.request
-        dialect = dialect_for(self.dialect)
+        dialect = route.dialect
         translator = dialect.new_translator(stream.wants, stream, self.part_limits)
         # What the upstream reports besides text (usage...), for a cancelled or failed end.
         stream.upstream_meta = translator.meta
+        spec = route.spec
         req = dialect.request(
-            self.url,
-            request.model or self.config.default_model,
-            request.messages,
-            request.options,
-            self.config.api_key,
-            self.defaults,
+            spec.url, model, request.messages, request.options, spec.api_key, self.defaults
         )
-        url = self._url if req.url == self.url else yarl.URL(req.url)
-        resp, data = await self._first_response(url, req.headers, orjson.dumps(req.body))
+        url = route.url if req.url == spec.url else yarl.URL(req.url)
+        headers = {**spec.headers, **req.headers} if spec.headers else req.headers
+        attempt_started = self.clock.now()
+        resp, data = await self._first_response(route, url, headers, orjson.dumps(req.body), retry)
         self.open_responses += 1
         finished_cleanly = False
         feed: _BodyFeed | None = None
@@ -432,7 +653,9 @@ class Upstream:
                     f"upstream answered {content_type or 'no content type'}, not an event stream",
                 )
             content = resp.content
-            feed = _BodyFeed(self, stream, translator, flow_for, started, resp)
+            feed = _BodyFeed(
+                self, stream, translator, flow_for, started, resp, route, attempt_started
+            )
             self._live[stream] = feed
             # The first bytes came with the response; then each piece of body goes to the feed
             # (the hot path, see _BodyFeed.data): pushed by aiohttp as it is parsed, or pulled
@@ -447,7 +670,7 @@ class Upstream:
             if feed.error is not None:
                 error, feed.error = feed.error, None
                 try:
-                    raise self._failure(error)
+                    raise self._failure(error, route)
                 finally:
                     del error  # this frame must not hold what its traceback holds (a cycle)
             finish_done(stream, translator.meta, translator.final_text)
@@ -460,7 +683,7 @@ class Upstream:
             self.open_responses -= 1
             dropped = translator.sources_dropped
             if dropped:
-                self.metrics.sources_dropped.labels(self.dialect).inc(dropped)
+                self.metrics.sources_dropped.labels(dialect.name).inc(dropped)
             if feed is not None:
                 feed.detach()
                 self._live.pop(stream, None)
@@ -478,6 +701,7 @@ class _BodyFeed:
     badly."""
 
     __slots__ = (
+        "_attempt_started",
         "_content",
         "_first_seen",
         "_flow_for",
@@ -486,6 +710,7 @@ class _BodyFeed:
         "_paused",
         "_pulling",
         "_resp",
+        "_route",
         "_started",
         "_stream",
         "_translator",
@@ -495,6 +720,7 @@ class _BodyFeed:
         "done",
         "error",
         "last_read",
+        "read_timeout",
     )
 
     def __init__(
@@ -505,8 +731,14 @@ class _BodyFeed:
         flow_for: Callable[[Stream], FlowControl | None],
         started: float,
         resp: aiohttp.ClientResponse,
+        route: Route,
+        attempt_started: float,
     ) -> None:
         self._upstream = upstream
+        self._route = route
+        self._attempt_started = attempt_started
+        #: The longest silence allowed between body bytes (the read-gap watchdog's limit).
+        self.read_timeout = route.spec.read_timeout
         self._stream = stream
         self._translator = translator
         self._flow_for = flow_for
@@ -597,9 +829,8 @@ class _BodyFeed:
         except Exception as exc:  # a bug of ours: keep the traceback for the log
             self.fail(exc)
             return
-        if not self._first_seen and stream.chunks_in:
-            self._first_seen = True
-            self._upstream._ttfc.observe(self._monotonic() - self._started)
+        if not self._first_seen and stream.produced:
+            self._first_token()
         if translator.finished or stream.state is not State.ACTIVE:
             self._finish(None)
             return
@@ -609,6 +840,16 @@ class _BodyFeed:
             flow = self._flow_for(stream)
             if flow is not None and flow.congested():
                 self._pause(flow)
+
+    def _first_token(self) -> None:
+        """The upstream's first content: time to it (from the stream's start, by dialect; from
+        this attempt's, by upstream), and its breaker closes (no silent switch from here)."""
+        self._first_seen = True
+        now = self._monotonic()
+        route = self._route
+        self._upstream._series[route.dialect.name].ttfc.observe(now - self._started)
+        route.ttft.observe(now - self._attempt_started)
+        route.succeeded()
 
     def _pause(self, flow: FlowControl) -> None:
         """The socket following the stream is behind: stop reading the upstream (TCP

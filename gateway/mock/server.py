@@ -257,6 +257,10 @@ class MockUpstream:
         self._changed = asyncio.Event()
         #: Paces every fast=1 rate=R stream with one timer.
         self._pacer = _Pacer()
+        #: Knobs that replace every request's own (`force = "status=503"`): this one upstream
+        #: misbehaves whatever the prompt says, as when a gateway routes one prompt to several
+        #: upstreams and only one of them is down. Set and cleared by tests at any time.
+        self.force: str | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -408,6 +412,8 @@ class MockUpstream:
             body = _decode_request(raw)
             mock_request = _FORMATTERS[dialect].read_request(body, request.match_info.get("model"))
             question, knobs, prompt_tokens = _question_and_knobs(mock_request)
+            if self.force is not None:
+                knobs = parse_directive(f"[[mock {self.force}]]")[1]
             knobs = _stream_mode(body, dialect, knobs)
             validate_for_dialect(knobs, dialect)
             if knobs.transcript is not None:

@@ -175,7 +175,7 @@ def test_max_loop_lag_is_off_by_default_and_takes_seconds() -> None:
         ({"GATEWAY_MAX_STREAMS": "0"}, "must be > 0"),
         ({"GATEWAY_PORT": "80a"}, "expected a TCP port"),
         ({"GATEWAY_METRICS_PORT": "70000"}, "expected a TCP port"),
-        ({"GATEWAY_DIALECT": "soap"}, "expected one of events, openai, perplexity"),
+        ({"GATEWAY_DIALECT": "soap"}, "expected one of anthropic, events, gemini, openai, "),
         ({"GATEWAY_COMPRESSION": "maybe"}, "expected one of 1, true"),
         ({"GATEWAY_UPSTREAM_URL": "api.openai.com/v1"}, "http:// or https://"),
     ],

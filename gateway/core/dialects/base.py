@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Final
 import orjson
 
 from gateway.core.parts import NULL_SINK, PartLimits, PartSink
-from gateway.core.protocol import ErrorCode
+from gateway.core.protocol import RETRYABLE, ErrorCode
 from gateway.core.sse import SSEEvent
 
 #: Top-level metadata keys relayed in `done` when the upstream sent them (protocol.md, "done").
@@ -43,6 +43,12 @@ class UpstreamFailure(Exception):
         self.retryable = retryable
         self.status = status
         self.retry_after_ms = retry_after_ms
+
+    @property
+    def may_retry(self) -> bool:
+        """Whether the same request may succeed later (or elsewhere): its own verdict, else its
+        code's (protocol.md, "Errors")."""
+        return RETRYABLE[self.code] if self.retryable is None else self.retryable
 
 
 def loads_event(data: str) -> Any:
