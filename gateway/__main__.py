@@ -153,7 +153,9 @@ async def serve(config: Config) -> None:
     # (StartupError) is then the only line, and whatever was opened is closed again.
     try:
         url = config.upstream_url
-        if url is None:
+        if url is None and config.routes is not None:
+            url = ""  # every upstream is the routes file's
+        elif url is None:
             mock = MockUpstream(default_delay_ms=config.mock_delay_ms)
             url = f"{await mock.start('127.0.0.1', 0)}/{config.dialect}"
         gateway = Gateway(config, url)
@@ -169,13 +171,27 @@ async def serve(config: Config) -> None:
                     mock_url=url,
                 )
             metrics = gateway.metrics_listener
+            upstream: dict[str, object]
+            if config.routes is not None:
+                upstream = {
+                    "routes": config.routes_file,
+                    "upstreams": {
+                        name: f"{spec.dialect} {_redact(spec.url)}"
+                        for name, spec in config.routes.upstreams.items()
+                    },
+                    "models": list(config.routes.models),
+                }
+            else:
+                upstream = {
+                    "upstream": _redact(url),
+                    "dialect": config.dialect,
+                    "api_key": "set" if config.api_key else "not set",
+                }
             log.info(
                 "gateway.listening",
                 url=f"{gateway.scheme}://{config.host}:{gateway.port}/v1/ws",
                 auth="on" if gateway.auth.enabled else "off",
-                upstream=_redact(url),
-                dialect=config.dialect,
-                api_key="set" if config.api_key else "not set",
+                **upstream,
                 metrics=f"http://{config.host}:{metrics.port if metrics else gateway.port}/metrics",
             )
             await stop.wait()

@@ -189,11 +189,23 @@ SEAM_MODES: Final[dict[str, tuple[str, ...]]] = {
 
 
 def infer_dialect(url: str) -> str:
-    """Guess the dialect from an upstream URL; `--dialect` overrides the guess."""
+    """Guess the dialect from an upstream URL (the providers' hosts and paths, and the mock's
+    routes); `--dialect` overrides the guess."""
     parts = urlsplit(url)
+    host = parts.hostname or ""
     path = parts.path.rstrip("/")
-    if parts.hostname == "api.perplexity.ai" or path.endswith("/perplexity"):
+    if path.endswith("/perplexity-agent") or (
+        host == "api.perplexity.ai" and path.endswith("/responses")
+    ):
+        return "perplexity-agent"
+    if host == "api.perplexity.ai" or path.endswith("/perplexity"):
         return "perplexity"
+    if host == "api.anthropic.com" or path.endswith(("/v1/messages", "/anthropic")):
+        return "anthropic"
+    if host == "generativelanguage.googleapis.com" or path.endswith("/gemini"):
+        return "gemini"
+    if path.endswith(("/responses", "/openai-responses")):
+        return "openai-responses"
     if path.endswith("/events"):
         return "events"
     return "openai"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -17,6 +21,7 @@ from gateway.core.routes import (
     parse_routes,
     single_route,
 )
+from gateway.core.session import Limits
 
 DIALECTS = ("perplexity", "openai", "events", "anthropic", "openai-responses", "gemini")
 DEFAULTS = UpstreamSpec(
@@ -288,3 +293,52 @@ def test_breaker_never_lets_two_probes_out(actions: list[str]) -> None:
             breaker.failure(now)
         else:
             breaker.release(now)
+
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "upstreams.md"
+
+
+def _doc_blocks(lang: str) -> list[str]:
+    text = DOC.read_text(encoding="utf-8")
+    return re.findall(rf"^```{lang}\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+
+
+@pytest.mark.repo
+def test_the_routes_example_in_the_docs_is_what_the_gateway_reads() -> None:
+    """docs/upstreams.md's routes file parses (every dialect it names exists), routes as it
+    says, and its error and refusal examples are the gateway's own words."""
+    from gateway.core.dialects import DIALECTS as REGISTERED
+
+    [example] = [b for b in _doc_blocks("toml") if b.startswith("# routes.toml")]
+    env = {name: "k" for name in re.findall(r'api_key_env = "(\w+)"', example)}
+    table = parse_routes(example, "routes.toml", DEFAULTS, tuple(REGISTERED), env, "sonar")
+    assert {s.dialect for s in table.upstreams.values()} == {
+        "perplexity",
+        "openai",
+        "anthropic",
+        "gemini",
+    }
+    assert [(a.upstream.name, a.model) for a in table.plan("smart")] == [
+        ("anthropic", "claude-sonnet-4-5"),
+        ("openai", "gpt-5"),
+        ("gemini", "gemini-2.5-pro"),
+    ]
+    [shown] = [b for b in _doc_blocks("text") if "routes.toml:" in b]
+    with pytest.raises(RoutesError) as info:
+        parse_routes(
+            example.replace('"anthropic"\napi', '"antropic"\napi'),
+            "routes.toml",
+            DEFAULTS,
+            tuple(REGISTERED),
+            env,
+            "sonar",
+        )
+    assert shown.strip() == f"python -m gateway serve: error: {info.value}"
+    limits = Limits(
+        allowed_models=frozenset(r.name for r in table.rules if not r.is_glob),
+        model_globs=tuple(r.name for r in table.rules if r.is_glob),
+    )
+    refusal = next(b for b in _doc_blocks("json") if "bad_message" in b)
+    assert orjson.loads(refusal)["message"] == limits.model_refused("gpt-6")
+    listing = next(b for b in _doc_blocks("json") if '"object":"list"' in b)
+    assert [m["id"] for m in orjson.loads(listing)["data"]] == limits.as_dict()["allowed_models"]

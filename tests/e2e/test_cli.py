@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import pathlib
 import signal
 import socket
 import subprocess
@@ -30,6 +31,7 @@ from gateway.config import (
     config_from_args,
     redact_password,
 )
+from gateway.mock import MockUpstream
 from gateway.observability import NeverFails
 from tests.conftest import Client, check_stream
 from tests.support import free_port
@@ -124,6 +126,13 @@ def test_api_key_env_names_another_variable() -> None:
         ("http://127.0.0.1:9/perplexity", "perplexity"),
         ("http://127.0.0.1:9/events", "events"),
         ("http://localhost:11434/v1/chat/completions", "openai"),
+        ("https://api.anthropic.com/v1/messages", "anthropic"),
+        ("https://generativelanguage.googleapis.com/v1beta", "gemini"),
+        ("https://api.openai.com/v1/responses", "openai-responses"),
+        ("https://api.x.ai/v1/responses", "openai-responses"),
+        ("https://api.perplexity.ai/v1/responses", "perplexity-agent"),
+        ("http://127.0.0.1:9/gemini", "gemini"),
+        ("http://127.0.0.1:9/perplexity-agent", "perplexity-agent"),
     ],
 )
 def test_dialect_is_inferred_from_the_url(url: str, dialect: str) -> None:
@@ -343,6 +352,59 @@ async def test_serve_without_key_streams_simulated_answers(gateway_process: Proc
     assert answer[:40] not in logs
 
 
+async def test_serve_with_a_routes_file_falls_back_and_logs_the_upstream(
+    tmp_path: pathlib.Path,
+) -> None:
+    """`serve --routes FILE`: the upstreams and models are the file's (logged at start, keys
+    from the environment never shown); a stream whose first upstream is unreachable is served
+    by the next, and its summary line names the upstream and the fallback."""
+    async with MockUpstream(default_delay_ms=0) as mock:
+        routes = tmp_path / "routes.toml"
+        routes.write_text(
+            f'[upstreams.down]\nurl = "http://127.0.0.1:{free_port()}/openai"\n'
+            'dialect = "openai"\n'
+            f'[upstreams.up]\nurl = "{mock.base_url}/anthropic"\ndialect = "anthropic"\n'
+            'api_key_env = "ROUTES_TEST_KEY"\n'
+            '[[models]]\nname = "claude*"\nupstreams = ["down", "up"]\n'
+        )
+        process = await spawn(
+            "serve",
+            "--port",
+            "0",
+            "--log-format",
+            "json",
+            "--routes",
+            str(routes),
+            env={"ROUTES_TEST_KEY": "sk-ant-routes-secret"},
+        )
+        try:
+            listening = await process.wait_for("gateway.listening")
+            assert listening["routes"] == str(routes)
+            assert set(listening["upstreams"]) == {"down", "up"}
+            assert listening["models"] == ["claude*"]
+            async with connect(listening["url"]) as ws:
+                client = Client(ws)
+                welcome = await client.recv()
+                assert welcome["limits"]["allowed_models"] == ["claude*"]
+                await client.start("s1", "why is the sky blue", model="claude-x")
+                frames = (await client.finish("s1"))["s1"]
+            assert frames[-1]["type"] == "done"
+            summary = await process.wait_for("stream.end")
+            assert (summary["upstream"], summary["fallbacks"], summary["dialect"]) == (
+                "up",
+                1,
+                "anthropic",
+            )
+            assert mock.records[-1].body is not None
+            assert mock.records[-1].body["model"] == "claude-x"
+            assert await process.stop() == 0
+        finally:
+            if process.proc.returncode is None:
+                process.proc.kill()
+                await process.proc.wait()
+        assert "sk-ant-routes-secret" not in b"".join(process.raw).decode()
+
+
 async def test_health_endpoints_on_the_same_port(gateway_process: Process) -> None:
     """/healthz and /readyz answer plain HTTP; unknown paths are 404."""
     listening = await gateway_process.wait_for("gateway.listening")
@@ -511,6 +573,41 @@ MISCONFIGURATIONS = [
         id="tls-cert-malformed",
     ),
     pytest.param(
+        ["serve", "--port", "0", "--routes", "{tmp}/missing.toml"],
+        {},
+        ["--routes {tmp}/missing.toml: cannot read it (No such file or directory)"],
+        False,
+        id="routes-missing",
+    ),
+    pytest.param(
+        ["serve", "--port", "0", "--routes", "{tmp}/routes-syntax.toml"],
+        {},
+        ["{tmp}/routes-syntax.toml: not valid TOML: ", "line 3"],
+        False,
+        id="routes-not-toml",
+    ),
+    pytest.param(
+        ["serve", "--port", "0", "--routes", "{tmp}/routes-dialect.toml"],
+        {},
+        ["{tmp}/routes-dialect.toml:4: upstreams.b.dialect: 'soap'; one of "],
+        False,
+        id="routes-unknown-dialect",
+    ),
+    pytest.param(
+        ["serve", "--port", "0", "--routes", "{tmp}/routes-key.toml"],
+        {},
+        ["{tmp}/routes-key.toml:1: upstreams.a.api_key_env: ROUTES_TEST_KEY is not set"],
+        False,
+        id="routes-key-unset",
+    ),
+    pytest.param(
+        ["serve", "--port", "0", "--routes", "{tmp}/routes-key.toml", "--upstream-url", "http://x"],
+        {},
+        ["--routes {tmp}/routes-key.toml names every upstream: drop --upstream-url"],
+        False,
+        id="routes-and-upstream-url",
+    ),
+    pytest.param(
         ["serve", "--port", "0", "--redis-url", "redis://:hunter2@127.0.0.1:{closed}/0"],
         {},
         ["--redis-url redis://:***@127.0.0.1:{closed}/0: cannot connect", "start Redis there"],
@@ -575,6 +672,16 @@ def misconfigured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
     tmp = tmp_path_factory.mktemp("misconfigured")
     (tmp / "tokens").write_text("# principals\n0123456789abcdef alice\nshort bob\n")
     (tmp / "cert.pem").write_text("not a certificate\n")
+    (tmp / "routes-syntax.toml").write_text('[upstreams.a]\nurl = "http://x"\ndialect = \n')
+    model = '[[models]]\nname = "m"\nupstreams = ["a"]\n'
+    (tmp / "routes-dialect.toml").write_text(
+        '[upstreams.a]\nurl = "http://x"\ndialect = "openai"\n[upstreams.b]\nurl = "http://y"\n'
+        'dialect = "soap"\n' + model
+    )
+    (tmp / "routes-key.toml").write_text(
+        '[upstreams.a]\nurl = "http://x"\ndialect = "openai"\napi_key_env = "ROUTES_TEST_KEY"\n'
+        + model
+    )
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -1581,6 +1581,11 @@ async def test_dashboard_queries_only_metrics_the_gateway_exports(make_stack: St
         "gateway_resume_retained_bytes",
         "gateway_resume_retained_streams",
         "gateway_gc_full_collection_seconds_bucket",
+        "gateway_upstream_requests_total",
+        "gateway_upstream_failures_total",
+        "gateway_upstream_fallbacks_total",
+        "gateway_upstream_breaker_state",
+        "gateway_upstream_ttft_seconds_bucket",
     }
     assert required <= queried, sorted(required - queried)
     # The alert rule examples query only exported metrics too, and each is a complete rule.
