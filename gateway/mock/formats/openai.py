@@ -57,6 +57,7 @@ class _OpenAIFormatter(_Formatter):
             "tools",
             "refusal",
             "choices",
+            "finish=length",
         }
     )
 
@@ -160,7 +161,9 @@ class _OpenAIFormatter(_Formatter):
         knobs = self.spec.knobs
         # Mistral's whole calls carry their finish_reason (no_index).
         if knobs.finish and knobs.tools != "no_index":
-            reason = "stop" if knobs.tools is None else "tool_calls"
+            reason = "length" if knobs.finish == "length" else "stop"
+            if knobs.tools is not None:
+                reason = "tool_calls"
             delta: dict[str, Any] = {}
             if knobs.reasoning == "reasoning_content":
                 delta = {"content": "", "reasoning_content": None}

@@ -30,7 +30,9 @@ class _PerplexityFormatter(_Formatter):
     crlf = True
     # Every Perplexity chunk repeats the whole text so far: nothing to pre-render.
     prerenderable = False
-    scripts = frozenset({"reasoning=think", "reasoning=think_open", "sources", "concise"})
+    scripts = frozenset(
+        {"reasoning=think", "reasoning=think_open", "sources", "concise", "finish=length"}
+    )
 
     def __init__(self, spec: SpecView) -> None:
         super().__init__(spec)
@@ -158,7 +160,8 @@ class _PerplexityFormatter(_Formatter):
             if knobs.concise:
                 yield self.event(_dumps(self.concise_done())), True
             else:
-                yield self.event(_dumps(self.chunk("", "stop", final=True))), True
+                reason = "length" if knobs.finish == "length" else "stop"
+                yield self.event(_dumps(self.chunk("", reason, final=True))), True
         if knobs.done:  # sonar-deep-research style
             yield self.event(b"[DONE]"), False
 
