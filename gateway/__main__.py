@@ -90,8 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     mock = sub.add_parser(
         "mock-upstream",
         help="run the built-in mock upstream alone",
-        description="Serve the mock LLM upstream: POST /perplexity, /openai, /events "
-        "(and /chat/completions, /v1/chat/completions); knobs via [[mock ...]] in the prompt.",
+        description="Serve the mock LLM upstream in every dialect: POST /perplexity, /openai, "
+        "/events, /anthropic, /openai-responses, /perplexity-agent, "
+        "/gemini/models/{model}:streamGenerateContent (and /chat/completions, "
+        "/v1/chat/completions, /v1/messages, /v1/responses); knobs via [[mock ...]] in the "
+        "prompt.",
     )
     mock.add_argument("--host", default="127.0.0.1", help="interface (default: %(default)s)")
     mock.add_argument(

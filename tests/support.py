@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+from gateway.core.dialects import normalise_finish
 from gateway.mock import choose_answer, parse_directive, text_chunks
 from tests.conftest import Client, Stack
 
@@ -56,3 +57,42 @@ async def resume(client: Client, token: str, after: int, sid: str = "s") -> list
     resumed = await client.recv_until(lambda f: f.get("id") == sid)
     assert resumed == {"type": "resumed", "id": sid, "after": after}, resumed
     return (await client.finish(sid))[sid]
+
+
+#: Recording name prefix -> the gateway dialect that reads it.
+DIALECT_PREFIXES = {
+    "perplexity-chat-": "perplexity",
+    "openai-chat-": "openai",
+    "azure-openai-chat-": "openai",
+    "deepseek-chat-": "openai",
+    "xai-chat-": "openai",
+    "mistral-chat-": "openai",
+    "groq-chat-": "openai",
+    "anthropic-messages-": "anthropic",
+    "openai-responses-": "openai-responses",
+    "xai-responses-": "openai-responses",
+    "google-gemini-": "gemini",
+    "google-vertex-": "gemini",
+}
+
+
+def dialect_of(name: str) -> str:
+    """The dialect that reads recording `name` (../shared/reference/transcripts/)."""
+    for prefix, dialect in DIALECT_PREFIXES.items():
+        if name.startswith(prefix):
+            return dialect
+    raise AssertionError(f"no dialect reads {name}")
+
+
+def expected_finish(want: dict[str, Any]) -> str | None:
+    """The protocol's finish_reason for a recording (its expected.json entry): its upstream
+    value normalised, except that an answer that ends by calling tools says `tool_calls`
+    whatever the API calls that end (Responses' `completed`, Gemini's `STOP`), so a client
+    knows to run them."""
+    raw = want["finish_reason"]
+    if raw.startswith("incomplete:"):  # Responses: the terminal status and why
+        raw = raw.partition(":")[2]
+    finish = normalise_finish(raw)
+    if want["tool_calls"] and finish == "stop":
+        return "tool_calls"
+    return finish

@@ -9,15 +9,24 @@ It serves two masters:
   recorded stream to replay, how the body is cut into writes) and every request leaves a
   `RequestRecord` so tests can observe what the upstream saw, including client disconnects.
 
-Routes (streams are POST with an OpenAI-style JSON body and ``"stream": true``):
+Routes (streams are POST with each API's own JSON body; docs/upstreams.md has every format):
 
 =============================================  ==============================================
 ``/perplexity``, ``/chat/completions``          Perplexity Sonar: fat ``chat.completion`` chunks,
                                                 CRLF separators, no ``[DONE]``, clean EOF ends it
 ``/openai``, ``/v1/chat/completions``           OpenAI ``chat.completion.chunk``, ``data: [DONE]``
 ``/events``                                     ``event: text_chunk`` ... ``event: done``
+``/anthropic``, ``/v1/messages``                Anthropic Messages: ``message_start`` ...
+                                                ``message_stop`` (``x-api-key``)
+``/openai-responses``, ``/v1/responses``        OpenAI Responses: ``response.*`` events
+``/perplexity-agent``                           Perplexity's Agent API (Responses + search events)
+``/gemini/models/{model}:streamGenerateContent``  Gemini: a whole response per event, CRLF
+                                                (``x-goog-api-key``; ``/v1beta/...`` too)
 ``GET /_mock/stats``, ``POST /_mock/reset``     observation from another process
 =============================================  ==============================================
+
+`MockUpstream.force` (a directive's knobs) overrides every request's own: one upstream of
+several misbehaving whatever the prompt, for routing and fallback tests.
 
 The knobs are listed in `gateway.mock.knobs`.
 

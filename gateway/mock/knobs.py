@@ -9,7 +9,7 @@ become spaces; times=N with tag= errs only on the first N requests of that tag),
 fault=reset|stall|malformed|eof|giant|endless|error (+ after=K, size=BYTES for giant), keepalive_ms
 (``: ping`` comments while a started stream waits), ignore_close=1 (keep writing after the client
 left), linger_ms (wait before ending the body), words=N (words per chunk), crlf=0|1, bytewise=1,
-done=0|1, finish=0, comments=1, tag. Benchmarks: fast=1 (+ rate=R, stamp=1). See `Knobs`.
+done=0|1, finish=0|length, comments=1, tag. Benchmarks: fast=1 (+ rate=R, stamp=1). See `Knobs`.
 
 Real recorded streams and typed answer parts (issue 18):
 
@@ -18,13 +18,16 @@ Real recorded streams and typed answer parts (issue 18):
 * split=N | split=random:SEED: cut the body into writes of N bytes, or of seeded random sizes
   (1 to 512 bytes, mostly small), across event boundaries; each write reaches the socket on its
   own. Any stream but fast=1; not with bytewise.
-* reasoning=think|think_open|reasoning_content|reasoning|details|mistral: the answer starts
-  with reasoning, in that shape: a leading ``<think>...</think>`` in the content (think_open:
-  never closed, no answer), DeepSeek's ``delta.reasoning_content``, Groq/vLLM/OpenRouter's
-  ``delta.reasoning``, OpenRouter's ``reasoning`` + ``reasoning_details``, Mistral's content
-  arrays of ``thinking`` and ``text`` parts. think_split=N (with think or think_open) re-cuts
-  the whole content, tags included, into N-character deltas (N=1: every tag split at every
-  byte).
+* reasoning=think|think_open|reasoning_content|reasoning|details|mistral|thinking|summary|thought:
+  the answer starts with reasoning, in that shape: a leading ``<think>...</think>`` in the content
+  (think_open: never closed, no answer), DeepSeek's ``delta.reasoning_content``,
+  Groq/vLLM/OpenRouter's ``delta.reasoning`` (Responses: ``response.reasoning_text.delta``),
+  OpenRouter's ``reasoning`` + ``reasoning_details``, Mistral's content arrays of ``thinking``
+  and ``text`` parts, Anthropic's ``thinking`` block (``thinking_delta``s, then a
+  ``signature_delta``), OpenAI Responses' ``response.reasoning_summary_text.delta``s, Gemini's
+  ``thought: true`` text parts.
+  think_split=N (with think or think_open) re-cuts the whole content, tags included, into
+  N-character deltas (N=1: every tag split at every byte).
 * tools=1|2|bad_json|no_index: the answer is tool calls (no text): one, two in parallel, one
   whose arguments are not valid JSON, or two whole calls in one delta without ``index``
   (Mistral).
@@ -54,7 +57,15 @@ from typing import Any, Final, Literal, get_args
 FaultKind = Literal["reset", "stall", "malformed", "eof", "giant", "endless", "error"]
 BodyKind = Literal["json", "html", "text"]
 ReasoningShape = Literal[
-    "think", "think_open", "reasoning_content", "reasoning", "details", "mistral"
+    "think",
+    "think_open",
+    "reasoning_content",
+    "reasoning",
+    "details",
+    "mistral",
+    "thinking",
+    "summary",
+    "thought",
 ]
 ToolsKind = Literal["1", "2", "bad_json", "no_index"]
 
@@ -139,7 +150,9 @@ class Knobs:
     crlf: bool | None = None
     bytewise: bool = False
     done: bool | None = None
-    finish: bool = True
+    #: False: no finish chunk (finish=0); "length": the answer ends out of tokens, in the
+    #: format's way (finish=length, where the format's `scripts` list it).
+    finish: bool | Literal["length"] = True
     comments: bool = False
     tag: str | None = None
     keepalive_ms: float | None = None
@@ -224,6 +237,14 @@ def _flag(value: str) -> bool:
     return value == "1"
 
 
+def _finish(value: str) -> bool | Literal["length"]:
+    if value == "length":
+        return "length"
+    if value not in ("0", "1"):
+        raise ValueError("expected 0, 1 or length")
+    return value == "1"
+
+
 #: A transcript's name: a file name without extension. Only a syntax check: the server looks
 #: the name up in its directory's listing, so no path is ever built from it.
 _TRANSCRIPT_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
@@ -286,7 +307,7 @@ _KNOB_PARSERS: Final[Mapping[str, Callable[[str], object]]] = {
     "crlf": _flag,
     "bytewise": _flag,
     "done": _flag,
-    "finish": _flag,
+    "finish": _finish,
     "comments": _flag,
     "tag": str,
     "keepalive_ms": _positive_millis,

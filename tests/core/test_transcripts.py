@@ -22,13 +22,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.core.dialects import UpstreamFailure, normalise_finish, translator_for
+from gateway.core.dialects import UpstreamFailure, translator_for
 from gateway.core.parts import KNOWN_PARTS
 from gateway.core.protocol import ErrorCode
 from gateway.core.sse import SSEDecoder, SSEEvent
 from gateway.mock.formats import Emit
 from gateway.mock.knobs import Knobs
 from gateway.mock.replay import TranscriptLibrary, plan_replay
+from tests.support import dialect_of, expected_finish
 
 TRANSCRIPTS = Path(
     os.environ.get("GATEWAY_TRANSCRIPTS")
@@ -43,30 +44,8 @@ if not (TRANSCRIPTS / "expected.json").is_file():
 EXPECTED: dict[str, Any] = orjson.loads((TRANSCRIPTS / "expected.json").read_bytes())
 LIBRARY = TranscriptLibrary(TRANSCRIPTS)
 ALL = sorted(name for name in EXPECTED if name.endswith(".jsonl"))
-#: Recording name prefix -> the gateway dialect that reads it.
-DIALECT_PREFIXES = {
-    "perplexity-chat-": "perplexity",
-    "openai-chat-": "openai",
-    "azure-openai-chat-": "openai",
-    "deepseek-chat-": "openai",
-    "xai-chat-": "openai",
-    "mistral-chat-": "openai",
-    "groq-chat-": "openai",
-    "anthropic-messages-": "anthropic",
-    "openai-responses-": "openai-responses",
-    "xai-responses-": "openai-responses",
-    "google-gemini-": "gemini",
-    "google-vertex-": "gemini",
-}
 FAILED = [name for name in ALL if EXPECTED[name]["error"] is not None]
 COMPLETE = [name for name in ALL if name not in FAILED]
-
-
-def dialect_of(name: str) -> str:
-    for prefix, dialect in DIALECT_PREFIXES.items():
-        if name.startswith(prefix):
-            return dialect
-    raise AssertionError(f"no dialect reads {name}")
 
 
 def wire_body(name: str) -> bytes:
@@ -131,20 +110,6 @@ def relay(name: str, pieces: list[bytes], wants: frozenset[str] = KNOWN_PARTS) -
     return Relayed("".join(text), translator.meta, sink)
 
 
-def expected_finish(name: str) -> str | None:
-    """The protocol's finish_reason for a recording: its upstream value normalised, except that
-    an answer that ends by calling tools says `tool_calls` whatever the API calls that end
-    (Responses' `completed`, Gemini's `STOP`), so a client knows to run them."""
-    want = EXPECTED[name]
-    raw = want["finish_reason"]
-    if raw.startswith("incomplete:"):  # Responses: the terminal status and why
-        raw = raw.partition(":")[2]
-    finish = normalise_finish(raw)
-    if want["tool_calls"] and finish == "stop":
-        return "tool_calls"
-    return finish
-
-
 def check(name: str, got: Relayed) -> None:
     want = EXPECTED[name]
     # The protocol relays a refusal as the answer's text, flagged in `done`; expected.json keeps
@@ -172,7 +137,7 @@ def check(name: str, got: Relayed) -> None:
             assert call["arguments"] == expected_call["arguments_parsed"]
     assert len({c["call_id"] for c in calls}) == len(calls)
     assert got.meta.get("tool_calls", []) == calls
-    assert got.meta.get("finish_reason") == expected_finish(name)
+    assert got.meta.get("finish_reason") == expected_finish(EXPECTED[name])
     assert got.meta.get("usage") == want["usage"]
 
 

@@ -284,7 +284,7 @@ def test_scripted_says_whether_a_typed_part_knob_is_set() -> None:
         ("split=random:x", "split"),
         ("split=fixed:3", "split"),
         ("split=-1", "split"),
-        ("reasoning=thinking", "reasoning"),
+        ("reasoning=nope", "reasoning"),
         ("reasoning=think think_split=0", "think_split"),
         ("tools=3", "tools"),
         ("tools=yes", "tools"),

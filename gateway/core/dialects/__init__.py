@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Final
 
+from gateway.core.dialects.anthropic import AnthropicDialect
 from gateway.core.dialects.base import (
     DEFAULT_LIMITS,
     META_KEYS,
@@ -49,6 +50,8 @@ from gateway.core.dialects.chat import (
     PerplexityTranslator,
 )
 from gateway.core.dialects.events import EventsDialect, EventsTranslator
+from gateway.core.dialects.gemini import GeminiDialect
+from gateway.core.dialects.responses import OpenAIResponsesDialect, PerplexityAgentDialect
 from gateway.core.dialects.sources import SourceIndex, progress_step
 from gateway.core.dialects.think import ThinkSplitter
 from gateway.core.parts import NULL_SINK, PartLimits, PartSink
@@ -82,6 +85,10 @@ DIALECTS: Final[dict[str, Dialect]] = {
         PerplexityDialect(),
         OpenAIDialect(),
         EventsDialect(),
+        AnthropicDialect(),
+        OpenAIResponsesDialect(),
+        PerplexityAgentDialect(),
+        GeminiDialect(),
     )
 }
 

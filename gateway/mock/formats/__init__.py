@@ -22,10 +22,13 @@ from http import HTTPStatus
 from typing import Final, Literal
 
 from gateway.mock.answers import Answer
+from gateway.mock.formats.anthropic import _AnthropicFormatter
 from gateway.mock.formats.base import _dumps, _Formatter
 from gateway.mock.formats.events import _EventsFormatter
+from gateway.mock.formats.gemini import _GeminiFormatter
 from gateway.mock.formats.openai import _OpenAIFormatter
 from gateway.mock.formats.perplexity import _PerplexityFormatter
+from gateway.mock.formats.responses import _PerplexityAgentFormatter, _ResponsesFormatter
 from gateway.mock.knobs import BodyKind, DirectiveError, Knobs
 from gateway.mock.script import Part, is_answer_text
 
@@ -103,6 +106,10 @@ _FORMATTERS: Final[Mapping[Dialect, type[_Formatter]]] = {
     "perplexity": _PerplexityFormatter,
     "openai": _OpenAIFormatter,
     "events": _EventsFormatter,
+    "openai-responses": _ResponsesFormatter,
+    "perplexity-agent": _PerplexityAgentFormatter,
+    "anthropic": _AnthropicFormatter,
+    "gemini": _GeminiFormatter,
 }
 
 #: POST route -> dialect, and the model each dialect's events name by default: from the table.
@@ -117,6 +124,8 @@ DEFAULT_MODELS: Final[Mapping[Dialect, str]] = {
 def scripted_tokens(knobs: Knobs) -> list[str]:
     """The typed parts `knobs` ask for, as the tokens of a format's `scripts`."""
     tokens = [f"reasoning={knobs.reasoning}"] if knobs.reasoning is not None else []
+    if knobs.finish == "length":
+        tokens.append("finish=length")
     for token, on in (
         ("tools", knobs.tools is not None),
         ("sources", knobs.sources is not None),
