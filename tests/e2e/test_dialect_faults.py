@@ -155,3 +155,58 @@ async def test_cancel_closes_the_upstream_request(make_stack: StackFactory, dial
     await record.ended.wait()
     assert record.outcome == "client_closed"
     await stack.assert_no_leaks()
+
+
+def _scripted() -> list[tuple[str, str]]:
+    from gateway.mock.formats import _FORMATTERS
+
+    cases = []
+    for dialect, fmt in sorted(_FORMATTERS.items()):
+        for token in sorted(fmt.scripts):
+            if token.startswith("reasoning="):
+                cases.append((dialect, token))
+            elif token in ("tools", "sources"):
+                cases.append((dialect, f"{token}={2 if token == 'tools' else 3}"))
+    return cases
+
+
+PART_OF = {"reasoning": "reasoning_chunk", "tools": "tool_call", "sources": "sources"}
+
+
+@pytest.mark.parametrize(("dialect", "token"), _scripted())
+async def test_scripted_parts_reach_the_client(
+    make_stack: StackFactory, dialect: str, token: str
+) -> None:
+    """Every typed part each API's mock can script (its reasoning shapes, tool calls, sources)
+    reaches a client that asked for it, numbered with the text, and `done` agrees; a client
+    that asked for none gets the same text and no part."""
+    stack = await make_stack(dialect=dialect)
+    client = await stack.client()
+    # A tool-calling answer has no text to cut into chunks.
+    knobs = token if token.startswith("tools") else f"chunks=4 {token}"
+    prompt = f"{PROMPT} [[mock {knobs}]]"
+    await client.start("s", prompt, parts=["reasoning", "sources", "tools", "progress"])
+    await client.start("bare", prompt)
+    frames = await client.finish("s", "bare")
+    got, bare = frames["s"], frames["bare"]
+    done = got[-1]
+    assert done["type"] == "done", done
+    kind = PART_OF[token.partition("=")[0]]
+    parts = [f for f in got if f["type"] == kind]
+    assert parts, [f["type"] for f in got]
+    content = got[1:-1]
+    assert [f["seq"] for f in content] == list(range(1, len(content) + 1))
+    text = "".join(f["text"] for f in got if f["type"] == "text_chunk")
+    assert text == done["text"]
+    if kind == "reasoning_chunk":
+        assert done["reasoning"] == "".join(f["text"] for f in parts)
+        assert done["reasoning"] not in text
+    if kind == "tool_call":
+        assert done["tool_calls"] == [
+            {k: v for k, v in f.items() if k not in ("type", "id", "seq")} for f in parts
+        ]
+        assert done["finish_reason"] == "tool_calls"
+    assert bare[-1]["type"] == "done"
+    assert {f["type"] for f in bare} == {"started", "text_chunk", "done"} or text == ""
+    assert bare[-1]["text"] == text
+    await stack.assert_no_leaks()
