@@ -1,5 +1,5 @@
-"""Routes through the running gateway (docs/upstreams.md): three mock upstreams behind one
-routes file; fallback before the first token on each kind of failure, invisible to the client;
+"""Routes through the running gateway (docs/upstreams.md): three mock upstreams of three
+dialects (Anthropic, Perplexity, the seed's events) behind one routes file; fallback before the first token on each kind of failure, invisible to the client;
 no switch after it; the circuit breaker opening, half-opening and closing on the fake clock;
 Retry-After; model renames; the models a client may name.
 
@@ -58,8 +58,8 @@ class Routed:
 
 ROUTES = """\
 [upstreams.a]
-url = "{a}/openai"
-dialect = "openai"
+url = "{a}/anthropic"
+dialect = "anthropic"
 breaker_failures = 2
 breaker_cooldown = 30
 first_byte_timeout = {first_byte}
@@ -135,7 +135,7 @@ FAILURES = {
     "429": "status=429",
     "503": "status=503",
     "500": "status=500",
-    "overloaded event": "fault=error after=0",
+    "overloaded event": "fault=error after=0",  # Anthropic's overloaded_error in a 200
 }
 
 
