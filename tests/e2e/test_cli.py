@@ -976,7 +976,8 @@ async def test_second_signal_exits_at_once() -> None:
 
 def test_every_flag_is_a_config_field() -> None:
     """Each `serve` flag lands in the Config field of the same name (config_from_args relies on
-    it); only the secrets read from env vars have no flag."""
+    it); only the secrets read from env vars have no flag, and the routes file's path, kept
+    beside the table `--routes` is parsed into."""
     import dataclasses
 
     parser = argparse.ArgumentParser()
@@ -984,7 +985,7 @@ def test_every_flag_is_a_config_field() -> None:
     flags = set(vars(parser.parse_args([])))
     names = {f.name for f in dataclasses.fields(Config)}
     assert flags - names == set()
-    assert names - flags == {"api_key", "jwt_secret"}
+    assert names - flags == {"api_key", "jwt_secret", "routes_file"}
     config = parse(["--idle-timeout", "7", "--resume-grace", "3", "--allowed-models", "a,b"])
     assert (config.idle_timeout, config.resume_grace, config.allowed_models) == (
         7.0,

@@ -479,6 +479,8 @@ PROMQL_WORDS = frozenset(
         "reason",
         "status",
         "dialect",
+        "upstream",
+        "code",
         "generation",
         "deriv",
         "avg_over_time",
