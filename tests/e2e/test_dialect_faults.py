@@ -210,3 +210,22 @@ async def test_scripted_parts_reach_the_client(
     assert {f["type"] for f in bare} == {"started", "text_chunk", "done"} or text == ""
     assert bare[-1]["text"] == text
     await stack.assert_no_leaks()
+
+
+@pytest.mark.parametrize("dialect", ALL)
+async def test_the_key_goes_where_the_api_wants_it(make_stack: StackFactory, dialect: str) -> None:
+    """With --api-key-env set, each dialect sends the key in its API's own header (Bearer,
+    x-api-key, x-goog-api-key): an upstream that checks it streams; a wrong key is its 401,
+    not retryable, and the key never reaches the client."""
+    stack = await make_stack(dialect=dialect, api_key="sk-test-0123456789")
+    stack.mock.require_key = "sk-test-0123456789"
+    client = await stack.client()
+    await client.start("ok", f"{PROMPT} [[mock chunks=3]]")
+    frames = (await client.finish("ok"))["ok"]
+    assert frames[-1]["type"] == "done", frames[-1]
+    stack.mock.require_key = "another-key-0123456789"
+    await client.start("no", f"{PROMPT} [[mock chunks=3]]")
+    error = (await client.finish("no"))["no"][-1]
+    assert (error["code"], error["status"], error["retryable"]) == ("upstream_error", 401, False)
+    assert "sk-test" not in str(client.log)
+    await stack.assert_no_leaks()
