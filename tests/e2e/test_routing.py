@@ -1,7 +1,8 @@
 """Routes through the running gateway (docs/upstreams.md): three mock upstreams of three
-dialects (Anthropic, Perplexity, the seed's events) behind one routes file; fallback before the first token on each kind of failure, invisible to the client;
-no switch after it; the circuit breaker opening, half-opening and closing on the fake clock;
-Retry-After; model renames; the models a client may name.
+dialects (Anthropic, Perplexity, the seed's events) behind one routes file; fallback before
+the first token on each kind of failure, invisible to the client; no switch after it; the
+circuit breaker opening, half-opening and closing on the fake clock; Retry-After; model
+renames; the models a client may name.
 
 Each mock upstream is told to misbehave with `MockUpstream.force` (knobs that replace every
 request's own), so one prompt meets a broken upstream and then a working one.
