@@ -102,6 +102,8 @@ class Config:
     #: Every upstream's circuit breaker (a routes file may say otherwise per upstream).
     breaker_failures: int = 5
     breaker_cooldown: float = 30.0
+    #: Seconds between SSE comments on an HTTP stream's response while nothing else is sent.
+    http_keepalive: float = 15.0
     #: --routes: the file, and the table it describes (None: today's flags, one upstream).
     routes_file: str | None = None
     routes: RouteTable | None = field(default=None, repr=False)
@@ -397,6 +399,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, s
         "TOML file of named upstreams and model rules, with fallback (docs/upstreams.md); "
         "replaces --upstream-url/--dialect/--api-key-env and --allowed-models",
         None,
+    )
+    flag(
+        "http-keepalive",
+        "seconds between keep-alive comments on an HTTP stream's response while it is silent "
+        "(0: none)",
+        d.http_keepalive,
+        _non_negative(float),
     )
     flag(
         "breaker-failures",

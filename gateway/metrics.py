@@ -110,6 +110,13 @@ class Metrics:
             ["status"],
             registry=r,
         )
+        self.http_requests = Counter(
+            "gateway_http_requests",
+            "Requests on the HTTP side of the streams, by route (streams: POST /v1/streams; "
+            "stream: GET or DELETE /v1/streams/{id}; other) and status",
+            ["route", "status"],
+            registry=r,
+        )
         # By upstream (route names from --routes, or `default`: bounded by configuration).
         self.upstream_requests = Counter(
             "gateway_upstream_requests",

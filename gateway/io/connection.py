@@ -42,8 +42,29 @@ from gateway.core.session import (
 )
 from gateway.io.redis_store import RedisStore
 from gateway.io.upstream import FlowControl
-from gateway.io.websocket import WebSocket
 from gateway.metrics import Metrics
+
+
+class ClientSocket(Protocol):
+    """What a connection writes to: a WebSocket (gateway/io/websocket.py), or a streamed HTTP
+    response standing in for one (gateway/io/http.py's SseSocket)."""
+
+    @property
+    def peer(self) -> str: ...
+    @property
+    def paused(self) -> bool: ...
+    @property
+    def close_code(self) -> int | None: ...
+    @property
+    def close_rcvd(self) -> bool: ...
+
+    def write_frames(self, messages: list[bytes]) -> None: ...
+
+    async def wait_writable(self) -> None: ...
+
+    def close(self, code: int, reason: str) -> None: ...
+
+    def abort(self) -> None: ...
 
 
 class GatewayPort(Protocol):
@@ -126,12 +147,21 @@ class Connection:
         "principal",
         "remote",
         "session",
+        "transport",
         "ws",
     )
 
-    def __init__(self, gateway: GatewayPort, ws: WebSocket, principal: Principal | None) -> None:
+    def __init__(
+        self,
+        gateway: GatewayPort,
+        ws: ClientSocket,
+        principal: Principal | None,
+        transport: str = "websocket",
+    ) -> None:
         self.gateway = gateway
         self.ws = ws
+        #: "websocket", or "http" (a stream's SSE response: gateway/io/http.py).
+        self.transport = transport
         self.id = secrets.token_urlsafe(12)
         self._loop = asyncio.get_running_loop()
         #: A flush is scheduled for this loop iteration (see `_wakeup`).
@@ -181,7 +211,7 @@ class Connection:
 
     def start(self) -> None:
         """The handshake is done: welcome the client (unless it must authenticate first)."""
-        log.info("socket.open", session=self.id, peer=self.ws.peer)
+        log.info("socket.open", session=self.id, peer=self.ws.peer, transport=self.transport)
         if not self.session.awaiting_auth:
             if not self._admit_socket():
                 return
@@ -270,6 +300,7 @@ class Connection:
             principal=self.principal.name if self.principal else None,
             code=self.ws.close_code,
             reason=self.close_reason,
+            transport=self.transport,
             streams=self.session.streams_started,
             frames_in=self.session.frames_in,
             stalls=self.flow.stalls,

@@ -47,6 +47,8 @@ from gateway.core.session import (
 )
 from gateway.io import seams
 from gateway.io.connection import Connection, spawn
+from gateway.io.http import HttpExchange
+from gateway.io.http_api import HttpApi
 from gateway.io.metrics_http import MetricsListener
 from gateway.io.redis_store import RedisStore
 from gateway.io.timers import LoopClock
@@ -184,6 +186,8 @@ class Gateway:
             on_tick=self.metrics.refresh,  # writes the shared gauges (--workers); else a no-op
         )
         self.upstream = Upstream(config, upstream_url, self.metrics, self.clock)
+        #: The HTTP side of the streams (POST/GET/DELETE /v1/streams), on the same port.
+        self.http_api = HttpApi(self)
         #: The seams' modes in force (decided in start(), by the self-tests for `auto`).
         self.modes = seams.Modes(config.upstream_body, config.client_frames)
         self.connections: set[Connection] = set()
@@ -383,6 +387,38 @@ class Gateway:
         connection.start()
         return connection
 
+    # ------------------------------------------------------------------ the HTTP side
+
+    def _on_http(self, transport: asyncio.Transport, received: bytes) -> None:
+        """A connection whose request is plain HTTP (gateway/io/http.py): answered by the HTTP
+        side of the streams (gateway/io/http_api.py)."""
+        exchange = HttpExchange(
+            transport,
+            self.http_api,
+            self.clock,
+            max_body=self.config.max_message_bytes,
+            open_timeout=self.config.open_timeout,
+        )
+        transport.set_protocol(exchange)
+        exchange.data_received(received)
+
+    def http_opened(self, connection: Connection) -> None:
+        self.connections.add(connection)
+        self._no_connections.clear()
+
+    def http_closed(self, connection: Connection) -> None:
+        self._on_closed(connection)
+
+    def http_counted(self, route: str, status: int) -> None:
+        self.metrics.http_requests.labels(route, str(status)).inc()
+
+    def own_origin(self, host: str | None) -> str | None:
+        """This gateway's own origin, as a page it serves would send it."""
+        return f"{'https' if self.config.tls_cert else 'http'}://{host}" if host else None
+
+    def spawn_task(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        self.own(spawn(coro, name))
+
     def _on_reject(self, ws: WebSocket) -> None:
         self._principals.pop(ws, None)
 
@@ -465,6 +501,7 @@ class Gateway:
             ping_interval=self.config.ping_interval,
             ping_timeout=self.config.ping_timeout,
             clock=self.clock,
+            on_http=self._on_http,
         )
         self._listener.fast_frames = self.modes.client_frames == "fast"
         ssl_context = self._ssl_context()

@@ -39,6 +39,7 @@ try:
 except ImportError:  # pragma: no cover - websockets built without its C extension
     from websockets.utils import apply_mask as _apply_mask
 
+from gateway.io.http import is_http_request
 from gateway.io.seams import at_frame_boundary, forget_parser_error
 
 log = structlog.get_logger("gateway.websocket")
@@ -94,6 +95,7 @@ class WebSocket(asyncio.Protocol):
         "_fragments",
         "_fragments_text",
         "_head",
+        "_sniff",
         "_timer",
         "_writable",
         "handler",
@@ -125,6 +127,9 @@ class WebSocket(asyncio.Protocol):
         #: Until the request's headers have ended: the last bytes seen (their end may be split
         #: across reads); None afterwards.
         self._head: bytes | None = b""
+        #: Until the request line is in: the bytes received, to tell a WebSocket upgrade from
+        #: a plain HTTP request for gateway/io/http.py (None once told).
+        self._sniff: bytes | None = b"" if listener.on_http is not None else None
         #: The keepalive ping awaiting its pong (None: none outstanding).
         self.ping_data: bytes | None = None
         #: This socket's slot in the keepalive wheel (-1: not in it).
@@ -144,6 +149,17 @@ class WebSocket(asyncio.Protocol):
         self._timer = listener.clock.call_later(listener.open_timeout, self.abort)
 
     def data_received(self, data: bytes) -> None:
+        if self._sniff is not None:
+            sniff = self._sniff + data
+            verdict = is_http_request(sniff)
+            if verdict is None:
+                self._sniff = sniff
+                return
+            self._sniff = None
+            if verdict:
+                self._divert(sniff)
+                return
+            data = sniff
         if self._head is not None:
             # Still in the opening handshake. websockets would parse frames pipelined behind
             # the request at once, and queue their answers (a pong, a close) before our
@@ -198,6 +214,19 @@ class WebSocket(asyncio.Protocol):
                 self._request(event)
         if protocol.close_expected():
             self._expect_close()
+
+    def _divert(self, received: bytes) -> None:
+        """Not a WebSocket: the connection becomes an HTTP exchange (gateway/io/http.py), with
+        what it sent so far."""
+        listener = self.listener
+        listener.handshaking.pop(self, None)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        transport, self.transport = self.transport, None
+        assert transport is not None
+        assert listener.on_http is not None
+        listener.on_http(transport, received)
 
     def eof_received(self) -> None:
         # WebSockets close with a closing handshake; after EOF nothing more is written, so
@@ -589,8 +618,12 @@ class Listener:
         ping_interval: float,
         ping_timeout: float,
         clock: Clock,
+        on_http: Callable[[asyncio.Transport, bytes], None] | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
+        #: Takes a connection whose request is plain HTTP (gateway/io/http.py), with the bytes
+        #: it sent so far; None: every connection is a WebSocket's.
+        self.on_http = on_http
         self.clock = clock
         self.process_request = process_request
         self.on_open = on_open

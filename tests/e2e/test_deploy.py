@@ -32,6 +32,7 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import aiohttp
+import orjson
 import pytest
 import redis.asyncio as aioredis
 import trustme
@@ -44,6 +45,7 @@ from redis.exceptions import AuthenticationError, NoPermissionError
 from websockets.asyncio.client import connect
 
 from gateway.config import Config, add_serve_arguments, config_from_args
+from gateway.core.sse import SSEDecoder
 from gateway.io.server import CLOSE_GRACE, Gateway
 from gateway.mock import MockUpstream
 from tests.conftest import Client, StackFactory, check_stream
@@ -1718,6 +1720,47 @@ async def test_nginx_relays_websocket_streams_unbuffered(
                 assert (await response.text()).strip() == "ok"
             async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
                 assert response.status == 404
+    await stack.assert_no_leaks()
+
+
+async def test_nginx_relays_http_streams_unbuffered_and_resumable(
+    make_stack: StackFactory, nginx_tmp: Path
+) -> None:
+    """Through a real nginx, POST /v1/streams streams its SSE events as they come (not in one
+    burst at the end), and a response cut off mid-way resumes with GET, exactly once."""
+    binary = require_nginx()
+    stack = await make_stack()
+    async with running_nginx(binary, nginx_tmp, [stack.gateway.port]) as port:
+        url = f"http://127.0.0.1:{port}/v1/streams"
+        prompt = "Why is the sky blue? [[mock chunks=8 delay_ms=120]]"
+        async with aiohttp.ClientSession() as session:
+            response = await session.post(url, json={"prompt": prompt, "id": "n"})
+            assert response.status == 200
+            decoder = SSEDecoder()
+            arrivals: list[tuple[float, dict[str, Any]]] = []
+            async with asyncio.timeout(20):
+                async for data in response.content.iter_any():
+                    for event in decoder.feed(data):
+                        arrivals.append((time.monotonic(), orjson.loads(event.data)))
+                    if len([m for _, m in arrivals if m["type"] == "text_chunk"]) == 3:
+                        break
+            response.close()  # the network drops it after three chunks
+            started = arrivals[0][1]
+            chunks = [m for _, m in arrivals if m["type"] == "text_chunk"]
+            times = [t for t, m in arrivals if m["type"] == "text_chunk"]
+            assert times[-1] - times[0] > 0.15  # spread out: not buffered by nginx
+            headers = {
+                "X-Resume-Token": started["resume_token"],
+                "Last-Event-ID": str(chunks[-1]["seq"]),
+            }
+            async with session.get(f"{url}/n", headers=headers) as resumed:
+                assert resumed.status == 200
+                decoder = SSEDecoder()
+                rest = [orjson.loads(e.data) for e in decoder.feed(await resumed.read())]
+        assert rest[0]["type"] == "resumed"
+        chunks += [m for m in rest if m["type"] == "text_chunk"]
+        assert [c["seq"] for c in chunks] == list(range(1, len(chunks) + 1))
+        assert "".join(c["text"] for c in chunks) == rest[-1]["text"]
     await stack.assert_no_leaks()
 
 
