@@ -199,7 +199,11 @@ class HttpExchange(asyncio.Protocol):
 
     def begin(self, status: int, headers: list[tuple[str, str]]) -> None:
         """The response's status and headers (a body follows with `send`, then `end`)."""
-        if self.transport.is_closing() or self._conn.our_state is not h11.SEND_RESPONSE:
+        # IDLE: the request was malformed before it was complete (h11 lets a 400 go then).
+        state = self._conn.our_state
+        if self.transport.is_closing() or (
+            state is not h11.SEND_RESPONSE and state is not h11.IDLE
+        ):
             return
         headers = [*headers, ("Connection", "close")]
         self._write(
@@ -264,7 +268,7 @@ class HttpExchange(asyncio.Protocol):
 
     def _refuse(self, status: HTTPStatus, code: ErrorCode, message: str) -> None:
         self._cancel_timer()
-        if self._conn.our_state is h11.SEND_RESPONSE or self._conn.their_state is h11.ERROR:
+        if self._conn.our_state in (h11.SEND_RESPONSE, h11.IDLE):
             with contextlib.suppress(h11.LocalProtocolError):
                 self.respond_json(status, error_body(code, message))
                 return

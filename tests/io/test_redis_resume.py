@@ -220,3 +220,67 @@ async def test_parts_are_resumed_on_another_instance_exactly_once(pair: Pair) ->
     assert done["reasoning"] == "".join(
         f["text"] for f in content if f["type"] == "reasoning_chunk"
     )
+
+
+async def _sse(response: Any) -> list[dict[str, Any]]:
+    import orjson
+
+    from gateway.core.sse import SSEDecoder
+
+    decoder = SSEDecoder()
+    return [orjson.loads(e.data) for e in decoder.feed(await response.read())]
+
+
+async def test_an_http_stream_cut_on_one_instance_resumes_over_http_on_another(
+    pair: Pair,
+) -> None:
+    """POST on instance A, the response cut after two chunks, GET on instance B with the
+    resume token and Last-Event-ID: the rest, exactly once, through Redis. DELETE of another
+    stream on B stops the upstream request A owns."""
+    import aiohttp
+    import orjson
+
+    from gateway.core.sse import SSEDecoder
+
+    prompt = "leaves autumn [[mock chunks=40 delay_ms=10 tag=h]]"
+    async with aiohttp.ClientSession() as http:
+        response = await http.post(
+            f"http://127.0.0.1:{pair.a.port}/v1/streams", json={"prompt": prompt, "id": "h"}
+        )
+        decoder = SSEDecoder()
+        seen: list[dict[str, Any]] = []
+        async for data in response.content.iter_any():
+            seen += [orjson.loads(e.data) for e in decoder.feed(data)]
+            if sum(m["type"] == "text_chunk" for m in seen) >= 2:
+                break
+        response.close()
+        started = seen[0]
+        chunks = [m for m in seen if m["type"] == "text_chunk"]
+        headers = {
+            "X-Resume-Token": started["resume_token"],
+            "Last-Event-ID": str(chunks[-1]["seq"]),
+        }
+        async with http.get(f"http://127.0.0.1:{pair.b.port}/v1/streams/h", headers=headers) as r:
+            assert r.status == 200
+            rest = await _sse(r)
+        assert rest[0]["type"] == "resumed"
+        assert rest[-1]["type"] == "done"
+        assert chunks_text(chunks) + chunks_text(rest) == expected_text(prompt)
+
+        stalled = await http.post(
+            f"http://127.0.0.1:{pair.a.port}/v1/streams",
+            json={"prompt": "sky [[mock fault=stall after=1 tag=hc]]", "id": "c"},
+        )
+        decoder = SSEDecoder()
+        first: list[dict[str, Any]] = []
+        while not first:
+            first = [orjson.loads(e.data) for e in decoder.feed(await stalled.content.readany())]
+        token = first[0]["resume_token"]
+        stalled.close()
+        async with http.delete(
+            f"http://127.0.0.1:{pair.b.port}/v1/streams/c", headers={"X-Resume-Token": token}
+        ) as deleted:
+            assert deleted.status == 204
+    record = pair.mock.record("hc")
+    await asyncio.wait_for(record.ended.wait(), 5)
+    assert record.outcome == "client_closed"
