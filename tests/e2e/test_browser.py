@@ -164,6 +164,41 @@ async def test_two_answers_stream_side_by_side_and_stop_cancels_one_upstream(
     await stack.assert_no_leaks()
 
 
+async def test_page_falls_back_to_http_streams_when_websocket_is_blocked(
+    make_stack: StackFactory, browser: BrowserContext
+) -> None:
+    """With every WebSocket refused (as a proxy that breaks upgrades does: Playwright's
+    WebSocket routing closes each one before it reaches the gateway), the page's client moves
+    to the HTTP streams by itself: two answers stream side by side, and Stop cancels one
+    upstream request (a DELETE), exactly as over WebSocket."""
+    stack = await make_stack()
+    page = await open_page(browser)
+    refused: list[str] = []
+
+    async def refuse(ws: Any) -> None:
+        refused.append(ws.url)
+        await ws.close(code=1011, reason="blocked by the test's proxy")
+
+    await page.route_web_socket(re.compile(".*"), refuse)
+    async with diagnosed(page, "browser-http", stack.gateway.port):
+        await _ask_two_and_stop_one(stack, page)
+    assert refused
+    metrics = stack.gateway.metrics.registry
+    assert (
+        metrics.get_sample_value(
+            "gateway_http_requests_total", {"route": "streams", "status": "200"}
+        )
+        or 0
+    ) >= 2
+    assert (
+        metrics.get_sample_value(
+            "gateway_http_requests_total", {"route": "stream", "status": "204"}
+        )
+        or 0
+    ) == 1
+    await stack.assert_no_leaks()
+
+
 async def _ask_two_and_stop_one(stack: Stack, page: Page) -> None:
     await page.goto(f"http://127.0.0.1:{stack.gateway.port}/")
     await page.locator('#status[data-state="open"]').wait_for()

@@ -3,85 +3,20 @@
 // (gateway/mock/knobs.py); its `/_mock/stats` endpoint shows what the upstream saw.
 
 import assert from "node:assert/strict";
-import { execFile, spawn } from "node:child_process";
 import { once } from "node:events";
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { createConnection, createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { createInterface } from "node:readline";
-import { fileURLToPath } from "node:url";
 import { after, before, describe, test } from "node:test";
-import { promisify } from "node:util";
 import { WebSocket } from "ws";
 
 import { GatewayClient, GatewayError } from "../index.js";
-
-const ROOT = fileURLToPath(new URL("../../../", import.meta.url));
-const PYTHON = process.env.GATEWAY_PYTHON ?? `${ROOT}.venv/bin/python`;
-const STARTUP_TIMEOUT_MS = 20_000;
+import { expectedText, startGateway, stopGateway, upstreamRecord as upstreamRecordOf } from "./support.js";
 
 let gateway; // { proc, url, mockBase }
 
-/** Spawn the gateway on a free port; resolve once it logs `gateway.listening`. */
-async function startGateway(...extraArgs) {
-  const proc = spawn(
-    PYTHON,
-    ["-m", "gateway", "serve", "--port", "0", "--log-format", "json", "--mock-delay-ms", "5", ...extraArgs],
-    { cwd: ROOT, stdio: ["ignore", "ignore", "pipe"], env: { ...process.env, PERPLEXITY_API_KEY: "" } },
-  );
-  const kill = () => proc.kill("SIGKILL");
-  process.once("exit", kill); // never leave a gateway behind, even when the runner dies
-  proc.once("exit", () => process.off("exit", kill));
-  const lines = createInterface({ input: proc.stderr });
-  const seen = [];
-  let mockBase = null;
-  const listening = new Promise((resolve, reject) => {
-    lines.on("line", (line) => {
-      seen.push(line);
-      let entry;
-      try {
-        entry = JSON.parse(line);
-      } catch {
-        return;
-      }
-      if (entry.event === "upstream.simulated") mockBase = new URL(entry.mock_url).origin;
-      if (entry.event === "gateway.listening") resolve(entry.url);
-    });
-    proc.once("exit", (code) => reject(new Error(`gateway exited with ${code}:\n${seen.join("\n")}`)));
-    setTimeout(
-      () => reject(new Error(`no gateway.listening within ${STARTUP_TIMEOUT_MS} ms:\n${seen.join("\n")}`)),
-      STARTUP_TIMEOUT_MS,
-    ).unref();
-  });
-  const url = await listening;
-  assert.ok(mockBase, "the gateway logs the built-in mock's URL");
-  return { proc, url, mockBase };
-}
-
-/** What the mock streams for `prompt`: computed by the mock's own pure functions. */
-async function expectedText(prompt) {
-  const code = [
-    "import sys",
-    "from gateway.mock import choose_answer, parse_directive, text_chunks",
-    "q, k = parse_directive(sys.argv[1])",
-    "sys.stdout.write(''.join(text_chunks(choose_answer(q).text, k.chunks)))",
-  ].join("\n");
-  const { stdout } = await promisify(execFile)(PYTHON, ["-c", code, prompt], { cwd: ROOT });
-  return stdout;
-}
-
-/** The mock's record of the request tagged `tag`, once it is no longer open. */
-async function upstreamRecord(tag, timeoutMs = 5_000) {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const response = await fetch(`${gateway.mockBase}/_mock/stats?tag=${encodeURIComponent(tag)}`);
-    const [record] = (await response.json()).records;
-    if (record && record.outcome !== "open") return record;
-    if (Date.now() > deadline) throw new Error(`upstream request ${tag} still ${record?.outcome}`);
-    await new Promise((resolve) => setTimeout(resolve, 20)); // polling the mock: no push API
-  }
-}
+const upstreamRecord = (tag, timeoutMs) => upstreamRecordOf(gateway.mockBase, tag, timeoutMs);
 
 function client({ url = gateway.url, ...options } = {}) {
   const gw = new GatewayClient(url, { WebSocket, ...options });
@@ -94,12 +29,6 @@ before(async () => {
   gateway = await startGateway();
 });
 
-async function stopGateway(instance) {
-  if (instance && instance.proc.exitCode === null) {
-    instance.proc.kill("SIGTERM");
-    await once(instance.proc, "exit");
-  }
-}
 
 after(async () => {
   for (const gw of clients) gw.close();

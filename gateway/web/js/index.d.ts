@@ -187,6 +187,8 @@ export interface WelcomeFrame {
   limits: Limits;
   /** The part kinds a start may ask for (absent: an older gateway, text only). */
   parts?: PartKind[];
+  /** "http" on the HTTP transport, whose welcome the client makes itself (no socket limits). */
+  transport?: "http";
 }
 
 /** Answers an `auth` sent on an open socket (a token refresh, or any `auth` when auth is off). */
@@ -476,6 +478,8 @@ export declare class GatewayStateEvent extends Event {
   readonly closeCode: number | null;
   /** Why the client closed for good (null after gw.close()). */
   readonly error: GatewayError | null;
+  /** The transport of the connection this state is about. */
+  readonly transport: Transport;
 }
 
 export declare class GatewayErrorEvent extends Event {
@@ -626,9 +630,22 @@ export interface WebSocketLike {
   onerror: ((event: any) => void) | null;
 }
 
+/** How the client reaches the gateway: a WebSocket, or the same streams over HTTP (SSE). */
+export type Transport = "websocket" | "http";
+
 export interface GatewayClientOptions {
-  /** Sent as the first frame ({"type":"auth"}) on every connection; never put in the URL. */
+  /**
+   * Sent as the first frame ({"type":"auth"}) on every WebSocket connection, and as
+   * `Authorization: Bearer` on every HTTP request; never put in the URL.
+   */
   token?: string | (() => string | Promise<string>);
+  /**
+   * "auto" (default): a WebSocket, switching to HTTP for good when the upgrade fails or no
+   * welcome arrives in time (a proxy that blocks WebSocket); "websocket" or "http": only that.
+   */
+  transport?: "auto" | Transport;
+  /** A fetch for the HTTP transport; defaults to globalThis.fetch (browsers, Node 18+). */
+  fetch?: typeof globalThis.fetch;
   /** A WebSocket class; defaults to globalThis.WebSocket (browsers, Node 22+). */
   WebSocket?: new (url: string) => WebSocketLike;
   /** false disables reconnecting. */
@@ -651,6 +668,8 @@ export interface GatewayClientEventMap {
 export declare class GatewayClient extends EventTarget {
   constructor(url: string | URL, options?: GatewayClientOptions);
   readonly state: ConnectionState;
+  /** The transport of the current (or next) connection. */
+  readonly transport: Transport;
   /** The current connection's welcome (null while not open). */
   readonly welcome: WelcomeFrame | null;
   /** Resolves with the welcome once open (opening the connection when idle). */

@@ -65,6 +65,8 @@ export class GatewayStateEvent extends Event {
     this.delayMs = init.delayMs ?? null;
     this.closeCode = init.closeCode ?? null;
     this.error = init.error ?? null;
+    /** "websocket" or "http": the transport of the connection this state is about. */
+    this.transport = init.transport ?? "websocket";
   }
 }
 
@@ -408,6 +410,192 @@ export class GatewayStream {
   }
 }
 
+
+// ------------------------------------------------------------------ the HTTP transport
+
+/** The HTTP base URL of a gateway's WebSocket URL: ws(s)://host/v1/ws -> http(s)://host. */
+function httpBase(url) {
+  const parsed = new URL(url);
+  parsed.protocol = parsed.protocol === "wss:" ? "https:" : parsed.protocol === "ws:" ? "http:" : parsed.protocol;
+  parsed.pathname = parsed.pathname.replace(/\/v1\/ws\/?$/, "") || "/";
+  parsed.search = "";
+  parsed.hash = "";
+  return parsed.href.replace(/\/$/, "");
+}
+
+/** Server-Sent Events from a fetch response body: each event's `data` (the protocol's JSON). */
+async function* sseMessages(body) {
+  const reader = body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  let data = [];
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += decoder.decode(value, { stream: true });
+      let end;
+      while ((end = buffer.search(/\r\n|\r|\n/)) >= 0) {
+        const line = buffer.slice(0, end);
+        buffer = buffer.slice(end + (buffer.startsWith("\r\n", end) ? 2 : 1));
+        if (line === "") {
+          if (data.length) yield data.join("\n");
+          data = [];
+        } else if (line.startsWith("data:")) {
+          data.push(line.slice(line.startsWith("data: ") ? 6 : 5));
+        } // `event:` repeats the JSON's type, `id:` its seq; comments keep the response alive
+      }
+    }
+  } finally {
+    reader.releaseLock();
+  }
+}
+
+/**
+ * The gateway's HTTP streams (docs/protocol.md, "HTTP streams") behind the interface of a
+ * WebSocket, so that `GatewayClient` runs on them unchanged: a `start` is a `POST /v1/streams`
+ * read as Server-Sent Events, a `resume` a `GET` with the resume token and the last seq, a
+ * `cancel` a `DELETE`. Everything a WebSocket would say arrives through `onmessage`; a stream
+ * whose response breaks off closes this "socket" as a WebSocket's network loss does (1006),
+ * and the client resumes every stream on the next one.
+ */
+class HttpSocket {
+  constructor(url, { fetch: fetchImpl, expectAuth }) {
+    this.url = url;
+    this.readyState = 0; // CONNECTING
+    this.onopen = this.onmessage = this.onclose = this.onerror = null;
+    this._base = httpBase(url);
+    this._fetch = fetchImpl;
+    this._token = null;
+    this._tokens = new Map(); // stream id -> resume token
+    this._requests = new Map(); // stream id -> AbortController of its open response
+    this._expectAuth = expectAuth;
+    queueMicrotask(() => {
+      if (this.readyState !== 0) return;
+      this.readyState = 1; // OPEN
+      this.onopen?.({});
+      if (!expectAuth) this._welcome();
+    });
+  }
+
+  send(text) {
+    if (this.readyState !== 1) return;
+    const frame = JSON.parse(text);
+    switch (frame.type) {
+      case "auth":
+        this._token = frame.token;
+        if (this._expectAuth) {
+          this._expectAuth = false;
+          this._welcome();
+        } else this._deliver({ type: "authenticated", expires_at: null });
+        return;
+      case "ping":
+        this._deliver({ type: "pong" });
+        return;
+      case "start": {
+        const { type, ...body } = frame;
+        this._stream(frame.id, "POST", `${this._base}/v1/streams`, {
+          headers: { "Content-Type": "application/json" },
+          body: JSON.stringify(body),
+        });
+        return;
+      }
+      case "resume":
+        this._tokens.set(frame.id, frame.resume_token);
+        this._stream(frame.id, "GET", `${this._base}/v1/streams/${encodeURIComponent(frame.id)}`, {
+          headers: { "X-Resume-Token": frame.resume_token, "Last-Event-ID": String(frame.after) },
+        });
+        return;
+      case "cancel":
+        this._cancel(frame.id);
+        return;
+      default:
+        this._deliver({ type: "error", id: null, code: "unknown_type", message: `unknown type ${frame.type}`, retryable: false });
+    }
+  }
+
+  close(code = 1000, reason = "") {
+    if (this.readyState >= 2) return;
+    this._shut(code, reason);
+  }
+
+  _welcome() {
+    // The HTTP side has no socket limits of its own: each stream is one request.
+    this._deliver({ type: "welcome", protocol: PROTOCOL_VERSION, session: "http", transport: "http", limits: {}, parts: PART_KINDS });
+  }
+
+  _headers(extra) {
+    const headers = { ...extra };
+    if (this._token !== null) headers.Authorization = `Bearer ${this._token}`;
+    return headers;
+  }
+
+  async _stream(id, method, url, init) {
+    const controller = new AbortController();
+    this._requests.set(id, controller);
+    let response;
+    try {
+      response = await this._fetch(url, { ...init, method, headers: this._headers(init.headers), signal: controller.signal });
+    } catch (error) {
+      this._requests.delete(id);
+      if (!controller.signal.aborted) this._shut(1006, "the request failed");
+      return;
+    }
+    if (!response.ok) {
+      this._requests.delete(id);
+      let error;
+      try {
+        error = await response.json();
+      } catch {
+        error = { code: response.status >= 500 ? "internal" : "bad_message", message: `HTTP ${response.status}`, retryable: response.status >= 500 };
+      }
+      const retryAfter = response.headers.get("Retry-After");
+      if (retryAfter && error.retry_after_ms === undefined) error.retry_after_ms = Number(retryAfter) * 1000;
+      this._deliver({ ...error, type: "error", id });
+      return;
+    }
+    let ended = false;
+    try {
+      for await (const data of sseMessages(response.body)) {
+        const message = JSON.parse(data);
+        if (message.type === "started" && message.resume_token) this._tokens.set(id, message.resume_token);
+        this._deliver(message);
+        if (["done", "cancelled", "error"].includes(message.type)) ended = true;
+      }
+    } catch {
+      // the response broke off (or was aborted: see below)
+    }
+    if (this._requests.get(id) === controller) this._requests.delete(id);
+    if (!ended && !controller.signal.aborted) this._shut(1006, "a stream's response broke off");
+  }
+
+  _cancel(id) {
+    const token = this._tokens.get(id);
+    if (!token) return; // not started yet: its start's answer (or its absence) settles it
+    // Not aborted: the open response ends with `cancelled`, which settles the stream.
+    this._fetch(`${this._base}/v1/streams/${encodeURIComponent(id)}`, {
+      method: "DELETE",
+      headers: this._headers({ "X-Resume-Token": token }),
+    }).then(
+      (response) => {
+        if (response.status === 404) this._deliver({ type: "error", id, code: "unknown_id", message: "no such stream", retryable: false });
+      },
+      () => {},
+    );
+  }
+
+  _deliver(message) {
+    if (this.readyState === 1) this.onmessage?.({ data: JSON.stringify(message) });
+  }
+
+  _shut(code, reason) {
+    this.readyState = 3; // CLOSED
+    for (const controller of this._requests.values()) controller.abort();
+    this._requests.clear();
+    queueMicrotask(() => this.onclose?.({ code, reason, wasClean: code === 1000 }));
+  }
+}
+
 /**
  * A connection to the gateway that multiplexes many streams, authenticates with a first
  * message when given a token, and reconnects by itself. Events: "state" (GatewayStateEvent),
@@ -436,12 +624,24 @@ export class GatewayClient extends EventTarget {
   #awaitAuthEcho = false;
   #authFailure = null;
   #refreshes = [];
+  #transport;
+  #fetch;
+  #onHttp = false;
 
   constructor(url, options = {}) {
     super();
     this.#url = String(url);
+    this.#transport = options.transport ?? "auto";
+    if (!["auto", "websocket", "http"].includes(this.#transport)) {
+      throw new TypeError('`transport` is "auto", "websocket" or "http".');
+    }
+    this.#fetch = options.fetch ?? globalThis.fetch?.bind(globalThis);
+    if (this.#transport !== "websocket" && typeof this.#fetch !== "function") {
+      throw new TypeError("No fetch implementation for the HTTP transport: pass one as { fetch }.");
+    }
+    this.#onHttp = this.#transport === "http";
     this.#WebSocket = options.WebSocket ?? globalThis.WebSocket;
-    if (typeof this.#WebSocket !== "function") {
+    if (typeof this.#WebSocket !== "function" && this.#transport !== "http") {
       throw new TypeError(
         "No WebSocket implementation: pass one, e.g. new GatewayClient(url, { WebSocket }) with `import { WebSocket } from \"ws\"`.",
       );
@@ -458,6 +658,11 @@ export class GatewayClient extends EventTarget {
   /** "connecting" | "open" | "reconnecting" | "idle" | "closed" */
   get state() {
     return this.#state;
+  }
+
+  /** "websocket" or "http": what the current (or next) connection uses. */
+  get transport() {
+    return this.#onHttp ? "http" : "websocket";
   }
 
   /** The server's welcome frame of the current connection (null while not open). */
@@ -576,7 +781,7 @@ export class GatewayClient extends EventTarget {
     const previous = this.#state;
     if (previous === state && state !== "reconnecting") return;
     this.#state = state;
-    const event = new GatewayStateEvent(state, { ...init, previous });
+    const event = new GatewayStateEvent(state, { ...init, previous, transport: this.transport });
     this.dispatchEvent(event);
     this.#onstate?.(event);
   }
@@ -588,7 +793,9 @@ export class GatewayClient extends EventTarget {
     this.#welcome = null;
     let ws;
     try {
-      ws = new this.#WebSocket(this.#url);
+      ws = this.#onHttp
+        ? new HttpSocket(this.#url, { fetch: this.#fetch, expectAuth: this.#token !== null })
+        : new this.#WebSocket(this.#url);
     } catch (error) {
       this.#shutdown(new GatewayError("bad_url", String(error?.message ?? error), { cause: error }));
       return;
@@ -789,6 +996,14 @@ export class GatewayClient extends EventTarget {
       // A normal close by the gateway (idle timeout): reconnect when there is work.
       if (this.#queue.length || this.#streams.size) this.#scheduleReconnect(code);
       else this.#setState("idle", { closeCode: code });
+      return;
+    }
+    if (!wasOpen && this.#transport === "auto" && !this.#onHttp) {
+      // The upgrade failed or no welcome came (a proxy that blocks WebSocket): the same
+      // streams over HTTP, at once.
+      this.#onHttp = true;
+      this.#setState("reconnecting", { attempt: this.#attempt, delayMs: 0, closeCode: code });
+      this.#open();
       return;
     }
     const retry = RECONNECT_CLOSE_CODES.includes(code) || code === CLOSE_WELCOME_TIMEOUT || !wasOpen;
