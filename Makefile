@@ -12,7 +12,7 @@ $(PY):
 
 # Reinstall when the project's metadata changes.
 $(STAMP): pyproject.toml clients/python/pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e '.[test,fast]' -e ./clients/python
+	$(PY) -m pip install --quiet -e '.[test,fast]' -e './clients/python[http]'
 	touch $(STAMP)
 
 ## run: set up .venv and start the gateway on 127.0.0.1:8080 (built-in mock upstream without an API key)
@@ -41,14 +41,14 @@ test-seams: $(STAMP)
 ## check the repository's files rather than the code on another interpreter or release
 test-min:
 	$(PYTHON) -m venv .venv-min
-	.venv-min/bin/python -m pip install --quiet -c tests/min-versions.txt -e '.[test,fast]' -e ./clients/python
+	.venv-min/bin/python -m pip install --quiet -c tests/min-versions.txt -e '.[test,fast]' -e './clients/python[http]'
 	PYTHONASYNCIODEBUG=1 .venv-min/bin/python -m pytest -m "not repo" $(PYTEST_ARGS)
 
 ## test-python: the test suite on another interpreter, e.g. `make test-python PYTHON=python3.13`,
 ## in a venv of its own (.venv-python3.13); CI runs it on 3.12 and 3.13 where it finds them
 test-python:
 	$(PYTHON) -m venv .venv-$(notdir $(PYTHON))
-	.venv-$(notdir $(PYTHON))/bin/python -m pip install --quiet -e '.[test,fast]' -e ./clients/python
+	.venv-$(notdir $(PYTHON))/bin/python -m pip install --quiet -e '.[test,fast]' -e './clients/python[http]'
 	PYTHONASYNCIODEBUG=1 .venv-$(notdir $(PYTHON))/bin/python -m pytest -m "not repo" $(PYTEST_ARGS)
 
 clients/js/node_modules/.package-lock.json: clients/js/package-lock.json

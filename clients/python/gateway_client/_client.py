@@ -61,6 +61,7 @@ from gateway_client._frames import (
     invalid_frame,
     parse_server_frame,
 )
+from gateway_client._http import HttpConnection, available, reachable
 
 log = logging.getLogger("gateway_client")
 
@@ -76,6 +77,8 @@ ON_DEMAND_CLOSE_CODES: Final = frozenset({1000, 1009})
 MAX_FRAME_BYTES: Final = 1 << 24
 
 FrameHook = Callable[[Mapping[str, Any]], None]
+#: A connection to the gateway: a WebSocket, or the HTTP transport behind the same interface.
+Connection = ClientConnection | HttpConnection
 
 
 class _Phase(Enum):
@@ -333,6 +336,11 @@ class GatewayClient:
             never 4401), pacing attempts with `backoff`.
         backoff: reconnect pacing and when to give up.
         open_timeout: seconds to open a socket and receive the gateway's `welcome`.
+        transport: ``"auto"`` (default): a WebSocket, switching to the gateway's HTTP streams for
+            good when the upgrade fails (or no welcome comes) but the HTTP side answers, as
+            behind a proxy that blocks WebSocket; ``"websocket"`` or ``"http"``: only that. The
+            HTTP transport needs the ``http`` extra (httpx); without it "auto" stays on
+            WebSocket.
         on_frame: called with every server frame (decoded JSON) as it arrives, for tracing
             (except the pong answering the ping that a client without a token sends first, to
             learn at once whether the gateway requires a token).
@@ -348,7 +356,14 @@ class GatewayClient:
         backoff: Backoff | None = None,
         open_timeout: float | None = 10.0,
         on_frame: FrameHook | None = None,
+        transport: Literal["auto", "websocket", "http"] = "auto",
     ) -> None:
+        if transport not in ("auto", "websocket", "http"):
+            raise ValueError("transport must be 'auto', 'websocket' or 'http'")
+        if transport == "http" and not available():
+            raise ValueError(
+                "transport='http' needs httpx: pip install 'llm-ws-gateway-client[http]'"
+            )
         try:
             parse_uri(url)
         except InvalidURI as exc:
@@ -365,7 +380,12 @@ class GatewayClient:
         self._open_timeout = open_timeout
         self._on_frame = on_frame
         self._rand: Callable[[], float] = random.random
-        self._ws: ClientConnection | None = None
+        self._transport = transport
+        #: The HTTP transport is in use (chosen, or fallen back to for good).
+        self._on_http = transport == "http"
+        #: The HTTP status of the last refused upgrade (None: not refused), for "auto".
+        self._upgrade_status: int | None = None
+        self._ws: Connection | None = None
         self._welcome: Welcome | None = None
         self._streams: dict[str, Stream] = {}
         self._pending: deque[_Pending] = deque()
@@ -445,6 +465,11 @@ class GatewayClient:
     def welcome(self) -> Welcome | None:
         """The current socket's `welcome` (protocol, session id, limits); None before connect."""
         return self._welcome
+
+    @property
+    def transport(self) -> Literal["websocket", "http"]:
+        """The transport of the current (or next) connection."""
+        return "http" if self._on_http else "websocket"
 
     @property
     def connected(self) -> bool:
@@ -579,7 +604,7 @@ class GatewayClient:
 
     # ---------------------------------------------------------------- the socket
 
-    async def _socket(self) -> ClientConnection:
+    async def _socket(self) -> Connection:
         """The open socket, waiting for a reconnect if one is under way or needed."""
         while True:
             if self._closing:
@@ -607,13 +632,44 @@ class GatewayClient:
             if not waiter.done():
                 waiter.set_result(error)
 
-    async def _open(self) -> ClientConnection:
+    async def _open(self) -> Connection:
         """Open a socket, read `welcome`, send the auth frame if configured."""
+        ws: Connection
+        if self._on_http:
+            ws = HttpConnection(
+                self.url, self._token if self._auth == "header" else None, self._open_timeout
+            )
+            return await self._greet(ws)
+        try:
+            ws = await self._connect_websocket()
+            return await self._greet(ws)
+        except (ConnectionLost, Unauthorized) as lost:
+            if not await self._falls_back(lost):
+                raise
+            log.warning("gateway_client: no WebSocket (%s); using the HTTP streams", lost)
+            self._on_http = True
+            return await self._open()
+
+    async def _falls_back(self, lost: ConnectionLost | Unauthorized) -> bool:
+        """Whether "auto" moves to the HTTP streams after `lost`: the upgrade failed or no
+        welcome came, for a reason that is not the gateway refusing us (401, or 429/503: its
+        quota or its drain, which the WebSocket retries), and the HTTP side answers."""
+        if self._transport != "auto" or not available():
+            return False
+        status = self._upgrade_status
+        if isinstance(lost, Unauthorized) and status != 403:
+            return False  # 403 to a client that sends no Origin: a proxy's, not the gateway's
+        if status in (401, 429, 503):
+            return False
+        return await reachable(self.url, self._open_timeout)
+
+    async def _connect_websocket(self) -> ClientConnection:
+        self._upgrade_status = None
         headers = None
         if self._token is not None and self._auth == "header":
             headers = {"Authorization": f"Bearer {self._token}"}
         try:
-            ws = await connect(
+            return await connect(
                 self.url,
                 additional_headers=headers,
                 open_timeout=self._open_timeout,
@@ -621,7 +677,7 @@ class GatewayClient:
                 compression=None,
             )
         except InvalidStatus as exc:
-            status = exc.response.status_code
+            status = self._upgrade_status = exc.response.status_code
             message = f"the gateway refused the upgrade with HTTP {status}"
             if status in (401, 403):
                 raise Unauthorized(message) from exc
@@ -631,6 +687,9 @@ class GatewayClient:
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             why = str(exc) or type(exc).__name__
             raise ConnectionLost(f"could not connect to {self.url}: {why}") from exc
+
+    async def _greet(self, ws: Connection) -> Connection:
+        """Read the new connection's `welcome` (after the auth probe or frame)."""
         self._probe_pong = False
         try:
             if self._token is None:
@@ -672,9 +731,9 @@ class GatewayClient:
         self._welcome = welcome
         return ws
 
-    async def _run(self, ws: ClientConnection) -> None:
+    async def _run(self, ws: Connection) -> None:
         """The reader task: read the socket until it drops, then reconnect (or stop)."""
-        current: ClientConnection | None = ws
+        current: Connection | None = ws
         try:
             while current is not None:
                 code, reason = await self._read(current)
@@ -700,7 +759,7 @@ class GatewayClient:
             self._wake(self._fatal)
             self._on_lost(None, "reader crashed")
 
-    async def _read(self, ws: ClientConnection) -> tuple[int | None, str]:
+    async def _read(self, ws: Connection) -> tuple[int | None, str]:
         try:
             async for raw in ws:
                 self._on_raw(raw)
@@ -709,7 +768,7 @@ class GatewayClient:
         await ws.wait_closed()
         return ws.close_code, ws.close_reason or ""
 
-    async def _reconnect(self, eager: bool) -> ClientConnection | None:
+    async def _reconnect(self, eager: bool) -> Connection | None:
         """Open a new socket with jittered exponential backoff and resume what can be resumed.
 
         Not `eager` (the gateway closed normally): wait until something needs a socket.
@@ -824,7 +883,7 @@ class GatewayClient:
             else:
                 stream._fail(self._lost_error(stream.id, code, reason))
 
-    async def _send_quietly(self, ws: ClientConnection, frame: Mapping[str, Any]) -> bool:
+    async def _send_quietly(self, ws: Connection, frame: Mapping[str, Any]) -> bool:
         try:
             await ws.send(dumps(frame))
         except ConnectionClosed:
