@@ -102,6 +102,9 @@ class Config:
     #: Every upstream's circuit breaker (a routes file may say otherwise per upstream).
     breaker_failures: int = 5
     breaker_cooldown: float = 30.0
+    #: POST /v1/ai-sdk/chat: streams resumable the AI SDK's way (an aborted response is a drop,
+    #: not a Stop; docs/protocol.md, "Vercel AI SDK").
+    ai_sdk_resume: bool = False
     #: Seconds between SSE comments on an HTTP stream's response while nothing else is sent.
     http_keepalive: float = 15.0
     #: --routes: the file, and the table it describes (None: today's flags, one upstream).
@@ -574,6 +577,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, s
     flag("tls-cert", "PEM certificate chain: serve wss:// directly", None)
     flag("tls-key", "PEM private key for --tls-cert", None)
     switch("log-content", "log prompts and answers (off by default: they are user data)")
+    switch(
+        "ai-sdk-resume",
+        "AI SDK endpoint: an aborted response is a drop, resumed by the SDK's reconnect (GET "
+        "/v1/ai-sdk/chat/{chatId}/stream) and stopped by DELETE; off: an abort is the Stop button",
+    )
     flag(
         "resume-grace",
         "seconds a dropped socket's streams keep running for a resume (0: cancel at once)",
@@ -663,7 +671,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, s
 
 
 #: The Config fields set by a switch (a flag without a value).
-SWITCHES: Final = ("insecure_no_auth", "log_content", "compression")
+SWITCHES: Final = ("insecure_no_auth", "log_content", "compression", "ai_sdk_resume")
 
 
 def _switch(name: str, value: bool | str) -> bool:

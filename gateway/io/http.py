@@ -29,6 +29,7 @@ import h11
 import orjson
 import structlog
 
+from gateway.core.ai_sdk import UiStream
 from gateway.core.clock import Clock, Timer
 from gateway.core.protocol import ErrorCode
 
@@ -341,6 +342,7 @@ class SseSocket:
         "connection",
         "exchange",
         "keepalives",
+        "on_started",
         "on_status",
     )
 
@@ -362,6 +364,8 @@ class SseSocket:
         self.keepalives = 0
         #: Told the response's status once it is decided (for metrics).
         self.on_status: Callable[[int], None] | None = None
+        #: Told the stream's resume token when `started` goes out.
+        self.on_started: Callable[[str], None] | None = None
 
     @property
     def peer(self) -> str:
@@ -389,24 +393,40 @@ class SseSocket:
                     self._refuse(message)
                     return
                 self._open()
-            out.append(b"event: " + kind + b"\n")
-            # Keys come in a fixed order (`type`, `id`, `seq` first), and a `"seq":` inside a
-            # JSON string is escaped (`\"seq\":`): the first match is the message's own.
-            at = message.find(_SEQ)
-            if at > 0:
-                end = at + len(_SEQ)
-                stop = end
-                while stop < len(message) and 48 <= message[stop] <= 57:
-                    stop += 1
-                out.append(b"id: " + message[end:stop] + b"\n")
-            out.append(b"data: " + message + b"\n\n")
+            if kind == b"started" and self.on_started is not None:
+                token = orjson.loads(message).get("resume_token")
+                if isinstance(token, str):
+                    self.on_started(token)
+            out.append(self._event(kind, message))
             if kind in (b"done", b"cancelled", b"error"):
+                out.append(self._last())
                 exchange.send(b"".join(out))
                 self._finish()
                 return
         if out:
             self._idle = False
             exchange.send(b"".join(out))
+
+    def _event(self, kind: bytes, message: bytes) -> bytes:
+        """One protocol message as an SSE event: `event:` its type, `id:` its seq."""
+        # Keys come in a fixed order (`type`, `id`, `seq` first), and a `"seq":` inside a
+        # JSON string is escaped (`\"seq\":`): the first match is the message's own.
+        head = b"event: " + kind + b"\n"
+        at = message.find(_SEQ)
+        if at > 0:
+            end = at + len(_SEQ)
+            stop = end
+            while stop < len(message) and 48 <= message[stop] <= 57:
+                stop += 1
+            head += b"id: " + message[end:stop] + b"\n"
+        return head + b"data: " + message + b"\n\n"
+
+    def _last(self) -> bytes:
+        """What follows the terminal message (nothing; the AI SDK's stream has a marker)."""
+        return b""
+
+    def _headers(self) -> list[tuple[str, str]]:
+        return []
 
     def close(self, code: int, reason: str) -> None:
         """The gateway closes this "socket" (a drain's 1001, an expired credential): the
@@ -442,6 +462,7 @@ class SseSocket:
                 ("Cache-Control", "no-store"),
                 # nginx buffers proxied responses unless told not to (deploy/nginx.conf).
                 ("X-Accel-Buffering", "no"),
+                *self._headers(),
                 *self._cors,
             ],
         )
@@ -477,3 +498,37 @@ class SseSocket:
         timer, self._timer = self._timer, None
         if timer is not None:
             timer.cancel()
+
+
+class AiSdkSocket(SseSocket):
+    """A streamed response in the Vercel AI SDK's UI message stream protocol (`useChat`'s):
+    each protocol message becomes its UI chunks (`gateway.core.ai_sdk.UiStream`), and the
+    stream ends with `data: [DONE]`.
+
+    `cancel_on_drop`: a response that breaks off is the user's Stop (the SDK aborts the fetch),
+    so the stream is cancelled at once, as a WebSocket closed on purpose; without it (the
+    `--ai-sdk-resume` mode) it is a drop, kept for the resume grace."""
+
+    __slots__ = ("_ui",)
+
+    def __init__(
+        self,
+        exchange: HttpExchange,
+        keepalive: float,
+        cors: list[tuple[str, str]],
+        ui: UiStream,
+        cancel_on_drop: bool,
+    ) -> None:
+        super().__init__(exchange, keepalive, cors)
+        self._ui = ui
+        self.close_rcvd = cancel_on_drop
+
+    def _event(self, kind: bytes, message: bytes) -> bytes:
+        chunks = self._ui.chunks(orjson.loads(message))
+        return b"".join(b"data: " + orjson.dumps(chunk) + b"\n\n" for chunk in chunks)
+
+    def _last(self) -> bytes:
+        return b"data: [DONE]\n\n"
+
+    def _headers(self) -> list[tuple[str, str]]:
+        return [("x-vercel-ai-ui-message-stream", "v1")]

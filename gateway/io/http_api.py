@@ -18,6 +18,7 @@ shaped like the protocol's `error`.
 from __future__ import annotations
 
 import secrets
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, Protocol
 
@@ -26,14 +27,18 @@ import structlog
 from redis.exceptions import RedisError
 
 from gateway.auth import AuthError, Principal, origin_allowed, query_has_token
-from gateway.core.protocol import ErrorCode
+from gateway.core.ai_sdk import UiStream, chat_start
+from gateway.core.protocol import ErrorCode, ProtocolViolation
 from gateway.core.session import State, Stream, move
 from gateway.io.connection import Connection, GatewayPort
-from gateway.io.http import HttpExchange, HttpRequest, SseSocket, error_body
+from gateway.io.http import AiSdkSocket, HttpExchange, HttpRequest, SseSocket, error_body
 
 log = structlog.get_logger("gateway.http")
 
 STREAMS_PATH: Final = "/v1/streams"
+AI_SDK_PATH: Final = "/v1/ai-sdk/chat"
+#: Chats whose stream the AI SDK may reconnect to (--ai-sdk-resume), remembered per process.
+MAX_CHATS: Final = 10_000
 #: What a preflight allows (docs/security.md, "Browsers").
 _ALLOW_METHODS: Final = "GET, POST, DELETE, OPTIONS"
 _ALLOW_HEADERS: Final = "Authorization, Content-Type, X-Resume-Token, Last-Event-ID"
@@ -62,6 +67,9 @@ class HttpApi:
 
     def __init__(self, gateway: HttpPort) -> None:
         self.gateway = gateway
+        #: --ai-sdk-resume: chat id -> (resume token, message id) of its latest stream, oldest
+        #: first (bounded: the oldest chats are forgotten first).
+        self._chats: OrderedDict[str, tuple[str, str]] = OrderedDict()
 
     def __call__(self, exchange: HttpExchange, request: HttpRequest) -> None:
         route, handle = self._route(request)
@@ -110,6 +118,14 @@ class HttpApi:
         path, method = request.path, request.method
         if path == STREAMS_PATH:
             return "streams", self._post if method == "POST" else None
+        if path == AI_SDK_PATH:
+            return "ai_sdk", self._ai_sdk_post if method == "POST" else None
+        if path.startswith(AI_SDK_PATH + "/") and path.endswith("/stream"):
+            if method == "GET":
+                return "ai_sdk_stream", self._ai_sdk_reconnect
+            if method == "DELETE":
+                return "ai_sdk_stream", self._ai_sdk_stop
+            return "ai_sdk_stream", None
         if path.startswith(STREAMS_PATH + "/") and "/" not in path[len(STREAMS_PATH) + 1 :]:
             if method == "GET":
                 return "stream", self._resume
@@ -310,6 +326,111 @@ class HttpApi:
             move(stream, State.CANCELLED, "cancelled")
             gateway.cancel_stream(stream)
 
+    # ------------------------------------------------------------------ the Vercel AI SDK
+
+    def _ai_sdk_post(
+        self,
+        exchange: HttpExchange,
+        request: HttpRequest,
+        principal: Principal,
+        cors: list[tuple[str, str]],
+    ) -> None:
+        """`useChat`'s request: its UI messages as a start, answered as a UI message stream."""
+        if self.gateway.draining:
+            self._refuse(
+                exchange,
+                "ai_sdk",
+                503,
+                ErrorCode.SHUTTING_DOWN,
+                "the gateway is shutting down; retry on another instance",
+                [*cors, ("Retry-After", "1")],
+            )
+            return
+        try:
+            body = orjson.loads(request.body)
+            sid = "ai-" + secrets.token_urlsafe(9)
+            start = chat_start(body, sid)
+        except orjson.JSONDecodeError:
+            self._refuse(
+                exchange, "ai_sdk", 400, ErrorCode.BAD_JSON, "the body is not valid JSON", cors
+            )
+            return
+        except ProtocolViolation as exc:
+            self._refuse(exchange, "ai_sdk", 400, exc.code, str(exc), cors)
+            return
+        chat = body.get("id")
+        message_id = body.get("messageId")
+        if not isinstance(message_id, str) or not message_id:
+            message_id = "msg-" + secrets.token_urlsafe(12)
+        resume = self.gateway.config.ai_sdk_resume
+        sse = AiSdkSocket(
+            exchange,
+            self.gateway.config.http_keepalive,
+            cors,
+            UiStream(message_id),
+            cancel_on_drop=not resume,
+        )
+        if resume and isinstance(chat, str) and 0 < len(chat) <= 256:
+
+            def remember(token: str) -> None:
+                self._chats.pop(chat, None)
+                self._chats[chat] = (token, message_id)
+                while len(self._chats) > MAX_CHATS:
+                    self._chats.popitem(last=False)
+
+            sse.on_started = remember
+        self._open(exchange, principal, cors, "ai_sdk", orjson.dumps(start), sse)
+
+    def _active_chat(self, request: HttpRequest, principal: Principal) -> tuple[str, str] | None:
+        """The running stream of the chat in the path, if this principal's."""
+        chat = request.path[len(AI_SDK_PATH) + 1 : -len("/stream")]
+        entry = self._chats.get(chat)
+        if entry is None:
+            return None
+        found = self.gateway.registry.lookup(entry[0])
+        if not isinstance(found, Stream) or not found.active or found.principal != principal.name:
+            if not isinstance(found, Stream) or not found.active:
+                del self._chats[chat]
+            return None
+        return entry
+
+    def _ai_sdk_reconnect(
+        self,
+        exchange: HttpExchange,
+        request: HttpRequest,
+        principal: Principal,
+        cors: list[tuple[str, str]],
+    ) -> None:
+        """The SDK's reconnect (`resume: true`): the whole message again, then live; 204 when
+        the chat has no stream running."""
+        entry = self._active_chat(request, principal) if self.gateway.config.ai_sdk_resume else None
+        if entry is None:
+            exchange.respond(204, cors)
+            self.gateway.http_counted("ai_sdk_stream", 204)
+            return
+        token, message_id = entry
+        sse = AiSdkSocket(
+            exchange, self.gateway.config.http_keepalive, cors, UiStream(message_id), False
+        )
+        resume = {"type": "resume", "id": "ai-resume", "resume_token": token, "after": 0}
+        self._open(exchange, principal, cors, "ai_sdk_stream", orjson.dumps(resume), sse)
+
+    def _ai_sdk_stop(
+        self,
+        exchange: HttpExchange,
+        request: HttpRequest,
+        principal: Principal,
+        cors: list[tuple[str, str]],
+    ) -> None:
+        """Stop in the resumable mode: the chat's stream is cancelled (204 either way)."""
+        entry = self._active_chat(request, principal)
+        if entry is not None:
+            found = self.gateway.registry.lookup(entry[0])
+            if isinstance(found, Stream):
+                self._cancel(found)
+        exchange.respond(204, cors)
+        self.gateway.http_counted("ai_sdk_stream", 204)
+
     # ------------------------------------------------------------------ a streamed response
 
     def _open(
@@ -319,9 +440,11 @@ class HttpApi:
         cors: list[tuple[str, str]],
         route: str,
         message: bytes,
+        sse: SseSocket | None = None,
     ) -> None:
         gateway = self.gateway
-        sse = SseSocket(exchange, gateway.config.http_keepalive, cors)
+        if sse is None:
+            sse = SseSocket(exchange, gateway.config.http_keepalive, cors)
         sse.on_status = lambda status: gateway.http_counted(route, status)
         connection = Connection(gateway, sse, principal, transport="http")
         sse.connection = connection
