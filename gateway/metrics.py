@@ -110,6 +110,13 @@ class Metrics:
             ["status"],
             registry=r,
         )
+        self.transport_streams = Counter(
+            "gateway_transport_streams",
+            "Streams started, by the transport of their client: websocket, http (POST "
+            "/v1/streams) or ai_sdk (POST /v1/ai-sdk/chat)",
+            ["transport"],
+            registry=r,
+        )
         self.http_requests = Counter(
             "gateway_http_requests",
             "Requests on the HTTP side of the streams, by route (streams: POST /v1/streams; "

@@ -160,7 +160,8 @@ class Connection:
     ) -> None:
         self.gateway = gateway
         self.ws = ws
-        #: "websocket", or "http" (a stream's SSE response: gateway/io/http.py).
+        #: "websocket", "http" (a stream's SSE response: gateway/io/http.py) or "ai_sdk" (one
+        #: in the AI SDK's UI message stream protocol).
         self.transport = transport
         self.id = secrets.token_urlsafe(12)
         self._loop = asyncio.get_running_loop()
@@ -255,6 +256,7 @@ class Connection:
             if isinstance(command, OpenUpstream):
                 self.gateway.open_stream(command.stream)
                 self._follow(command.stream)
+                self.gateway.metrics.transport_streams.labels(self.transport).inc()
                 opened = True
             elif isinstance(command, CancelUpstream):
                 if command.stream in self.remote:

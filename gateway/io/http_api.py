@@ -446,7 +446,8 @@ class HttpApi:
         if sse is None:
             sse = SseSocket(exchange, gateway.config.http_keepalive, cors)
         sse.on_status = lambda status: gateway.http_counted(route, status)
-        connection = Connection(gateway, sse, principal, transport="http")
+        transport = "ai_sdk" if isinstance(sse, AiSdkSocket) else "http"
+        connection = Connection(gateway, sse, principal, transport=transport)
         sse.connection = connection
         connection.session.accepting = not gateway.draining
         gateway.http_opened(connection)

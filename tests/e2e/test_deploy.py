@@ -483,6 +483,8 @@ PROMQL_WORDS = frozenset(
         "dialect",
         "upstream",
         "code",
+        "transport",
+        "route",
         "generation",
         "deriv",
         "avg_over_time",
@@ -1590,6 +1592,8 @@ async def test_dashboard_queries_only_metrics_the_gateway_exports(make_stack: St
         "gateway_upstream_fallbacks_total",
         "gateway_upstream_breaker_state",
         "gateway_upstream_ttft_seconds_bucket",
+        "gateway_transport_streams_total",
+        "gateway_http_requests_total",
     }
     assert required <= queried, sorted(required - queried)
     # The alert rule examples query only exported metrics too, and each is a complete rule.

@@ -99,6 +99,14 @@ async def test_post_streams_the_answer_as_sse_events(
     assert started["resume_token"]
     assert check_stream(events) == expected_text(PROMPT)
     assert events[-1]["type"] == "done"
+    registry = stack.gateway.metrics.registry
+    assert registry.get_sample_value("gateway_transport_streams_total", {"transport": "http"}) == 1
+    assert (
+        registry.get_sample_value(
+            "gateway_http_requests_total", {"route": "streams", "status": "200"}
+        )
+        == 1
+    )
     await stack.assert_no_leaks()
 
 
