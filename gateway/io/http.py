@@ -6,8 +6,9 @@ over here with the bytes read so far (`WebSocket._sniff`). `HttpExchange` reads 
 its body (bounded), calls the gateway's HTTP handler once, and writes its answer: a whole
 response, or a streamed one (SSE, chunked) written synchronously like a WebSocket's frames,
 with the transport's pause/resume as backpressure. The connection closes after the answer
-(`Connection: close`): a stream's response is long-lived anyway, and a fresh connection per
-request keeps this shell free of keep-alive state.
+(`Connection: close`): a stream's response is long-lived anyway, and a request that is not for
+this shell (`GET /healthz`, say) must reach the WebSocket side's plain-HTTP answers, which a
+kept-alive connection would not.
 
 `SseSocket` adapts a streamed response to what `gateway.io.connection.Connection` writes to:
 protocol messages become SSE events (`event:` the message type, `id:` its seq, `data:` the
@@ -81,6 +82,7 @@ class HttpExchange(asyncio.Protocol):
     """One HTTP connection: its request, then its response (whole or streamed)."""
 
     __slots__ = (
+        "_answering",
         "_body",
         "_conn",
         "_handler",
@@ -110,9 +112,12 @@ class HttpExchange(asyncio.Protocol):
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
         self._request: h11.Request | None = None
         self._body = bytearray()
+        #: The request is being answered: anything the client sends after it is not read.
+        self._answering = False
         self.paused = False
         self._writable: asyncio.Future[None] | None = None
-        #: Called once when the connection is lost (a streamed response's owner).
+        #: Called once when the current response ends, or the connection is lost before it
+        #: did (a streamed response's owner).
         self.on_lost: Callable[[], None] | None = None
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
@@ -122,10 +127,19 @@ class HttpExchange(asyncio.Protocol):
     # ------------------------------------------------------------------ asyncio callbacks
 
     def data_received(self, data: bytes) -> None:
-        if self._timer is None and self._request is not None:
-            return  # the request is complete; anything after it (pipelining) is ignored
         try:
             self._conn.receive_data(data)
+        except h11.RemoteProtocolError as exc:
+            self._refuse(HTTPStatus.BAD_REQUEST, ErrorCode.BAD_MESSAGE, f"bad HTTP request: {exc}")
+            return
+        self._next_events()
+
+    def _next_events(self) -> None:
+        """Read the next request (and its body) from what h11 holds; dispatch it once whole.
+        While a response is being written, a pipelined request waits (h11's PAUSED)."""
+        if self._answering:
+            return
+        try:
             while True:
                 event = self._conn.next_event()
                 if event is h11.NEED_DATA or event is h11.PAUSED:
@@ -144,7 +158,7 @@ class HttpExchange(asyncio.Protocol):
                 elif isinstance(event, h11.EndOfMessage):
                     self._dispatch()
                     return
-                else:  # ConnectionClosed before the request ended
+                else:  # ConnectionClosed: the client is done with this connection
                     self.close()
                     return
         except h11.RemoteProtocolError as exc:
@@ -185,7 +199,7 @@ class HttpExchange(asyncio.Protocol):
             await asyncio.shield(self._writable)
 
     def respond(self, status: int, headers: list[tuple[str, str]], body: bytes = b"") -> None:
-        """A whole response, then the connection closes."""
+        """A whole response."""
         self.begin(status, [*headers, ("Content-Length", str(len(body)))])
         if body:
             self.send(body)
@@ -219,9 +233,15 @@ class HttpExchange(asyncio.Protocol):
             self._write(self._conn.send(h11.Data(data=data)))
 
     def end(self) -> None:
-        """The response is complete: the connection closes after it is written."""
+        """The response is complete: the connection closes after it is written (one request
+        per connection: see the module docstring)."""
         if self._conn.our_state is h11.SEND_BODY and not self.transport.is_closing():
             self._write(self._conn.send(h11.EndOfMessage()))
+        on_lost, self.on_lost = self.on_lost, None
+        if on_lost is not None:
+            # The response's owner is done with it; told once the writer that ended it (a
+            # flush, say) has returned.
+            asyncio.get_running_loop().call_soon(on_lost)
         self.close()
 
     def close(self) -> None:
@@ -250,6 +270,7 @@ class HttpExchange(asyncio.Protocol):
 
     def _dispatch(self) -> None:
         self._cancel_timer()
+        self._answering = True
         request = self._request
         assert request is not None
         headers: dict[str, str] = {}
@@ -269,6 +290,7 @@ class HttpExchange(asyncio.Protocol):
 
     def _refuse(self, status: HTTPStatus, code: ErrorCode, message: str) -> None:
         self._cancel_timer()
+        self._answering = True
         if self._conn.our_state in (h11.SEND_RESPONSE, h11.IDLE):
             with contextlib.suppress(h11.LocalProtocolError):
                 self.respond_json(status, error_body(code, message))
@@ -459,7 +481,9 @@ class SseSocket:
             200,
             [
                 ("Content-Type", "text/event-stream; charset=utf-8"),
-                ("Cache-Control", "no-store"),
+                # `no-cache`, the SSE convention: with `no-store`, Chromium reports every
+                # streamed fetch of it as aborted (net::ERR_ABORTED), though it read it whole.
+                ("Cache-Control", "no-cache"),
                 # nginx buffers proxied responses unless told not to (deploy/nginx.conf).
                 ("X-Accel-Buffering", "no"),
                 *self._headers(),

@@ -92,7 +92,7 @@ async def test_post_streams_the_answer_as_sse_events(
     sse = await post(http, stack, {"prompt": PROMPT, "id": "mine"})
     assert sse.status == 200
     assert sse.headers["Content-Type"].startswith("text/event-stream")
-    assert sse.headers["Cache-Control"] == "no-store"
+    assert sse.headers["Cache-Control"] == "no-cache"
     events = await sse.rest()
     started = events[0]
     assert (started["type"], started["id"]) == ("started", "mine")
