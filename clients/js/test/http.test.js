@@ -47,6 +47,25 @@ class BlockedWebSocket {
   close() {}
 }
 
+/** A WebSocket that opens but never says anything: a proxy that accepts the upgrade and then
+ * passes nothing through. */
+class SilentWebSocket {
+  constructor(url) {
+    this.url = url;
+    this.readyState = 0;
+    setTimeout(() => {
+      this.readyState = 1;
+      this.onopen?.({});
+    }, 5);
+  }
+  send() {}
+  close() {
+    if (this.readyState === 3) return;
+    this.readyState = 3;
+    setTimeout(() => this.onclose?.({ code: 1006, reason: "", wasClean: false }), 0);
+  }
+}
+
 /** A fetch whose first streamed response breaks off after `bytes` bytes of body (a dropped
  * mobile connection); every other request goes through. */
 function cuttingFetch(bytes) {
@@ -145,6 +164,13 @@ describe("the HTTP transport against a real gateway", { timeout: 60_000 }, () =>
       ["reconnecting", "http"],
       ["open", "http"],
     ]);
+  });
+
+  test('transport "auto" falls back to HTTP when the socket opens but no welcome comes in time', async () => {
+    const gw = client({ WebSocket: SilentWebSocket, welcomeTimeoutMs: 200 });
+    const prompt = "Why do cats purr? [[mock chunks=4]]";
+    assert.equal((await gw.stream(prompt).result).text, await expectedText(prompt));
+    assert.equal(gw.transport, "http");
   });
 
   test('transport "auto" uses the WebSocket when it works', async () => {
