@@ -983,8 +983,9 @@ def test_metrics_port_settings_parse_into_the_gateways_config() -> None:
 
 
 def test_tls_ingress_routes_websockets_with_long_timeouts() -> None:
-    """The Ingress terminates TLS for every host it routes, sends only /v1/ws to the Service's
-    main port, and sets ingress-nginx's timeouts to the hour nginx.conf uses, unbuffered."""
+    """The Ingress terminates TLS for every host it routes, sends only /v1/ws and the HTTP
+    streams (/v1/streams, /v1/ai-sdk) to the Service's main port, and sets ingress-nginx's
+    timeouts to the hour nginx.conf uses, unbuffered."""
     ingress = k8s_object("Ingress")
     spec = ingress["spec"]
     assert spec["ingressClassName"]
@@ -993,7 +994,7 @@ def test_tls_ingress_routes_websockets_with_long_timeouts() -> None:
     assert set(tls["hosts"]) == hosts
     assert tls["secretName"]
     paths = [(p["path"], p["pathType"]) for r in spec["rules"] for p in r["http"]["paths"]]
-    assert paths == [("/v1/ws", "Exact")]
+    assert paths == [("/v1/ws", "Exact"), ("/v1/streams", "Prefix"), ("/v1/ai-sdk", "Prefix")]
     annotations = ingress["metadata"]["annotations"]
     prefix = "nginx.ingress.kubernetes.io/"
     nginx_text = NGINX_CONF.read_text(encoding="utf-8")
