@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+import orjson
+
 from gateway.core.protocol import ErrorCode, ProtocolViolation
 
 #: The part kinds an AI SDK stream asks the gateway for: what its UI message stream can carry.
@@ -39,7 +41,7 @@ def chat_start(body: Any, stream_id: str) -> dict[str, Any]:
         raise ProtocolViolation(
             ErrorCode.BAD_MESSAGE, "'messages' must be a non-empty list of UI messages"
         )
-    messages = [m for m in (_message(i, m) for i, m in enumerate(raw)) if m is not None]
+    messages = [m for i, message in enumerate(raw) for m in _messages(i, message)]
     if not messages:
         raise ProtocolViolation(ErrorCode.BAD_MESSAGE, "the messages carry no text")
     start: dict[str, Any] = {"type": "start", "id": stream_id, "messages": messages}
@@ -50,10 +52,11 @@ def chat_start(body: Any, stream_id: str) -> dict[str, Any]:
     return start
 
 
-def _message(i: int, message: Any) -> dict[str, Any] | None:
-    """One UI message (`{id, role, parts: [...]}`) as a chat message: its text parts joined,
-    its image files as `image_url` parts; reasoning, sources, tool and data parts are the
-    answer's own and are not sent back (None when nothing is left)."""
+def _messages(i: int, message: Any) -> list[dict[str, Any]]:
+    """One UI message (`{id, role, parts: [...]}`) as chat messages: its text parts joined, its
+    image files as `image_url` parts, and for an assistant the tool calls it made (`tool-<name>`
+    and `dynamic-tool` parts) with, after it, a `tool` message per result the app added.
+    Reasoning, sources and data parts are the answer's own and are not sent back."""
     if not isinstance(message, dict):
         raise ProtocolViolation(ErrorCode.BAD_MESSAGE, f"messages[{i}] must be an object")
     role = message.get("role")
@@ -66,10 +69,12 @@ def _message(i: int, message: Any) -> dict[str, Any] | None:
         # AI SDK 4's messages have `content`; 5 and later, `parts`.
         legacy = message.get("content")
         if isinstance(legacy, str) and legacy:
-            return {"role": role, "content": legacy}
+            return [{"role": role, "content": legacy}]
         raise ProtocolViolation(ErrorCode.BAD_MESSAGE, f"messages[{i}].parts must be a list")
     texts: list[str] = []
     files: list[dict[str, Any]] = []
+    calls: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
     for part in parts:
         if not isinstance(part, dict):
             continue
@@ -83,13 +88,57 @@ def _message(i: int, message: Any) -> dict[str, Any] | None:
             and str(part.get("mediaType", "")).startswith("image/")
         ):
             files.append({"type": "image_url", "image_url": {"url": part["url"]}})
+        elif role == "assistant" and isinstance(kind, str) and _is_tool(part):
+            name = kind[len("tool-") :] if kind.startswith("tool-") else part.get("toolName")
+            call_id = part.get("toolCallId")
+            if not isinstance(name, str) or not isinstance(call_id, str):
+                continue
+            calls.append(
+                {
+                    "id": call_id,
+                    "type": "function",
+                    "function": {"name": name, "arguments": _json(part.get("input", {}))},
+                }
+            )
+            if part.get("state") == "output-available":
+                results.append(
+                    {"role": "tool", "tool_call_id": call_id, "content": _json(part.get("output"))}
+                )
+            elif part.get("state") == "output-error":
+                error = part.get("errorText")
+                results.append(
+                    {
+                        "role": "tool",
+                        "tool_call_id": call_id,
+                        "content": f"error: {error}" if isinstance(error, str) else "error",
+                    }
+                )
     text = "".join(texts)
     if files:
         content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
-        return {"role": role, "content": [*content, *files]}
-    if not text:
-        return None
-    return {"role": role, "content": text}
+        return [{"role": role, "content": [*content, *files]}]
+    out: list[dict[str, Any]] = []
+    if calls:
+        out.append({"role": "assistant", "content": text or None, "tool_calls": calls})
+        out.extend(results)
+    elif text:
+        out.append({"role": role, "content": text})
+    return out
+
+
+def _is_tool(part: dict[str, Any]) -> bool:
+    kind = part.get("type")
+    return kind == "dynamic-tool" or (isinstance(kind, str) and kind.startswith("tool-"))
+
+
+def _json(value: Any) -> str:
+    """A tool's input or output as the JSON text the chat APIs take."""
+    if isinstance(value, str):
+        return value
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return str(value)
 
 
 class UiStream:

@@ -179,3 +179,56 @@ def test_tool_calls_cancel_and_errors() -> None:
         {"type": "reasoning-end", "id": "reasoning-1"},
         {"type": "error", "errorText": "Overloaded"},
     ]
+
+
+def test_tool_calls_and_their_results_go_back_as_a_tool_loop() -> None:
+    """An assistant message's tool parts (static `tool-<name>` and `dynamic-tool`) become its
+    `tool_calls`, and each result the app added a `tool` message after it, so the next turn
+    continues the loop; a call still without output is sent as a call only."""
+    body = {
+        "messages": [
+            ui("user", text("Weather in Oslo and Rome?")),
+            ui(
+                "assistant",
+                text("Checking."),
+                {
+                    "type": "tool-weather",
+                    "toolCallId": "c1",
+                    "state": "output-available",
+                    "input": {"city": "Oslo"},
+                    "output": {"celsius": 3},
+                },
+                {
+                    "type": "dynamic-tool",
+                    "toolName": "weather",
+                    "toolCallId": "c2",
+                    "state": "output-error",
+                    "input": {"city": "Rome"},
+                    "errorText": "timeout",
+                },
+            ),
+            ui("user", text("Thanks")),
+        ]
+    }
+    messages = chat_start(body, "s")["messages"]
+    assert messages[1:] == [
+        {
+            "role": "assistant",
+            "content": "Checking.",
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "weather", "arguments": '{"city":"Oslo"}'},
+                },
+                {
+                    "id": "c2",
+                    "type": "function",
+                    "function": {"name": "weather", "arguments": '{"city":"Rome"}'},
+                },
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": '{"celsius":3}'},
+        {"role": "tool", "tool_call_id": "c2", "content": "error: timeout"},
+        {"role": "user", "content": "Thanks"},
+    ]

@@ -81,6 +81,28 @@ describe("the AI SDK endpoint, Stop mode (default)", { timeout: 60_000 }, () => 
     assert.equal(textOf(await lastMessage(stream)), await expectedText(prompt));
   });
 
+  test("a tool loop's next turn (the call and its output, as the SDK keeps them) is accepted", async () => {
+    const prompt = "Why do cats purr? [[mock chunks=3]]";
+    const stream = await transport.sendMessages({
+      chatId: "chat-tools",
+      messages: [
+        userMessage("weather?"),
+        {
+          id: "a1",
+          role: "assistant",
+          parts: [
+            { type: "tool-weather", toolCallId: "c1", state: "output-available", input: { city: "Oslo" }, output: { celsius: 3 } },
+          ],
+        },
+        userMessage(prompt),
+      ],
+      trigger: "submit-message",
+      messageId: undefined,
+      abortSignal: undefined,
+    });
+    assert.equal(textOf(await lastMessage(stream)), await expectedText(prompt));
+  });
+
   test("Stop (the aborted fetch) cancels the upstream request at once", async () => {
     const controller = new AbortController();
     const stream = await transport.sendMessages({
