@@ -46,6 +46,7 @@ import orjson
 from gateway.core.dialects.base import (
     DEFAULT_LIMITS,
     Dialect,
+    PartsTranslator,
     RequestDefaults,
     Translator,
     UpstreamFailure,
@@ -58,7 +59,6 @@ from gateway.core.dialects.base import (
     parsed_call,
     protocol_error,
 )
-from gateway.core.dialects.sources import SourceIndex
 from gateway.core.parts import NULL_SINK, PartLimits, PartSink
 from gateway.core.protocol import ErrorCode
 from gateway.core.sse import SSEEvent
@@ -117,26 +117,17 @@ def _server_step(name: str, tool_input: Any) -> dict[str, Any]:
     return {"kind": "other", "type": name}
 
 
-class AnthropicTranslator(Translator):
+class AnthropicTranslator(PartsTranslator):
     """Anthropic Messages events: `message_start`, content blocks, `message_delta`,
     `message_stop` (the module docstring has the rules)."""
 
     name = "anthropic"
     __slots__ = (
         "_blocks",
-        "_calls",
         "_closed",
-        "_limits",
-        "_reasoning",
-        "_reasoning_bytes",
-        "_sink",
-        "_sources",
         "_stop_seen",
         "_titles",
         "_tool_used",
-        "_want_progress",
-        "_want_tools",
-        "finish_raw",
     )
 
     def __init__(
@@ -145,29 +136,14 @@ class AnthropicTranslator(Translator):
         sink: PartSink = NULL_SINK,
         limits: PartLimits = DEFAULT_LIMITS,
     ) -> None:
-        super().__init__()
-        self._sink = sink
-        self._limits = limits
-        self._want_tools = "tools" in wants
-        self._want_progress = "progress" in wants
-        #: Reasoning kept for `done.reasoning` (only when asked); its bytes are counted anyway.
-        self._reasoning: list[str] | None = [] if "reasoning" in wants else None
-        self._reasoning_bytes = 0
+        super().__init__(wants, sink, limits)
         #: Open tool and server-tool blocks by index (only those a client asked for).
         self._blocks: dict[int | None, _Block] = {}
-        self._calls: list[dict[str, Any]] = []
-        self._sources = SourceIndex(limits.max_sources) if "sources" in wants else None
         #: Titles of the web search results seen, by URL (for citations that have none).
         self._titles: dict[str, str] = {}
         self._tool_used = False
         self._stop_seen = False
         self._closed = False
-        #: The upstream's own stop_reason, as sent (for logs; `meta` has the normalised one).
-        self.finish_raw: str | None = None
-
-    @property
-    def sources_dropped(self) -> int:
-        return self._sources.dropped if self._sources is not None else 0
 
     def feed(self, event: SSEEvent) -> str | None:
         data = event.data
@@ -321,19 +297,6 @@ class AnthropicTranslator(Translator):
                 self.meta["finish_reason"] = normal
 
     # -- reasoning, tool calls, sources
-
-    def _reason(self, text: str) -> None:
-        """A reasoning delta: counted against the limit whether or not it was asked for."""
-        self.saw_text = True
-        total = self._reasoning_bytes + byte_len(text)
-        if total > self._limits.max_reasoning_bytes:
-            raise protocol_error(
-                f"upstream reasoning exceeded {self._limits.max_reasoning_bytes} bytes"
-            )
-        self._reasoning_bytes = total
-        if self._reasoning is not None:
-            self._reasoning.append(text)
-            self._sink.push_reasoning(text)
 
     def _fragment(self, block: _Block, fragment: str) -> None:
         block.size += byte_len(fragment)

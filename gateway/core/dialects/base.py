@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Final
 
 import orjson
 
+from gateway.core.dialects.sources import SourceIndex
 from gateway.core.parts import NULL_SINK, PartLimits, PartSink
 from gateway.core.protocol import RETRYABLE, ErrorCode
 from gateway.core.sse import SSEEvent
@@ -171,6 +172,61 @@ class Translator(ABC):
     @abstractmethod
     def end_of_stream(self) -> None:
         """Judge a clean EOF: set `finished`, or raise UpstreamFailure."""
+
+
+class PartsTranslator(Translator):
+    """Base of the dialects that carry typed parts: what they all keep of one answer (the
+    parts the client asked for, where they go and their bounds, the reasoning and the tool calls
+    for `done`, the sources' numbering, the upstream's own finish), and the reasoning path."""
+
+    __slots__ = (
+        "_calls",
+        "_limits",
+        "_reasoning",
+        "_reasoning_bytes",
+        "_sink",
+        "_sources",
+        "_want_progress",
+        "_want_tools",
+        "finish_raw",
+    )
+
+    def __init__(
+        self,
+        wants: Collection[str] = frozenset(),
+        sink: PartSink = NULL_SINK,
+        limits: PartLimits = DEFAULT_LIMITS,
+    ) -> None:
+        super().__init__(wants, sink, limits)
+        self._sink = sink
+        self._limits = limits
+        self._want_tools = "tools" in wants
+        self._want_progress = "progress" in wants
+        #: Reasoning kept for `done.reasoning` (only when asked); its bytes are counted anyway.
+        self._reasoning: list[str] | None = [] if "reasoning" in wants else None
+        self._reasoning_bytes = 0
+        #: The complete tool calls pushed (for `done.tool_calls`).
+        self._calls: list[dict[str, Any]] = []
+        self._sources = SourceIndex(limits.max_sources) if "sources" in wants else None
+        #: The upstream's own finish, as sent (for logs; `meta` has the normalised one).
+        self.finish_raw: str | None = None
+
+    @property
+    def sources_dropped(self) -> int:
+        return self._sources.dropped if self._sources is not None else 0
+
+    def _reason(self, text: str) -> None:
+        """A reasoning delta: counted against the limit whether or not it was asked for."""
+        self.saw_text = True
+        total = self._reasoning_bytes + byte_len(text)
+        if total > self._limits.max_reasoning_bytes:
+            raise protocol_error(
+                f"upstream reasoning exceeded {self._limits.max_reasoning_bytes} bytes"
+            )
+        self._reasoning_bytes = total
+        if self._reasoning is not None:
+            self._reasoning.append(text)
+            self._sink.push_reasoning(text)
 
 
 def protocol_error(message: str) -> UpstreamFailure:

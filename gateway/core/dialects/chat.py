@@ -28,6 +28,7 @@ from gateway.core.dialects.base import (
     DEFAULT_LIMITS,
     META_KEYS,
     Dialect,
+    PartsTranslator,
     RequestDefaults,
     Translator,
     UpstreamFailure,
@@ -41,7 +42,7 @@ from gateway.core.dialects.base import (
     parsed_call,
     protocol_error,
 )
-from gateway.core.dialects.sources import SourceIndex, progress_step
+from gateway.core.dialects.sources import progress_step
 from gateway.core.dialects.think import ThinkSplitter
 from gateway.core.parts import NULL_SINK, PartLimits, PartSink
 from gateway.core.protocol import ErrorCode
@@ -112,7 +113,7 @@ class _ToolCall:
         self.size = 0
 
 
-class OpenAITranslator(Translator):
+class OpenAITranslator(PartsTranslator):
     """OpenAI-compatible `chat.completion.chunk` events (OpenAI, Azure, DeepSeek, xAI, Mistral,
     Groq, vLLM, OpenRouter); the end is `[DONE]` or EOF after a finish_reason."""
 
@@ -120,21 +121,12 @@ class OpenAITranslator(Translator):
     __slots__ = (
         "_call",
         "_call_indexes",
-        "_calls",
         "_cited",
         "_closed",
         "_found",
-        "_limits",
-        "_reasoning",
-        "_reasoning_bytes",
         "_saw_finish",
-        "_sink",
-        "_sources",
         "_steps",
         "_think",
-        "_want_progress",
-        "_want_tools",
-        "finish_raw",
     )
 
     def __init__(
@@ -143,20 +135,11 @@ class OpenAITranslator(Translator):
         sink: PartSink = NULL_SINK,
         limits: PartLimits = DEFAULT_LIMITS,
     ) -> None:
-        super().__init__()
-        self._sink = sink
-        self._limits = limits
-        self._want_tools = "tools" in wants
-        self._want_progress = "progress" in wants
+        super().__init__(wants, sink, limits)
         #: Until the answer is past a leading `<think>` block; None from then on (the fast path).
         self._think: ThinkSplitter | None = ThinkSplitter()
-        #: Reasoning kept for `done.reasoning` (only when asked); its bytes are counted anyway.
-        self._reasoning: list[str] | None = [] if "reasoning" in wants else None
-        self._reasoning_bytes = 0
         self._call: _ToolCall | None = None
-        self._calls: list[dict[str, Any]] = []
         self._call_indexes: set[int] = set()
-        self._sources = SourceIndex(limits.max_sources) if "sources" in wants else None
         #: The lengths of Perplexity's `citations` and `search_results` last looked at.
         self._cited = 0
         self._found = 0
@@ -166,12 +149,6 @@ class OpenAITranslator(Translator):
         )
         self._saw_finish = False
         self._closed = False
-        #: The upstream's own finish_reason, as sent (for logs; `meta` has the normalised one).
-        self.finish_raw: str | None = None
-
-    @property
-    def sources_dropped(self) -> int:
-        return self._sources.dropped if self._sources is not None else 0
 
     def feed(self, event: SSEEvent) -> str | None:
         data = event.data
@@ -364,19 +341,6 @@ class OpenAITranslator(Translator):
                 out.append(split)
         else:
             out.append(text)
-
-    def _reason(self, text: str) -> None:
-        """A reasoning delta: counted against the limit whether or not it was asked for."""
-        self.saw_text = True
-        total = self._reasoning_bytes + byte_len(text)
-        if total > self._limits.max_reasoning_bytes:
-            raise protocol_error(
-                f"upstream reasoning exceeded {self._limits.max_reasoning_bytes} bytes"
-            )
-        self._reasoning_bytes = total
-        if self._reasoning is not None:
-            self._reasoning.append(text)
-            self._sink.push_reasoning(text)
 
     # -- tool calls
 

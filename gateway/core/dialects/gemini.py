@@ -37,6 +37,7 @@ import orjson
 from gateway.core.dialects.base import (
     DEFAULT_LIMITS,
     Dialect,
+    PartsTranslator,
     RequestDefaults,
     Translator,
     UpstreamFailure,
@@ -49,7 +50,6 @@ from gateway.core.dialects.base import (
     parsed_call,
     protocol_error,
 )
-from gateway.core.dialects.sources import SourceIndex
 from gateway.core.parts import NULL_SINK, PartLimits, PartSink
 from gateway.core.protocol import ErrorCode
 from gateway.core.sse import SSEEvent
@@ -171,26 +171,17 @@ class _StreamedCall:
         self.size = 0
 
 
-class GeminiTranslator(Translator):
+class GeminiTranslator(PartsTranslator):
     """Gemini `GenerateContentResponse` events; the end is EOF after a `finishReason`."""
 
     name = "gemini"
     __slots__ = (
-        "_calls",
         "_closed",
         "_code",
         "_count",
-        "_limits",
         "_open",
         "_queries",
-        "_reasoning",
-        "_reasoning_bytes",
         "_saw_finish",
-        "_sink",
-        "_sources",
-        "_want_progress",
-        "_want_tools",
-        "finish_raw",
     )
 
     def __init__(
@@ -199,18 +190,8 @@ class GeminiTranslator(Translator):
         sink: PartSink = NULL_SINK,
         limits: PartLimits = DEFAULT_LIMITS,
     ) -> None:
-        super().__init__()
-        self._sink = sink
-        self._limits = limits
-        self._want_tools = "tools" in wants
-        self._want_progress = "progress" in wants
-        #: Reasoning kept for `done.reasoning` (only when asked); its bytes are counted anyway.
-        self._reasoning: list[str] | None = [] if "reasoning" in wants else None
-        self._reasoning_bytes = 0
-        self._sources = SourceIndex(limits.max_sources) if "sources" in wants else None
-        #: Calls pushed (for `done.tool_calls`), and every call seen, wanted or not (a STOP
-        #: after calls is `tool_calls`).
-        self._calls: list[dict[str, Any]] = []
+        super().__init__(wants, sink, limits)
+        #: Every call seen, wanted or not (a STOP after calls is `tool_calls`).
         self._count = 0
         self._open: _StreamedCall | None = None
         #: Search queries already shown as progress.
@@ -219,12 +200,6 @@ class GeminiTranslator(Translator):
         self._code: str | None = None
         self._saw_finish = False
         self._closed = False
-        #: The upstream's own finishReason (or blockReason), as sent, for logs.
-        self.finish_raw: str | None = None
-
-    @property
-    def sources_dropped(self) -> int:
-        return self._sources.dropped if self._sources is not None else 0
 
     def feed(self, event: SSEEvent) -> str | None:
         data = event.data
@@ -328,19 +303,6 @@ class GeminiTranslator(Translator):
         result = part.get("codeExecutionResult")
         if isinstance(result, dict):
             self._code_result(result)
-
-    def _reason(self, text: str) -> None:
-        """A reasoning delta: counted against the limit whether or not it was asked for."""
-        self.saw_text = True
-        total = self._reasoning_bytes + byte_len(text)
-        if total > self._limits.max_reasoning_bytes:
-            raise protocol_error(
-                f"upstream reasoning exceeded {self._limits.max_reasoning_bytes} bytes"
-            )
-        self._reasoning_bytes = total
-        if self._reasoning is not None:
-            self._reasoning.append(text)
-            self._sink.push_reasoning(text)
 
     # -- tool calls
 

@@ -42,6 +42,7 @@ import orjson
 from gateway.core.dialects.base import (
     DEFAULT_LIMITS,
     Dialect,
+    PartsTranslator,
     RequestDefaults,
     Translator,
     UpstreamFailure,
@@ -54,7 +55,6 @@ from gateway.core.dialects.base import (
     parsed_call,
     protocol_error,
 )
-from gateway.core.dialects.sources import SourceIndex
 from gateway.core.parts import NULL_SINK, PartLimits, PartSink
 from gateway.core.protocol import ErrorCode
 from gateway.core.sse import SSEEvent
@@ -197,7 +197,7 @@ class _Call:
         self.size = 0
 
 
-class ResponsesTranslator(Translator):
+class ResponsesTranslator(PartsTranslator):
     """OpenAI Responses events (OpenAI, xAI, and Perplexity's Agent API, whose own
     `response.reasoning.*` events are read too); the end is `response.completed` or
     `response.incomplete`."""
@@ -205,19 +205,10 @@ class ResponsesTranslator(Translator):
     name = "openai-responses"
     __slots__ = (
         "_called",
-        "_calls",
         "_closed",
         "_done_items",
-        "_limits",
         "_open_calls",
-        "_reasoning",
-        "_reasoning_bytes",
         "_reasoning_part",
-        "_sink",
-        "_sources",
-        "_want_progress",
-        "_want_tools",
-        "finish_raw",
     )
 
     def __init__(
@@ -226,31 +217,16 @@ class ResponsesTranslator(Translator):
         sink: PartSink = NULL_SINK,
         limits: PartLimits = DEFAULT_LIMITS,
     ) -> None:
-        super().__init__()
-        self._sink = sink
-        self._limits = limits
-        self._want_tools = "tools" in wants
-        self._want_progress = "progress" in wants
-        #: Reasoning kept for `done.reasoning` (only when asked); its bytes are counted anyway.
-        self._reasoning: list[str] | None = [] if "reasoning" in wants else None
-        self._reasoning_bytes = 0
+        super().__init__(wants, sink, limits)
         #: The reasoning part the last reasoning delta belonged to (None: no reasoning yet).
         self._reasoning_part: tuple[Any, ...] | None = None
         #: Function calls under way, by output item id (or call id), in order of appearance.
         self._open_calls: dict[str, _Call] = {}
         #: The item ids of the calls already complete (their `output_item.done` repeats them).
         self._done_items: set[str] = set()
-        self._calls: list[dict[str, Any]] = []
         #: The answer called a function (its finish is `tool_calls`, wanted or not).
         self._called = False
-        self._sources = SourceIndex(limits.max_sources) if "sources" in wants else None
         self._closed = False
-        #: The upstream's own end, as sent: the terminal status or the incomplete reason.
-        self.finish_raw: str | None = None
-
-    @property
-    def sources_dropped(self) -> int:
-        return self._sources.dropped if self._sources is not None else 0
 
     def feed(self, event: SSEEvent) -> str | None:
         data = event.data
@@ -302,19 +278,6 @@ class ResponsesTranslator(Translator):
             if last is not None:
                 delta = _PART_BREAK + delta
         self._reason(delta)
-
-    def _reason(self, text: str) -> None:
-        """A reasoning delta: counted against the limit whether or not it was asked for."""
-        self.saw_text = True
-        total = self._reasoning_bytes + byte_len(text)
-        if total > self._limits.max_reasoning_bytes:
-            raise protocol_error(
-                f"upstream reasoning exceeded {self._limits.max_reasoning_bytes} bytes"
-            )
-        self._reasoning_bytes = total
-        if self._reasoning is not None:
-            self._reasoning.append(text)
-            self._sink.push_reasoning(text)
 
     # -- output items: function calls, hosted tools, sources
 
