@@ -21,6 +21,7 @@ import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, Protocol
+from urllib.parse import unquote
 
 import orjson
 import structlog
@@ -251,7 +252,7 @@ class HttpApi:
         cors: list[tuple[str, str]],
     ) -> None:
         """Replay from `Last-Event-ID` and follow, like a WebSocket `resume`."""
-        sid = request.path[len(STREAMS_PATH) + 1 :]
+        sid = unquote(request.path[len(STREAMS_PATH) + 1 :])  # `:` arrives as %3A
         token = request.headers.get("x-resume-token", "")
         last = request.headers.get("last-event-id", "0").strip() or "0"
         if not token or not last.isdigit() or len(last) > 12:
@@ -383,7 +384,7 @@ class HttpApi:
 
     def _active_chat(self, request: HttpRequest, principal: Principal) -> tuple[str, str] | None:
         """The running stream of the chat in the path, if this principal's."""
-        chat = request.path[len(AI_SDK_PATH) + 1 : -len("/stream")]
+        chat = unquote(request.path[len(AI_SDK_PATH) + 1 : -len("/stream")])
         entry = self._chats.get(chat)
         if entry is None:
             return None

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import yarl
 
 from gateway.core.sse import SSEDecoder
 from tests.conftest import TIMEOUT, FakeClock, Stack, StackFactory, check_stream
@@ -190,15 +191,17 @@ async def test_a_cut_response_resumes_exactly_once(
     so the client has every chunk exactly once."""
     stack = await make_stack()
     prompt = "sky [[mock chunks=8 delay_ms=30]]"
-    sse = await post(http, stack, {"prompt": prompt, "id": "r"})
+    sse = await post(http, stack, {"prompt": prompt, "id": "r:1"})
     started = await sse.until("started")
     first = [await sse.until("text_chunk"), await sse.until("text_chunk")]
     sse.response.close()  # the network drops it
     headers = {"X-Resume-Token": started["resume_token"], "Last-Event-ID": str(first[-1]["seq"])}
-    resumed = SseResponse(await http.get(f"{base(stack)}/v1/streams/r", headers=headers))
+    # The id's `:` percent-encoded, as encodeURIComponent (the JS client) sends it.
+    url = yarl.URL(f"{base(stack)}/v1/streams/r%3A1", encoded=True)
+    resumed = SseResponse(await http.get(url, headers=headers))
     assert resumed.status == 200
     events = await resumed.rest()
-    assert events[0] == {"type": "resumed", "id": "r", "after": first[-1]["seq"]}
+    assert events[0] == {"type": "resumed", "id": "r:1", "after": first[-1]["seq"]}
     chunks = [*first, *(e for e in events if e["type"] == "text_chunk")]
     assert [c["seq"] for c in chunks] == list(range(1, len(chunks) + 1))
     assert "".join(c["text"] for c in chunks) == expected_text(prompt)
