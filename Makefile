@@ -38,18 +38,19 @@ test-seams: $(STAMP)
 ## test-min: the test suite against the oldest dependency releases pyproject.toml allows
 ## (tests/min-versions.txt), in a venv of its own (.venv-min); CI runs it after `make test`.
 ## It and test-python leave out the `repo` tests (docs, deployment, packaging, the page), which
-## check the repository's files rather than the code on another interpreter or release
+## check the repository's files rather than the code on another interpreter or release, and the
+## `pure` tests of gateway/core, which import no dependency but orjson (keeps CI under 30 min)
 test-min:
 	$(PYTHON) -m venv .venv-min
 	.venv-min/bin/python -m pip install --quiet -c tests/min-versions.txt -e '.[test,fast]' -e './clients/python[http]'
-	PYTHONASYNCIODEBUG=1 .venv-min/bin/python -m pytest -m "not repo" $(PYTEST_ARGS)
+	PYTHONASYNCIODEBUG=1 .venv-min/bin/python -m pytest -m "not repo and not pure" $(PYTEST_ARGS)
 
 ## test-python: the test suite on another interpreter, e.g. `make test-python PYTHON=python3.13`,
 ## in a venv of its own (.venv-python3.13); CI runs it on 3.12 and 3.13 where it finds them
 test-python:
 	$(PYTHON) -m venv .venv-$(notdir $(PYTHON))
 	.venv-$(notdir $(PYTHON))/bin/python -m pip install --quiet -e '.[test,fast]' -e './clients/python[http]'
-	PYTHONASYNCIODEBUG=1 .venv-$(notdir $(PYTHON))/bin/python -m pytest -m "not repo" $(PYTEST_ARGS)
+	PYTHONASYNCIODEBUG=1 .venv-$(notdir $(PYTHON))/bin/python -m pytest -m "not repo and not pure" $(PYTEST_ARGS)
 
 clients/js/node_modules/.package-lock.json: clients/js/package-lock.json
 	cd clients/js && npm ci --no-audit --no-fund

@@ -555,7 +555,7 @@ async def test_slow_reader_pauses_the_upstream_then_gets_everything(
     # OpenAI-shaped events stay small (Perplexity's repeat the whole text so far).
     stack = await make_stack(dialect="openai", send_buffer_bytes=16 * 1024)
     client = await stack.slow_client()  # 4 KiB kernel buffers, as on a slow phone link
-    chunks = 100_000
+    chunks = 30_000  # far more than fits in the 16 KiB limit and the 4 KiB kernel buffers
     prompt = f"ocean salty [[mock chunks={chunks} tag=slow]]"
     await client.start("s", prompt)
     await stack.mock.wait_request("slow")
