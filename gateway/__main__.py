@@ -190,11 +190,21 @@ async def serve(config: Config) -> None:
                     "dialect": config.dialect,
                     "api_key": "set" if config.api_key else "not set",
                 }
+            budgets = gateway.accounting.default
             log.info(
                 "gateway.listening",
                 url=f"{gateway.scheme}://{config.host}:{gateway.port}/v1/ws",
                 auth="on" if gateway.auth.enabled else "off",
                 **upstream,
+                prices=config.prices_file,
+                budget={
+                    "tokens": budgets.tokens,
+                    "cost": budgets.cost,
+                    "window": config.budget_window,
+                }
+                if budgets.limited
+                else None,
+                usage="shared (redis)" if config.redis_url else "per process",
                 metrics=f"http://{config.host}:{metrics.port if metrics else gateway.port}/metrics",
             )
             await stop.wait()
@@ -269,7 +279,8 @@ def run_workers(config: Config) -> int:
         log.warning(
             "gateway.workers_without_redis",
             message="with several workers, a resume reaches the worker that owns the stream "
-            "only by chance; set --redis-url to resume on any worker",
+            "only by chance, and each worker counts usage and budgets alone (a principal may "
+            "spend up to N budgets); set --redis-url to share them",
         )
     own_dir = None
     if not os.environ.get(METRICS_DIR_ENV):

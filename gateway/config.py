@@ -23,7 +23,9 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from gateway.auth import is_loopback_host
+from gateway.core.budget import parse_window
 from gateway.core.dialects import DIALECTS
+from gateway.core.prices import PricesError, PriceTable, parse_prices
 from gateway.core.routes import RoutesError, RouteTable, UpstreamSpec, parse_routes
 
 PERPLEXITY_URL: Final = "https://api.perplexity.ai/chat/completions"
@@ -110,6 +112,14 @@ class Config:
     #: --routes: the file, and the table it describes (None: today's flags, one upstream).
     routes_file: str | None = None
     routes: RouteTable | None = field(default=None, repr=False)
+    #: --prices: the file, and the table it describes (None: only the upstreams' own costs).
+    prices_file: str | None = None
+    prices: PriceTable | None = field(default=None, repr=False)
+    #: Per-principal budgets over a window (0: no limit); overrides per principal come from the
+    #: tokens file and a JWT `budget` claim (docs/security.md, "Budgets").
+    budget_tokens: int = 0
+    budget_cost: float = 0.0
+    budget_window: int = 86400
     max_streams: int = 16
     max_message_bytes: int = 65536
     #: Process-wide cap on concurrent streams; also sizes the upstream connection pool.
@@ -404,6 +414,31 @@ def add_serve_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, s
         None,
     )
     flag(
+        "prices",
+        "TOML file of USD prices per million tokens by model (globs allowed), for streams whose "
+        "upstream reports no cost (docs/usage.md)",
+        None,
+    )
+    flag(
+        "budget-tokens",
+        "tokens (prompt + completion) each principal may use per --budget-window; a start over "
+        "it is refused with budget_exceeded (0: no limit)",
+        d.budget_tokens,
+        _non_negative(int),
+    )
+    flag(
+        "budget-cost",
+        "USD each principal may spend per --budget-window (0: no limit)",
+        d.budget_cost,
+        _non_negative(float),
+    )
+    flag(
+        "budget-window",
+        "the budgets' window, aligned to UTC: a whole number and s, m, h or d",
+        "1d",
+        _window,
+    )
+    flag(
         "http-keepalive",
         "seconds between keep-alive comments on an HTTP stream's response while it is silent "
         "(0: none)",
@@ -545,7 +580,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, s
         d.max_loop_lag,
         _loop_lag_limit,
     )
-    flag("auth-tokens-file", "file of 'token principal' lines (reloaded on SIGHUP)", None)
+    flag(
+        "auth-tokens-file",
+        "file of 'token principal [budget_tokens=N] [budget_cost=USD]' lines (reloaded on SIGHUP)",
+        None,
+    )
     flag("jwt-secret-env", "env var holding an HS256 JWT secret", None)
     flag("jwt-public-key", "PEM file with an RS256/ES256 JWT public key", None)
     flag("jwt-audience", "required JWT 'aud'", None)
@@ -720,11 +759,14 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
             "its private key) or neither"
         )
     routes = _routes(args, env, dialect) if args.routes is not None else None
+    prices = _prices(args.prices) if args.prices is not None else None
     # Every flag is named like its Config field; the derived values above take precedence.
     values = {f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)}
     values.update(
         routes_file=args.routes,
         routes=routes,
+        prices_file=args.prices,
+        prices=prices,
         upstream_url=upstream_url,
         dialect=dialect,
         api_key=api_key,
@@ -768,6 +810,28 @@ def _routes(args: argparse.Namespace, env: Mapping[str, str], dialect: str) -> R
         return parse_routes(text, path, defaults, tuple(DIALECTS), env, args.default_model)
     except RoutesError as exc:
         raise StartupError(str(exc)) from None
+
+
+def _prices(path: str) -> PriceTable:
+    """The table of `--prices FILE`; a file that cannot be read or used is one line."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise StartupError(f"--prices {path}: cannot read it ({reason})") from None
+    try:
+        return parse_prices(text, path)
+    except PricesError as exc:
+        raise StartupError(f"--prices {exc}") from None
+
+
+def _window(text: str) -> int:
+    """`--budget-window`: seconds, from `1d`, `12h`, `30m` or `45s`."""
+    try:
+        return parse_window(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def check_exposure(config: Config) -> None:

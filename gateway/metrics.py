@@ -159,6 +159,48 @@ class Metrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32),
             registry=r,
         )
+        # Usage and cost (docs/usage.md): by upstream and model, never by principal (bounded:
+        # the model label is capped, see gateway.io.budgets.MODEL_LABELS).
+        self.usage_tokens = Counter(
+            "gateway_usage_tokens",
+            "Tokens used by ended streams, by upstream, model and kind (prompt, completion, "
+            "reasoning and cached are parts of prompt and completion; total = prompt + "
+            "completion)",
+            ["upstream", "model", "kind"],
+            registry=r,
+        )
+        self.usage_cost = Counter(
+            "gateway_usage_cost_usd",
+            "USD spent by ended streams (the upstream's figure or the price table's), by "
+            "upstream and model",
+            ["upstream", "model"],
+            registry=r,
+        )
+        self.usage_streams = Counter(
+            "gateway_usage_streams",
+            "Ended streams charged, by upstream, model and whether their usage was estimated "
+            "(the upstream reported none: cancelled or broken streams) or priced (cost known)",
+            ["upstream", "model", "estimated", "priced"],
+            registry=r,
+        )
+        self.budget_refusals = Counter(
+            "gateway_budget_refusals",
+            "Starts refused with budget_exceeded, by measure (tokens or cost)",
+            ["measure"],
+            registry=r,
+        )
+        self.budget_shared = Gauge(
+            "gateway_budget_shared",
+            "1 while usage is accounted in Redis across instances, 0 while this process counts "
+            "alone (no --redis-url, or Redis unreachable: see gateway_budget_sync_failures)",
+            registry=r,
+            multiprocess_mode="min",
+        )
+        self.budget_sync_failures = Counter(
+            "gateway_budget_sync_failures",
+            "Failed exchanges with Redis about usage (the charges are kept and sent again)",
+            registry=r,
+        )
         self.coalesced = Counter(
             "gateway_coalesced_deltas",
             "Upstream deltas merged into a previous frame because the socket was busy",

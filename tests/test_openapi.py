@@ -89,6 +89,7 @@ REQUESTS: dict[tuple[str, str], tuple[dict[str, str], Any]] = {
     ("/v1/ai-sdk/chat/{chatId}/stream", "get"): ({}, None),
     ("/v1/ai-sdk/chat/{chatId}/stream", "delete"): ({}, None),
     ("/v1/models", "get"): ({}, None),
+    ("/v1/usage", "get"): ({}, None),
 }
 
 

@@ -314,11 +314,25 @@ export interface SearchResult {
 }
 
 /** Token counts as the upstream reported them (a count it did not send is absent). */
+/** What a stream used, normalised across upstreams (docs/usage.md): on every done, cancelled
+ * and stream error after started. */
 export interface Usage {
-  prompt_tokens?: number;
-  completion_tokens?: number;
-  total_tokens?: number;
-  [key: string]: unknown;
+  /** All input, cached input included. */
+  prompt_tokens: number;
+  /** The part of prompt_tokens read from the upstream's cache, when known. */
+  cached_tokens?: number;
+  /** The part of prompt_tokens written to the upstream's cache (Anthropic), when known. */
+  cache_write_tokens?: number;
+  /** All output, reasoning included. */
+  completion_tokens: number;
+  /** The part of completion_tokens spent reasoning, when known. */
+  reasoning_tokens?: number;
+  /** prompt_tokens + completion_tokens. */
+  total_tokens: number;
+  /** USD (the upstream's figure or the gateway's price table); absent when unknown. */
+  cost?: number;
+  /** The upstream did not report the final figures: estimated from what was relayed. */
+  estimated?: true;
 }
 
 export interface DoneFrame {
@@ -364,6 +378,7 @@ export type ProtocolErrorCode =
   | "shutting_down"
   | "unauthorized"
   | "rate_limited"
+  | "budget_exceeded"
   | "prompt_too_large"
   | "resume_unavailable"
   | "upstream_unavailable"

@@ -99,6 +99,7 @@ class ErrorCode(StrEnum):
     SHUTTING_DOWN = "shutting_down"
     UNAUTHORIZED = "unauthorized"
     RATE_LIMITED = "rate_limited"
+    BUDGET_EXCEEDED = "budget_exceeded"
     PROMPT_TOO_LARGE = "prompt_too_large"
     RESUME_UNAVAILABLE = "resume_unavailable"
     INTERNAL = "internal"
@@ -122,6 +123,7 @@ RETRYABLE: Final[dict[ErrorCode, bool]] = {
     ErrorCode.SHUTTING_DOWN: True,
     ErrorCode.UNAUTHORIZED: False,
     ErrorCode.RATE_LIMITED: True,
+    ErrorCode.BUDGET_EXCEEDED: False,
     ErrorCode.PROMPT_TOO_LARGE: False,
     ErrorCode.RESUME_UNAVAILABLE: False,
     ErrorCode.INTERNAL: True,

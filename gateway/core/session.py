@@ -47,6 +47,7 @@ from gateway.core.protocol import (
     parse_client_frame,
 )
 from gateway.core.resume import GONE, Registry
+from gateway.core.usage import Meter, Usage
 
 #: Stands for the stream id in terminal frames kept for other instances (any follower
 #: substitutes its own id; see redis_store.terminal_for).
@@ -94,6 +95,14 @@ def move(stream: Stream, to: State, outcome: str) -> None:
         raise IllegalTransition(f"stream {stream.id!r}: {stream.state.value} -> {to.value}")
     stream.state = to
     stream.outcome = outcome
+    # What it used is settled once, as it ends: its terminal frame, its log line, its metrics
+    # and its principal's budget all see the same figures (gateway.core.usage).
+    # (None when it never reached an upstream request: it cost nothing.)
+    meter = stream.meter
+    if meter is not None:
+        stream.usage = meter.settle(
+            sum(map(len, stream.parts)), to is State.DONE, to is State.CANCELLED
+        )
 
 
 class Sink(Protocol):
@@ -137,6 +146,7 @@ class Stream:
         "fallbacks",
         "id",
         "meta_bytes",
+        "meter",
         "on_chunk",
         "on_part",
         "on_terminal",
@@ -160,7 +170,7 @@ class Stream:
         "state",
         "terminal_sent",
         "text_len",
-        "upstream_meta",
+        "usage",
         "wants",
     )
 
@@ -222,9 +232,10 @@ class Stream:
         self.part_frames: dict[int, bytes] | None = None
         self.part_bytes = 0
         self.on_part: Callable[[Stream, int, bytes], None] | None = None
-        #: What the upstream said besides text so far (its translator's: usage, citations...),
-        #: for the `usage` of a `cancelled` or `error`.
-        self.upstream_meta: dict[str, Any] | None = None
+        #: Settles what the stream used when it ends (set by the relay for each upstream
+        #: attempt), and what it used, once it has ended (gateway.core.usage).
+        self.meter: Meter | None = None
+        self.usage: Usage | None = None
         #: The upstream (route name) serving it now, and how many it moved on from before its
         #: first token (gateway.core.routes): for its log line and metrics.
         self.route: str | None = None
@@ -673,10 +684,10 @@ def prompt_chars(messages: tuple[dict[str, Any], ...]) -> int:
     """Characters of text in a conversation (string contents and `text` parts)."""
     total = 0
     for message in messages:
-        content = message["content"]
+        content = message.get("content")
         if isinstance(content, str):
             total += len(content)
-        else:
+        elif isinstance(content, list):  # None: an assistant message with tool_calls only
             for part in content:
                 text = part.get("text")
                 if isinstance(text, str):
@@ -697,14 +708,18 @@ def finish_done(stream: Stream, meta: dict[str, Any], final_text: str | None = N
         if len(final_text) > len(so_far) and final_text.startswith(so_far):
             stream.push(final_text[len(so_far) :])
 
-    meta = clean_meta(meta)
-    if meta:
-        stream.meta_bytes = len(encode_meta(meta))
+    # The upstream's own usage object is not relayed: `usage` is the normalised one, settled
+    # as the stream ends (`move`).
+    meta = clean_meta({key: value for key, value in meta.items() if key != "usage"})
+    move(stream, State.DONE, "done")
+    if stream.usage is not None:
+        meta["usage"] = stream.usage.as_dict()
+    stream.meta_bytes = len(encode_meta(meta)) if meta else 0
 
     def build(done: Stream, sid: str, seq: int) -> bytes:
         return encode_done(sid, seq, done.text(), meta)
 
-    _end(stream, State.DONE, "done", build)
+    _after_end(stream, build)
 
 
 def finish_fail(
@@ -718,31 +733,28 @@ def finish_fail(
     if stream.state is not State.ACTIVE:
         return
 
-    usage = upstream_usage(stream)
-    if usage is not None:
-        extra["usage"] = usage
+    move(stream, State.FAILED, code.value)
+    if stream.usage is not None:
+        extra["usage"] = stream.usage.as_dict()
 
     def build(_stream: Stream, sid: str, seq: int) -> bytes:
         return encode_error(code, message, sid, retryable, seq=seq, **extra)
 
-    _end(stream, State.FAILED, code.value, build)
-
-
-def upstream_usage(stream: Stream) -> dict[str, Any] | None:
-    """The token usage the upstream reported for `stream` so far, in the documented shape."""
-    meta = stream.upstream_meta
-    if not meta or "usage" not in meta:
-        return None
-    usage: dict[str, Any] | None = clean_meta({"usage": meta["usage"]}).get("usage")
-    return usage
+    _after_end(stream, build)
 
 
 def _build_cancelled(stream: Stream, sid: str, seq: int) -> bytes:
-    return encode_cancelled(sid, seq, upstream_usage(stream))
+    usage = stream.usage
+    return encode_cancelled(sid, seq, usage.as_dict() if usage is not None else None)
 
 
 def _end(stream: Stream, state: State, outcome: str, build: TerminalBuilder) -> None:
     move(stream, state, outcome)
+    _after_end(stream, build)
+
+
+def _after_end(stream: Stream, build: TerminalBuilder) -> None:
+    """A stream that just ended: its terminal frame is queued, and its socket lets it go."""
     stream.sink.push_terminal(stream, build)
     if stream.owner is not None:
         stream.owner.release(stream)

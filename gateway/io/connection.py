@@ -40,6 +40,7 @@ from gateway.core.session import (
     Stream,
     finish_fail,
 )
+from gateway.io.accounting import Accounting
 from gateway.io.redis_store import RedisStore
 from gateway.io.upstream import FlowControl
 from gateway.metrics import Metrics
@@ -77,6 +78,7 @@ class GatewayPort(Protocol):
     auth: TokenAuthenticator
     limits: Limits
     quotas: Quotas
+    accounting: Accounting
     metrics: Metrics
     registry: Registry[Stream]
     store: RedisStore | None
@@ -380,6 +382,7 @@ class Connection:
             self.request_close(CLOSE_TOO_MANY_CONNECTIONS, refused.message)
             return False
         self._socket_counted = True
+        self.gateway.accounting.seen(self.principal)
         return True
 
     def _admit(self, msg: Start) -> Refused | None:
@@ -387,6 +390,9 @@ class Connection:
         if not self.gateway.has_capacity():
             return Refused(ErrorCode.TOO_MANY_STREAMS, "the gateway is at capacity; retry shortly")
         assert self.principal is not None
+        over_budget = self.gateway.accounting.admit(self.principal)
+        if over_budget is not None:
+            return over_budget
         refused = self.gateway.quotas.start_stream(self.principal.name, self.gateway.clock.now())
         if refused is None:
             return None

@@ -43,7 +43,7 @@ log = structlog.get_logger("gateway.http")
 MAX_HEAD_BYTES: Final = 16 * 1024
 _RESET: Final = struct.pack("ii", 1, 0)
 #: The paths a `GET` is an HTTP-stream request on (every other GET is the WebSocket side's).
-HTTP_GET_PREFIXES: Final = (b"/v1/streams/", b"/v1/ai-sdk/")
+HTTP_GET_PREFIXES: Final = (b"/v1/streams/", b"/v1/ai-sdk/", b"/v1/usage")
 _HTTP_METHODS: Final = (b"POST", b"DELETE", b"OPTIONS", b"PUT", b"PATCH", b"HEAD")
 
 
@@ -337,6 +337,7 @@ STATUS_OF: Final[dict[str, int]] = {
     "unauthorized": 401,
     "too_many_streams": 429,
     "rate_limited": 429,
+    "budget_exceeded": 429,
     "shutting_down": 503,
     "internal": 500,
 }

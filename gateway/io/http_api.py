@@ -8,6 +8,8 @@ streams as the WebSocket's, for clients whose network blocks WebSocket upgrades.
   messages after that seq, then live, exactly once, on any instance with Redis.
 - `DELETE /v1/streams/{id}` with `X-Resume-Token` cancels it (the upstream request is closed).
 - `OPTIONS`: the CORS preflight of the allowed origins.
+- `GET /v1/usage` answers the caller its usage in the current budget window and what is left
+  of its budget (gateway/io/accounting.py).
 
 Each streamed response runs a `Connection` (gateway/io/connection.py) over an `SseSocket`
 (gateway/io/http.py): the session, quotas, limits, flow control, resume grace and drain are the
@@ -38,6 +40,7 @@ log = structlog.get_logger("gateway.http")
 
 STREAMS_PATH: Final = "/v1/streams"
 AI_SDK_PATH: Final = "/v1/ai-sdk/chat"
+USAGE_PATH: Final = "/v1/usage"
 #: Chats whose stream the AI SDK may reconnect to (--ai-sdk-resume), remembered per process.
 MAX_CHATS: Final = 10_000
 #: What a preflight allows (docs/security.md, "Browsers").
@@ -121,6 +124,8 @@ class HttpApi:
             return "streams", self._post if method == "POST" else None
         if path == AI_SDK_PATH:
             return "ai_sdk", self._ai_sdk_post if method == "POST" else None
+        if path == USAGE_PATH:
+            return "usage", self._usage if method == "GET" else None
         if path.startswith(AI_SDK_PATH + "/") and path.endswith("/stream"):
             if method == "GET":
                 return "ai_sdk_stream", self._ai_sdk_reconnect
@@ -190,6 +195,24 @@ class HttpApi:
     ) -> None:
         exchange.respond_json(status, error_body(code, message), headers)
         self.gateway.http_counted(route, status)
+
+    # ------------------------------------------------------------------ usage
+
+    def _usage(
+        self,
+        exchange: HttpExchange,
+        request: HttpRequest,
+        principal: Principal,
+        cors: list[tuple[str, str]],
+    ) -> None:
+        """`GET /v1/usage`: the caller's own usage and budget (docs/security.md, "Budgets")."""
+
+        async def answer() -> None:
+            report = await self.gateway.accounting.report(principal)
+            exchange.respond_json(200, report, [*cors, ("Cache-Control", "no-store")])
+            self.gateway.http_counted("usage", 200)
+
+        self.gateway.spawn_task(answer(), "GET /v1/usage")
 
     # ------------------------------------------------------------------ the three verbs
 

@@ -10,7 +10,12 @@ The only module that imports redis. Keys (docs/deploy.md, "Redis"):
 - `gw:l:{token}`  the owner's lease (PX 5000), renewed every 1.5 s while the stream runs: a
   follower that sees neither new entries nor the lease knows the owner died, and ends the
   stream with `stream_interrupted` after what was retained (never a hang);
-- `gw:ctl:{instance}` a pub/sub channel: `cancel <token>`, `moved <token>`, `dropped <token>`.
+- `gw:ctl:{instance}` a pub/sub channel: `cancel <token>`, `moved <token>`, `dropped <token>`;
+- `gw:u:{window}:{principal}` a hash: what a principal used in one budget window (`p` prompt and
+  `c` completion tokens, `t` their total, `n` nano-USD), incremented atomically by every
+  instance, expiring an hour after the window ends (gateway/io/accounting.py);
+- `gw:usage` a pub/sub channel: after each batch of increments, the new totals, so that every
+  instance's view of a principal's spend follows the others' within milliseconds.
 
 Writes are batched by one writer task per process (one pipeline per loop iteration), so the
 per-chunk cost on the owner is a list append; if Redis is down, streaming goes on and only
@@ -27,6 +32,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
+import orjson
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
@@ -42,6 +48,9 @@ RENEW_EVERY: Final = 1.5
 MAX_ENTRIES: Final = 20_000
 #: How long start-up waits for Redis to answer (and each later connect attempt), seconds.
 CONNECT_TIMEOUT: Final = 3.0
+#: The usage hash's fields: prompt, completion and total tokens, nano-USD.
+USAGE_FIELDS: Final = ("p", "c", "t", "n")
+USAGE_CHANNEL: Final = "gw:usage"
 
 
 class RedisStore:
@@ -102,6 +111,52 @@ class RedisStore:
     @staticmethod
     def channel(instance: str) -> str:
         return f"gw:ctl:{instance}"
+
+    # ------------------------------------------------------------------ usage (accounting.py)
+
+    async def usage_add(
+        self, items: list[tuple[str, int, tuple[int, int, int, int]]], expire_at: int
+    ) -> list[tuple[int, int, int, int]]:
+        """Add each (principal, window, (prompt, completion, total, nanos)) to its window's
+        hash in one round trip; returns each window's new totals, which are also published on
+        `gw:usage` for the other instances. Raises RedisError or OSError."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for principal, window, counts in items:
+                key = f"gw:u:{window}:{principal}"
+                for field, value in zip(USAGE_FIELDS, counts, strict=True):
+                    pipe.hincrby(key, field, value)
+                pipe.expireat(key, expire_at)
+            results: list[Any] = await pipe.execute()
+        step = len(USAGE_FIELDS) + 1
+        totals = [
+            (int(results[i]), int(results[i + 1]), int(results[i + 2]), int(results[i + 3]))
+            for i in range(0, len(results), step)
+        ]
+        message = orjson.dumps([[p, w, *t] for (p, w, _), t in zip(items, totals, strict=True)])
+        await self.redis.publish(USAGE_CHANNEL, message)
+        return totals
+
+    async def usage_read(self, principal: str, window: int) -> tuple[int, int, int, int]:
+        """A principal's totals for one window (zeros when it used nothing there)."""
+        values: Any = await self.redis.hmget(f"gw:u:{window}:{principal}", *USAGE_FIELDS)
+        p, c, t, n = (int(v) if v is not None else 0 for v in values)
+        return p, c, t, n
+
+    async def usage_subscribe(self) -> Any:
+        """A new subscription to `gw:usage` (a redis PubSub: `listen()` yields its messages;
+        `usage_unsubscribe` closes it once nothing listens). Raises RedisError or OSError."""
+        pubsub: Any = self.redis.pubsub()
+        try:
+            await pubsub.subscribe(USAGE_CHANNEL)
+        except BaseException:
+            await self.usage_unsubscribe(pubsub)
+            raise
+        return pubsub
+
+    @staticmethod
+    async def usage_unsubscribe(pubsub: Any) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await pubsub.aclose()
 
     # ------------------------------------------------------------------ owner side (sync API)
 

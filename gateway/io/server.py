@@ -46,6 +46,7 @@ from gateway.core.session import (
     move,
 )
 from gateway.io import seams
+from gateway.io.accounting import Accounting
 from gateway.io.connection import Connection, spawn
 from gateway.io.http import HttpExchange
 from gateway.io.http_api import HttpApi
@@ -202,6 +203,8 @@ class Gateway:
         self.store: RedisStore | None = (
             RedisStore(config.redis_url, config.resume_retention) if config.redis_url else None
         )
+        #: Usage per principal and budgets (shared through the store when there is one).
+        self.accounting = Accounting(config, self.metrics, self.clock, self.store)
         #: Fire-and-forget is banned: control messages to other instances, remote follows and
         #: writers of closed sockets finishing are owned here.
         self._control_tasks: set[asyncio.Task[None]] = set()
@@ -279,6 +282,7 @@ class Gateway:
     def _relay_done(self, stream: Stream) -> None:
         self.relays.pop(stream, None)
         self.upstream.stream_ended(stream, stream.started_at)
+        self.accounting.charge(stream)
         self.active_streams -= 1
         if self.active_streams == 0:
             self.idle.set()
@@ -472,6 +476,7 @@ class Gateway:
         if self.store is not None:
             await self.store.start()
             self.store.on_control = self._on_control
+        self.accounting.start()
         await self.upstream.start()
         self.modes = await seams.choose(self.config.upstream_body, self.config.client_frames)
         self.upstream.push = self.modes.upstream_body == "push"
@@ -613,6 +618,7 @@ class Gateway:
         await self.join(streams)
         if self._control_tasks:
             await asyncio.wait(self._control_tasks)
+        await self.accounting.close()
         if self.store is not None:
             await self.store.close()
         await self.upstream.close()

@@ -15,7 +15,7 @@ import time
 from asyncio import FIRST_COMPLETED
 from collections.abc import Callable, Mapping
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
 import orjson
@@ -45,8 +45,16 @@ from gateway.core.routes import (
     UpstreamSpec,
     single_route,
 )
-from gateway.core.session import Outbox, State, Stream, finish_done, finish_fail
+from gateway.core.session import (
+    Outbox,
+    State,
+    Stream,
+    finish_done,
+    finish_fail,
+    prompt_chars,
+)
 from gateway.core.sse import SSEDecoder, SSEEventTooLarge
+from gateway.core.usage import Meter, Pricer, prompt_estimate
 from gateway.io.seams import attach_push, detach_push, pool_idle, set_reading
 from gateway.io.timers import LoopClock
 from gateway.metrics import Metrics
@@ -242,6 +250,8 @@ class Upstream:
     ) -> None:
         self.clock: Clock = clock if clock is not None else LoopClock()
         self.defaults = RequestDefaults(config.default_max_tokens)
+        #: Turns tokens into USD where the upstream gives no cost (--prices), else None.
+        self.prices: Pricer | None = config.prices
         self.part_limits = PartLimits(
             config.max_reasoning_bytes, config.max_tool_args_bytes, config.max_sources
         )
@@ -431,7 +441,16 @@ class Upstream:
         if stream.part_frames:
             self._count_parts(dialect, stream.part_frames)
         series.bytes.inc(stream.bytes_in)
-        content: dict[str, str] = {}
+        content: dict[str, Any] = {}
+        usage = stream.usage
+        if usage is not None:  # what it used (docs/usage.md): the canonical line carries it
+            content.update(
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                total_tokens=usage.total_tokens,
+                cost=round(usage.cost, 9) if usage.cost is not None else None,
+                usage_estimated=usage.estimated,
+            )
         if self.config.log_content:  # opt-in only: prompts and answers are user data
             content["prompt"] = orjson.dumps(stream.request.messages).decode()[:4000]
             content["answer"] = stream.text()[:4000]
@@ -633,7 +652,13 @@ class Upstream:
         dialect = route.dialect
         translator = dialect.new_translator(stream.wants, stream, self.part_limits)
         # What the upstream reports besides text (usage...), for a cancelled or failed end.
-        stream.upstream_meta = translator.meta
+        # What the stream will be charged, from this attempt (a fallback's replaces it).
+        meter = stream.meter = Meter(
+            translator,
+            prompt_estimate(prompt_chars(request.messages), len(request.messages)),
+            (model, request.model) if request.model and request.model != model else (model,),
+            self.prices,
+        )
         spec = route.spec
         req = dialect.request(
             spec.url, model, request.messages, request.options, spec.api_key, self.defaults
@@ -642,6 +667,7 @@ class Upstream:
         headers = {**spec.headers, **req.headers} if spec.headers else req.headers
         attempt_started = self.clock.now()
         resp, data = await self._first_response(route, url, headers, orjson.dumps(req.body), retry)
+        meter.answered = True
         self.open_responses += 1
         finished_cleanly = False
         feed: _BodyFeed | None = None

@@ -26,6 +26,7 @@ from gateway.core.session import (
     finish_fail,
     move,
 )
+from gateway.core.usage import Meter, Usage, openai_usage
 
 
 def make(max_streams: int = 16, capacity: bool = True, **limits: Any) -> Session:
@@ -391,6 +392,28 @@ def test_model_allow_list_and_prompt_size() -> None:
     ]
 
 
+def test_prompt_size_counts_a_tool_loop_conversation() -> None:
+    """An assistant turn that only called tools (content null) counts as no text: the prompt
+    limit and the usage estimate read the rest of the conversation (it used to crash)."""
+    s = make(max_prompt_chars=10)
+    s.welcome()
+    frames(s)
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [
+        {"role": "user", "content": "01234"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "56789"},
+    ]
+    s.receive(orjson.dumps({"type": "start", "id": "t", "messages": messages}).decode())
+    messages[0]["content"] = "012345"
+    s.receive(orjson.dumps({"type": "start", "id": "u", "messages": messages}).decode())
+    out = frames(s)
+    assert [(f["id"], f.get("code", f["type"])) for f in out] == [
+        ("t", "started"),
+        ("u", "prompt_too_large"),
+    ]
+
+
 def test_admission_refusal_carries_retry_after() -> None:
     """A rate-limit refusal from the server's admission check reaches the client with its
     retry_after_ms."""
@@ -415,6 +438,7 @@ def test_done_metadata_of_odd_shapes_is_held_to_the_documented_schema() -> None:
     s = make()
     s.welcome()
     stream = start(s, "m")
+    stream.meter = metered({"prompt_tokens": 5, "completion_tokens": -1, "total_tokens": "7"})
     stream.push("answer")
     finish_done(
         stream,
@@ -435,7 +459,8 @@ def test_done_metadata_of_odd_shapes_is_held_to_the_documented_schema() -> None:
     assert done["related_questions"] == ["why?"]
     assert done["images"] == [{"image_url": "https://i"}]
     assert "videos" not in done
-    assert done["usage"] == {"prompt_tokens": 5, "cost": 1}
+    # The raw usage is not relayed: its well-formed counts are normalised (a bad count is 0).
+    assert done["usage"] == {"prompt_tokens": 5, "completion_tokens": 0, "total_tokens": 5}
     assert "finish_reason" not in done
     parsed = parse_server_frame(done)
     assert isinstance(parsed, Done)
@@ -592,19 +617,62 @@ def test_parts_of_a_detached_stream_are_retained_and_counted() -> None:
     ]
 
 
-def test_cancelled_and_error_carry_the_upstreams_usage() -> None:
+class _Reading:
+    """A translator's usage side, as a meter reads it."""
+
+    def __init__(self, raw: Any = None, other_chars: int = 0) -> None:
+        self.raw = raw
+        self.other_chars = other_chars
+
+    def usage(self) -> Usage | None:
+        return openai_usage(self.raw)
+
+    def output_chars(self) -> int:
+        return self.other_chars
+
+
+def metered(raw: Any = None, *, answered: bool = True, other_chars: int = 0) -> Meter:
+    """A meter for an upstream that reported `raw` usage (a 10-token prompt estimate)."""
+    meter = Meter(_Reading(raw, other_chars), 10, ("m",), None)
+    meter.answered = answered
+    return meter
+
+
+def test_every_end_carries_the_usage_settled_as_it_ended() -> None:
+    """`done` carries the upstream's final usage; `cancelled` an estimate from what was relayed,
+    never below what the upstream had reported; an `error` before the upstream answered
+    charges nothing; a stream that never reached an upstream carries none."""
     s = make()
-    a = start(s, "a")
-    b = start(s, "b")
+    a, b, c, d = (start(s, sid) for sid in "abcd")
     frames(s)
-    a.upstream_meta = {"usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
-    b.upstream_meta = {"usage": {"total_tokens": -1, "cost": 0.1}}
+    a.meter = metered({"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5})
+    b.meter = metered({"prompt_tokens": 30, "completion_tokens": 1}, other_chars=8)
+    c.meter = metered(answered=False)
     a.push("x")
-    s.receive('{"type":"cancel","id":"a"}')
-    finish_fail(b, ErrorCode.UPSTREAM_ERROR, "boom")
-    got = {f["id"]: f for f in frames(s) if f["type"] in ("cancelled", "error")}
+    finish_done(a, {})
+    b.push("0123456789ab")  # 12 characters: 3 tokens, and 8 of reasoning: 2 more
+    s.receive('{"type":"cancel","id":"b"}')
+    finish_fail(c, ErrorCode.UPSTREAM_ERROR, "boom")
+    s.receive('{"type":"cancel","id":"d"}')
+    got = {f["id"]: f for f in frames(s) if f["type"] in ("done", "cancelled", "error")}
     assert got["a"]["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
-    assert got["b"]["usage"] == {"cost": 0.1}  # held to the documented shape
+    assert got["b"]["usage"] == {
+        "prompt_tokens": 30,
+        "completion_tokens": 5,
+        "total_tokens": 35,
+        "estimated": True,
+    }
+    assert got["c"]["usage"] == {
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "total_tokens": 0,
+        "estimated": True,
+    }
+    assert "usage" not in got["d"]
+    assert (a.usage, b.usage, c.usage, d.usage)[:3] == tuple(
+        Usage(**{k: v for k, v in got[x]["usage"].items() if k != "total_tokens"}) for x in "abc"
+    )
+    assert d.usage is None
 
 
 @settings(max_examples=200, deadline=None)

@@ -26,10 +26,11 @@ from gateway.core.dialects import UpstreamFailure, translator_for
 from gateway.core.parts import KNOWN_PARTS
 from gateway.core.protocol import ErrorCode
 from gateway.core.sse import SSEDecoder, SSEEvent
+from gateway.core.usage import Usage
 from gateway.mock.formats import Emit
 from gateway.mock.knobs import Knobs
 from gateway.mock.replay import TranscriptLibrary, plan_replay
-from tests.support import dialect_of, expected_finish
+from tests.support import TRANSCRIPT_USAGE, dialect_of, expected_finish
 
 TRANSCRIPTS = Path(
     os.environ.get("GATEWAY_TRANSCRIPTS")
@@ -83,6 +84,8 @@ class Relayed:
     text: str
     meta: dict[str, Any]
     sink: Recorder
+    #: The upstream's usage, normalised (gateway.core.usage).
+    usage: Usage | None = None
 
 
 def relay(name: str, pieces: list[bytes], wants: frozenset[str] = KNOWN_PARTS) -> Relayed:
@@ -107,7 +110,7 @@ def relay(name: str, pieces: list[bytes], wants: frozenset[str] = KNOWN_PARTS) -
     assert translator.finished
     if translator.final_text is not None:  # what finish_done relays from it
         text.append(translator.final_text[len("".join(text)) :])
-    return Relayed("".join(text), translator.meta, sink)
+    return Relayed("".join(text), translator.meta, sink, translator.usage())
 
 
 def check(name: str, got: Relayed) -> None:
@@ -138,7 +141,15 @@ def check(name: str, got: Relayed) -> None:
     assert len({c["call_id"] for c in calls}) == len(calls)
     assert got.meta.get("tool_calls", []) == calls
     assert got.meta.get("finish_reason") == expected_finish(EXPECTED[name])
-    assert got.meta.get("usage") == want["usage"]
+    assert got.meta.get("usage") == want["usage"]  # kept as sent, for the normalisation
+    assert got.usage is not None
+    usage = got.usage.as_dict()
+    assert usage == TRANSCRIPT_USAGE[name.removesuffix(".jsonl")]
+    raw_total = (want["usage"] or {}).get(
+        "total_tokens", (want["usage"] or {}).get("totalTokenCount")
+    )
+    if raw_total is not None:  # where the upstream gave a total, it is the gateway's total
+        assert usage["total_tokens"] == raw_total
 
 
 def test_the_recordings_are_there_and_unchanged() -> None:

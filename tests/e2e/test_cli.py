@@ -608,6 +608,41 @@ MISCONFIGURATIONS = [
         id="routes-and-upstream-url",
     ),
     pytest.param(
+        ["serve", "--port", "0", "--prices", "{tmp}/missing.toml"],
+        {},
+        ["--prices {tmp}/missing.toml: cannot read it (No such file or directory)"],
+        False,
+        id="prices-missing",
+    ),
+    pytest.param(
+        ["serve", "--port", "0", "--prices", "{tmp}/prices-bad.toml"],
+        {},
+        ['--prices {tmp}/prices-bad.toml:4: prices."gpt-*": needs output_per_mtok'],
+        False,
+        id="prices-malformed",
+    ),
+    pytest.param(
+        ["serve", "--port", "0", "--budget-window", "1w"],
+        {},
+        ["argument --budget-window: '1w' is not a window: a whole number and s, m, h or d"],
+        True,
+        id="budget-window-unknown-unit",
+    ),
+    pytest.param(
+        ["serve", "--port", "0"],
+        {"GATEWAY_BUDGET_COST": "-1"},
+        ["GATEWAY_BUDGET_COST: "],
+        False,
+        id="budget-cost-negative-env",
+    ),
+    pytest.param(
+        ["serve", "--port", "0", "--auth-tokens-file", "{tmp}/tokens-budget"],
+        {},
+        ["--auth-tokens-file {tmp}/tokens-budget, line 1: ", "budget_token"],
+        False,
+        id="tokens-file-unknown-budget-field",
+    ),
+    pytest.param(
         ["serve", "--port", "0", "--redis-url", "redis://:hunter2@127.0.0.1:{closed}/0"],
         {},
         ["--redis-url redis://:***@127.0.0.1:{closed}/0: cannot connect", "start Redis there"],
@@ -672,6 +707,11 @@ def misconfigured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
     tmp = tmp_path_factory.mktemp("misconfigured")
     (tmp / "tokens").write_text("# principals\n0123456789abcdef alice\nshort bob\n")
     (tmp / "cert.pem").write_text("not a certificate\n")
+    (tmp / "tokens-budget").write_text("0123456789abcdef alice budget_token=5\n")
+    (tmp / "prices-bad.toml").write_text(
+        '[prices."sonar"]\ninput_per_mtok = 1.0\noutput_per_mtok = 2.0\n'
+        '[prices."gpt-*"]\ninput_per_mtok = 2.0\n'
+    )
     (tmp / "routes-syntax.toml").write_text('[upstreams.a]\nurl = "http://x"\ndialect = \n')
     model = '[[models]]\nname = "m"\nupstreams = ["a"]\n'
     (tmp / "routes-dialect.toml").write_text(
@@ -985,7 +1025,7 @@ def test_every_flag_is_a_config_field() -> None:
     flags = set(vars(parser.parse_args([])))
     names = {f.name for f in dataclasses.fields(Config)}
     assert flags - names == set()
-    assert names - flags == {"api_key", "jwt_secret", "routes_file"}
+    assert names - flags == {"api_key", "jwt_secret", "routes_file", "prices_file"}
     config = parse(["--idle-timeout", "7", "--resume-grace", "3", "--allowed-models", "a,b"])
     assert (config.idle_timeout, config.resume_grace, config.allowed_models) == (
         7.0,

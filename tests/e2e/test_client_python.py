@@ -77,6 +77,7 @@ def test_public_surface_is_pinned() -> None:
         "DEFAULT_URL",
         "Answer",
         "Backoff",
+        "BudgetExceeded",
         "ConnectionLost",
         "GatewayBusy",
         "GatewayClient",

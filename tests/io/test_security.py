@@ -20,6 +20,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway.auth import (
     AuthError,
+    Principal,
     TokenAuthenticator,
     is_loopback_host,
     origin_allowed,
@@ -72,7 +73,7 @@ async def closed_code(client: Client) -> int | None:
 def test_tokens_file_format() -> None:
     """Token files take `token principal` lines; malformed lines are refused by number."""
     tokens = parse_tokens(f"# c\n{ALICE} alice\n")
-    assert list(tokens.values()) == ["alice"]
+    assert list(tokens.values()) == [Principal("alice")]
     for bad in ("onlyonefield0123456789", "short alice", f"{ALICE} al ice", f"{ALICE} bad|name"):
         with pytest.raises(ValueError, match="line 1"):
             parse_tokens(bad)

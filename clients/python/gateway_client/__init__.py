@@ -18,6 +18,7 @@ protocol's `code` and `retryable`; dropped sockets are reconnected with jittered
 from gateway_client._backoff import Backoff
 from gateway_client._client import DEFAULT_URL, GatewayClient, Stream
 from gateway_client._errors import (
+    BudgetExceeded,
     ConnectionLost,
     GatewayBusy,
     GatewayError,
@@ -46,6 +47,7 @@ __all__ = [
     "DEFAULT_URL",
     "Answer",
     "Backoff",
+    "BudgetExceeded",
     "ConnectionLost",
     "GatewayBusy",
     "GatewayClient",

@@ -42,12 +42,12 @@ class GatewayError(Exception):
         self.seq = seq
         #: The upstream's HTTP status (`upstream_error`).
         self.status = status
-        #: How long the upstream asked us to wait before retrying (`upstream_error`, Retry-After).
+        #: How long to wait before trying again: the upstream's Retry-After (`upstream_error`),
+        #: or when the window frees room (`rate_limited`, `budget_exceeded`).
         self.retry_after_ms = retry_after_ms
         #: The `error` frame as received, when the error came from the gateway.
         self.frame = frame
-        #: The tokens the upstream reported before the stream failed (the tokens spent are
-        #: spent), when it had reported any.
+        #: What the stream used before it failed (the tokens spent are spent: docs/usage.md).
         self.usage = usage
 
 
@@ -59,6 +59,11 @@ class ProtocolError(GatewayError):
 class GatewayBusy(GatewayError):
     """The gateway refused a start for now (too_many_streams, shutting_down, rate_limited);
     retry later (after `retry_after_ms` when set)."""
+
+
+class BudgetExceeded(GatewayError):
+    """The principal's budget for the gateway's window is used up (budget_exceeded): not
+    retryable as is; `retry_after_ms` says when the window frees room."""
 
 
 class UpstreamError(GatewayError):
@@ -123,6 +128,7 @@ _BY_CODE: Final[dict[str, type[GatewayError]]] = {
     "too_many_streams": GatewayBusy,
     "shutting_down": GatewayBusy,
     "rate_limited": GatewayBusy,
+    "budget_exceeded": BudgetExceeded,
     "prompt_too_large": ProtocolError,
     "upstream_unavailable": UpstreamError,
     "upstream_error": UpstreamError,

@@ -60,6 +60,7 @@ ERROR_CODES: Final = frozenset(
         "shutting_down",
         "unauthorized",
         "rate_limited",
+        "budget_exceeded",
         "prompt_too_large",
         "resume_unavailable",
         "upstream_unavailable",
@@ -71,7 +72,15 @@ ERROR_CODES: Final = frozenset(
     }
 )
 #: Token counts that `usage` carries as non-negative integers when present.
-USAGE_COUNTS: Final = ("prompt_tokens", "completion_tokens", "total_tokens")
+USAGE_COUNTS: Final = (
+    "prompt_tokens",
+    "cached_tokens",
+    "cache_write_tokens",
+    "completion_tokens",
+    "reasoning_tokens",
+    "total_tokens",
+)
+_USAGE_REQUIRED: Final = frozenset({"prompt_tokens", "completion_tokens", "total_tokens"})
 #: The part kinds a start may ask for besides text (docs/protocol.md, "Parts"), as `welcome`
 #: lists them.
 PART_KINDS: Final = ("reasoning", "sources", "tools", "progress")
@@ -426,7 +435,16 @@ def _usage(obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
     if not isinstance(usage, dict):
         raise _Invalid("'usage' must be an object")
     for key in USAGE_COUNTS:
-        _opt_int(usage, key, 0)
+        if key in _USAGE_REQUIRED:
+            _int(usage, key, 0)
+        else:
+            _opt_int(usage, key, 0)
+    if "cost" in usage:
+        cost = usage["cost"]
+        if isinstance(cost, bool) or not isinstance(cost, int | float) or not cost >= 0:
+            raise _Invalid("'cost' must be a number >= 0")
+    if "estimated" in usage and usage["estimated"] is not True:
+        raise _Invalid("'estimated' must be true when present")
     return usage
 
 

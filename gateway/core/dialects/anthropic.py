@@ -62,6 +62,7 @@ from gateway.core.dialects.base import (
 from gateway.core.parts import NULL_SINK, PartLimits, PartSink
 from gateway.core.protocol import ErrorCode
 from gateway.core.sse import SSEEvent
+from gateway.core.usage import Usage, count
 
 #: The API version the request names (the only stable one; docs "Versioning").
 ANTHROPIC_VERSION: Final = "2023-06-01"
@@ -199,6 +200,18 @@ class AnthropicTranslator(PartsTranslator):
                 ErrorCode.UPSTREAM_ERROR, error_message(err), retryable=error_retryable(err)
             )
         return None  # `ping`, and event types added after this was written
+
+    def usage(self) -> Usage | None:
+        """Anthropic counts cache reads and writes apart from `input_tokens`: the prompt is all
+        three (upstream-formats.md, section 2); `output_tokens` includes thinking."""
+        raw = self.meta.get("usage")
+        fresh, output = count(raw, "input_tokens"), count(raw, "output_tokens")
+        if fresh is None and output is None:
+            return None
+        read = count(raw, "cache_read_input_tokens")
+        write = count(raw, "cache_creation_input_tokens")
+        prompt = (fresh or 0) + (read or 0) + (write or 0)
+        return Usage(prompt, output or 0, None, read, write)
 
     def end_of_stream(self) -> None:
         if self.finished:

@@ -20,6 +20,7 @@ from gateway.core.dialects.sources import SourceIndex
 from gateway.core.parts import NULL_SINK, PartLimits, PartSink
 from gateway.core.protocol import RETRYABLE, ErrorCode
 from gateway.core.sse import SSEEvent
+from gateway.core.usage import Usage, openai_usage
 
 #: Top-level metadata keys relayed in `done` when the upstream sent them (protocol.md, "done").
 META_KEYS: Final = ("citations", "search_results", "images", "related_questions", "videos", "usage")
@@ -165,6 +166,16 @@ class Translator(ABC):
         """Sources dropped over `PartLimits.max_sources` (a metric)."""
         return 0
 
+    def usage(self) -> Usage | None:
+        """The upstream's usage so far in the gateway's convention (`gateway.core.usage`); this
+        base reads the OpenAI convention, a dialect with its own overrides it."""
+        return openai_usage(self.meta.get("usage"))
+
+    def output_chars(self) -> int:
+        """Characters of output seen besides the answer text (reasoning, tool-call arguments):
+        what an estimate counts, whether or not the client asked for it."""
+        return 0
+
     @abstractmethod
     def feed(self, event: SSEEvent) -> str | None:
         """The text delta `event` carries, if any; raises UpstreamFailure on an error."""
@@ -214,6 +225,14 @@ class PartsTranslator(Translator):
     @property
     def sources_dropped(self) -> int:
         return self._sources.dropped if self._sources is not None else 0
+
+    def output_chars(self) -> int:
+        chars = self._reasoning_bytes
+        for call in self._calls:
+            raw = call.get("arguments_raw")
+            chars += len(raw) if isinstance(raw, str) else len(orjson.dumps(call.get("arguments")))
+            chars += len(call.get("name") or "")
+        return chars
 
     def _reason(self, text: str) -> None:
         """A reasoning delta: counted against the limit whether or not it was asked for."""

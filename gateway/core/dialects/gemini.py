@@ -53,6 +53,7 @@ from gateway.core.dialects.base import (
 from gateway.core.parts import NULL_SINK, PartLimits, PartSink
 from gateway.core.protocol import ErrorCode
 from gateway.core.sse import SSEEvent
+from gateway.core.usage import Usage, count
 
 #: Google's error codes and statuses that may succeed later (overloaded, rate-limited, server
 #: trouble; google.rpc.Code and Google's retry guidance for 429/500/503/504).
@@ -232,6 +233,20 @@ class GeminiTranslator(PartsTranslator):
             self.saw_text = True
             return text
         return self._slow(obj)
+
+    def usage(self) -> Usage | None:
+        """`usageMetadata`: `candidatesTokenCount` leaves the thoughts out
+        (`thoughtsTokenCount` beside it), `promptTokenCount` includes the cached content; tool
+        results the API fetched itself (`toolUsePromptTokenCount`) are input too."""
+        raw = self.meta.get("usage")
+        prompt = count(raw, "promptTokenCount")
+        answer = count(raw, "candidatesTokenCount")
+        thoughts = count(raw, "thoughtsTokenCount")
+        if prompt is None and answer is None and thoughts is None:
+            return None
+        prompt = (prompt or 0) + (count(raw, "toolUsePromptTokenCount") or 0)
+        cached = count(raw, "cachedContentTokenCount")
+        return Usage(prompt, (answer or 0) + (thoughts or 0), thoughts, cached)
 
     def end_of_stream(self) -> None:
         if self.finished:

@@ -58,6 +58,7 @@ from gateway.core.dialects.base import (
 from gateway.core.parts import NULL_SINK, PartLimits, PartSink
 from gateway.core.protocol import ErrorCode
 from gateway.core.sse import SSEEvent
+from gateway.core.usage import XAI_TICKS_PER_USD, Usage, amount, count
 
 #: The hot path's event: one answer-text delta.
 _TEXT: Final = "response.output_text.delta"
@@ -248,6 +249,25 @@ class ResponsesTranslator(PartsTranslator):
             return None
         handler = _HANDLERS.get(kind)
         return None if handler is None else handler(self, obj)
+
+    def usage(self) -> Usage | None:
+        """The Responses convention: `input_tokens` (cached included, in
+        `input_tokens_details`), `output_tokens` (reasoning included, in
+        `output_tokens_details`); cost from the Perplexity Agent API's `cost.total_cost`."""
+        raw = self.meta.get("usage")
+        prompt, output = count(raw, "input_tokens"), count(raw, "output_tokens")
+        if prompt is None and output is None:
+            return None
+        prompt, output = prompt or 0, output or 0
+        reasoning = count(raw, "output_tokens_details", "reasoning_tokens")
+        total = count(raw, "total_tokens")
+        if reasoning and total == prompt + output + reasoning != prompt + output:
+            output += reasoning  # reasoning left out of output_tokens but not of the total
+        cost = amount(raw, "cost", "total_cost")
+        if cost is None and (ticks := count(raw, "cost_in_usd_ticks")) is not None:
+            cost = ticks / XAI_TICKS_PER_USD
+        cached = count(raw, "input_tokens_details", "cached_tokens")
+        return Usage(prompt, output, reasoning, cached, None, cost)
 
     def end_of_stream(self) -> None:
         if self.finished:
