@@ -192,10 +192,15 @@ class Meter:
     charged nothing, and a cancel the prompt (the upstream may have started on it).
     """
 
-    __slots__ = ("answered", "models", "price", "prompt_tokens", "reading")
+    __slots__ = ("answered", "carried", "models", "price", "prompt_tokens", "reading")
 
     def __init__(
-        self, reading: Reading, prompt_tokens: int, models: tuple[str, ...], price: Pricer | None
+        self,
+        reading: Reading,
+        prompt_tokens: int,
+        models: tuple[str, ...],
+        price: Pricer | None,
+        carried: Usage | None = None,
     ) -> None:
         self.reading: Reading = reading
         #: The prompt's estimate (used when the upstream reported no input count).
@@ -204,6 +209,15 @@ class Meter:
         self.models = models
         self.price = price
         self.answered = False
+        #: What earlier attempts of the stream used (upstreams that took the request, then
+        #: failed before any token, so that the stream moved on): charged with this one's.
+        self.carried = carried
+
+    def carry(self) -> Usage | None:
+        """This attempt failed and the stream moves on: what it used, plus what it carried
+        (None when no upstream took the request)."""
+        usage = self.settle(0, finished=False, cancelled=False)
+        return usage if usage.total_tokens or usage.cost else None
 
     def settle(self, text_chars: int, finished: bool, cancelled: bool) -> Usage:
         """The stream's usage: the upstream's own when it `finished` and reported one, else an
@@ -220,7 +234,8 @@ class Meter:
             if not cancelled:
                 # The upstream refused or never took the request: nothing was used, not even
                 # a per-request fee.
-                return Usage(0, 0, estimated=True)
+                usage = Usage(0, 0, estimated=True)
+                return _plus(usage, self.carried) if self.carried is not None else usage
             usage = Usage(self.prompt_tokens, 0, estimated=True)
         else:
             output = estimate_tokens(text_chars + reading.output_chars())
@@ -239,4 +254,26 @@ class Meter:
             priced = self.price(self.models, usage)
             if priced is not None:
                 usage.cost = priced if usage.cost is None else max(usage.cost, priced)
-        return usage
+        return _plus(usage, self.carried) if self.carried is not None else usage
+
+
+def _plus(usage: Usage, earlier: Usage) -> Usage:
+    """`usage` with what earlier attempts used added (then an estimate as a whole)."""
+
+    def add(a: int | None, b: int | None) -> int | None:
+        return None if a is None and b is None else (a or 0) + (b or 0)
+
+    cost = (
+        None
+        if usage.cost is None and earlier.cost is None
+        else ((usage.cost or 0.0) + (earlier.cost or 0.0))
+    )
+    return Usage(
+        usage.prompt_tokens + earlier.prompt_tokens,
+        usage.completion_tokens + earlier.completion_tokens,
+        add(usage.reasoning_tokens, earlier.reasoning_tokens),
+        add(usage.cached_tokens, earlier.cached_tokens),
+        add(usage.cache_write_tokens, earlier.cache_write_tokens),
+        cost,
+        estimated=True,
+    )

@@ -875,3 +875,24 @@ def test_a_failure_before_the_upstream_answered_pays_no_request_fee() -> None:
     usage = cancelled.settle(0, finished=False, cancelled=True)
     assert (usage.prompt_tokens, usage.completion_tokens) == (30, 0)
     assert usage.cost == pytest.approx(30 * 3.0 / 1e6 + 0.005)
+
+
+def test_an_attempt_the_upstream_took_is_carried_into_the_next() -> None:
+    """A fallback after an upstream took the request (its message_start counted 40 prompt
+    tokens and 1 output token) charges that attempt too: the final usage is the sum, an
+    estimate; an upstream that refused the request carries nothing."""
+    took = translator_for("anthropic")
+    took.meta["usage"] = {"input_tokens": 40, "output_tokens": 1}
+    first = Meter(took, 30, ("a",), None)
+    first.answered = True
+    carried = first.carry()
+    assert carried == Usage(40, 1, None, None, None, None, estimated=True)
+    refused = Meter(translator_for("openai"), 30, ("b",), None)
+    assert refused.carry() is None
+    last = translator_for("openai")
+    last.meta["usage"] = {"prompt_tokens": 40, "completion_tokens": 9, "total_tokens": 49}
+    final = Meter(last, 30, ("c",), None, carried)
+    final.answered = True
+    usage = final.settle(36, finished=True, cancelled=False)
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (80, 10, 90)
+    assert usage.estimated is True

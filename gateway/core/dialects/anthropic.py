@@ -388,10 +388,7 @@ class AnthropicTranslator(PartsTranslator):
         blocks, self._blocks = self._blocks, {}
         for block in blocks.values():
             self._complete(block)
-        if self._reasoning:
-            self.meta["reasoning"] = "".join(self._reasoning)
-        if self._want_tools and self._calls:
-            self.meta["tool_calls"] = self._calls
+        self._record_parts()
 
 
 # --------------------------------------------------------------------------------------------

@@ -226,6 +226,14 @@ class PartsTranslator(Translator):
     def sources_dropped(self) -> int:
         return self._sources.dropped if self._sources is not None else 0
 
+    def _record_parts(self) -> None:
+        """At the answer's end: `done`'s `reasoning` and `tool_calls`, for a client that asked
+        for them (left out when there is none)."""
+        if self._reasoning:
+            self.meta["reasoning"] = "".join(self._reasoning)
+        if self._want_tools and self._calls:
+            self.meta["tool_calls"] = self._calls
+
     def output_chars(self) -> int:
         chars = self._reasoning_bytes
         for call in self._calls:

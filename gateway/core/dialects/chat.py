@@ -485,10 +485,7 @@ class OpenAITranslator(PartsTranslator):
             return None
         self._closed = True
         held = self._end_answer()
-        if self._reasoning:
-            self.meta["reasoning"] = "".join(self._reasoning)
-        if self._want_tools and self._calls:
-            self.meta["tool_calls"] = self._calls
+        self._record_parts()
         return held or None
 
 

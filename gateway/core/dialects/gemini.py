@@ -520,10 +520,7 @@ class GeminiTranslator(PartsTranslator):
         if self._closed:
             return
         self._closed = True
-        if self._reasoning:
-            self.meta["reasoning"] = "".join(self._reasoning)
-        if self._want_tools and self._calls:
-            self.meta["tool_calls"] = self._calls
+        self._record_parts()
 
 
 # --------------------------------------------------------------------------------------------

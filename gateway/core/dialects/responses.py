@@ -520,10 +520,7 @@ class ResponsesTranslator(PartsTranslator):
         self._closed = True
         for key in list(self._open_calls):
             self._complete(key, None)
-        if self._reasoning:
-            self.meta["reasoning"] = "".join(self._reasoning)
-        if self._want_tools and self._calls:
-            self.meta["tool_calls"] = self._calls
+        self._record_parts()
 
 
 _Handler = Callable[[ResponsesTranslator, dict[str, Any]], str | None]
