@@ -160,7 +160,7 @@ class Metrics:
             registry=r,
         )
         # Usage and cost (docs/usage.md): by upstream and model, never by principal (bounded:
-        # the model label is capped, see gateway.io.budgets.MODEL_LABELS).
+        # the model label is capped, see gateway.io.accounting.MODEL_LABELS).
         self.usage_tokens = Counter(
             "gateway_usage_tokens",
             "Tokens used by ended streams, by upstream, model and kind (prompt, completion, "

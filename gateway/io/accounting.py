@@ -17,7 +17,7 @@ The bookkeeping is `gateway.core.budget.Ledger` (pure); this shell feeds it:
 from __future__ import annotations
 
 import asyncio
-import math
+import secrets
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
@@ -88,6 +88,9 @@ class Accounting:
         self._loads: dict[str, asyncio.Task[None]] = {}
         #: The subscription to the other instances' totals (a redis PubSub), while open.
         self._pubsub: Any = None
+        #: The batch of charges sent and not acknowledged yet: (id, its charges).
+        self._batch: tuple[str, list[tuple[str, int, Totals]]] | None = None
+        self._publish_failed = False
         #: Whether Redis took our last exchange (False without Redis: per-process accounting).
         self.shared = store is not None
         #: Set after each batch of charges Redis has taken, after each update from another
@@ -247,6 +250,7 @@ class Accounting:
             return
         self.ledger.absorb(name, start, Totals(p, c, t, n), wall)
         self.ledger.mark_loaded(name, wall)
+        self._recovered()
 
     async def _sync(self) -> None:
         """Send the charges as they come (one pipeline for all that waited); after a failure,
@@ -261,31 +265,50 @@ class Accounting:
                 self._wake.set()
 
     async def _flush(self) -> bool:
-        """Send every unsent charge; whether Redis took them (they are kept if not)."""
+        """Send the unsent charges, a batch at a time, until none is left; whether Redis took
+        them all. A batch Redis did not acknowledge is sent again as it was (same id: counted
+        once, however often it is sent), its charges counted here meanwhile."""
+        while True:
+            if self._batch is None:
+                taken = self.ledger.take_unflushed(self.clock.wall())
+                if not taken:
+                    return True
+                self._batch = (secrets.token_hex(8), taken)
+            if not await self._send(*self._batch):
+                return False
+            self._batch = None
+
+    async def _send(self, batch: str, items: list[tuple[str, int, Totals]]) -> bool:
         assert self.store is not None
-        wall = self.clock.wall()
-        items = self.ledger.take_unflushed(wall)
-        if not items:
-            return True
-        window_end = math.ceil(self.ledger.resets_at(wall))
+        rows = [
+            (p, w, (t.prompt_tokens, t.completion_tokens, t.total_tokens, t.cost_nanos))
+            for p, w, t in items
+        ]
+        expire_at = max(w for _, w, _ in items) + self.window + KEY_SLACK
         try:
             async with asyncio.timeout(REDIS_TIMEOUT):
-                totals = await self.store.usage_add(
-                    [
-                        (p, w, (t.prompt_tokens, t.completion_tokens, t.total_tokens, t.cost_nanos))
-                        for p, w, t in items
-                    ],
-                    window_end + KEY_SLACK,
-                )
+                totals = await self.store.usage_add(batch, rows, expire_at)
         except (RedisError, OSError, TimeoutError) as exc:
-            for principal, start, sent in items:
-                self.ledger.unsent(principal, start, sent)
             self._failed(exc)
             return False
         for (principal, start, sent), total in zip(items, totals, strict=True):
             self.ledger.flushed(principal, start, sent, Totals(*total))
         self._recovered()
         self.synced.set()
+        try:
+            async with asyncio.timeout(REDIS_TIMEOUT):
+                await self.store.usage_publish(rows, totals)
+        except (RedisError, OSError, TimeoutError) as exc:
+            # Counted all the same; the other instances learn of it at their next read.
+            if not self._publish_failed:
+                self._publish_failed = True
+                log.warning(
+                    "usage.publish_failed",
+                    error=str(exc) or type(exc).__name__,
+                    hint="the Redis user needs the gw:usage channel (docs/deploy.md, ACL)",
+                )
+        else:
+            self._publish_failed = False
         return True
 
     async def _follow(self) -> None:

@@ -14,6 +14,8 @@ The only module that imports redis. Keys (docs/deploy.md, "Redis"):
 - `gw:u:{window}:{principal}` a hash: what a principal used in one budget window (`p` prompt and
   `c` completion tokens, `t` their total, `n` nano-USD), incremented atomically by every
   instance, expiring an hour after the window ends (gateway/io/accounting.py);
+- `gw:ub:{batch}` a batch of usage increments already applied (EX 25 h), so that a batch sent
+  again after its answer was lost is not counted twice;
 - `gw:usage` a pub/sub channel: after each batch of increments, the new totals, so that every
   instance's view of a principal's spend follows the others' within milliseconds.
 
@@ -51,6 +53,31 @@ CONNECT_TIMEOUT: Final = 3.0
 #: The usage hash's fields: prompt, completion and total tokens, nano-USD.
 USAGE_FIELDS: Final = ("p", "c", "t", "n")
 USAGE_CHANNEL: Final = "gw:usage"
+#: How long a usage batch's id is remembered (a batch retried later than that, after an outage
+#: longer than a day, could count twice), seconds.
+BATCH_TTL: Final = 90_000
+#: Adds a batch of usage once: KEYS[1] is the batch's marker, then one hash per principal and
+#: window; ARGV is the marker's TTL, the hashes' expiry, then four counts per hash. Returns every
+#: hash's four totals.
+USAGE_SCRIPT: Final = """
+local fresh = redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1])
+local out = {}
+for i = 2, #KEYS do
+  local at = 3 + (i - 2) * 4
+  if fresh then
+    redis.call('HINCRBY', KEYS[i], 'p', ARGV[at])
+    redis.call('HINCRBY', KEYS[i], 'c', ARGV[at + 1])
+    redis.call('HINCRBY', KEYS[i], 't', ARGV[at + 2])
+    redis.call('HINCRBY', KEYS[i], 'n', ARGV[at + 3])
+    redis.call('EXPIREAT', KEYS[i], ARGV[2])
+  end
+  local totals = redis.call('HMGET', KEYS[i], 'p', 'c', 't', 'n')
+  for j = 1, 4 do
+    out[#out + 1] = tonumber(totals[j]) or 0
+  end
+end
+return out
+"""
 
 
 class RedisStore:
@@ -69,6 +96,7 @@ class RedisStore:
         #: Control handlers set by the server: cancel / moved / dropped, by token.
         self.on_control: Callable[[str, str], None] | None = None
         self.healthy = True
+        self._usage_script: Any = self.redis.register_script(USAGE_SCRIPT)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -115,26 +143,34 @@ class RedisStore:
     # ------------------------------------------------------------------ usage (accounting.py)
 
     async def usage_add(
-        self, items: list[tuple[str, int, tuple[int, int, int, int]]], expire_at: int
+        self,
+        batch: str,
+        items: list[tuple[str, int, tuple[int, int, int, int]]],
+        expire_at: int,
     ) -> list[tuple[int, int, int, int]]:
         """Add each (principal, window, (prompt, completion, total, nanos)) to its window's
-        hash in one round trip; returns each window's new totals, which are also published on
-        `gw:usage` for the other instances. Raises RedisError or OSError."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for principal, window, counts in items:
-                key = f"gw:u:{window}:{principal}"
-                for field, value in zip(USAGE_FIELDS, counts, strict=True):
-                    pipe.hincrby(key, field, value)
-                pipe.expireat(key, expire_at)
-            results: list[Any] = await pipe.execute()
-        step = len(USAGE_FIELDS) + 1
-        totals = [
-            (int(results[i]), int(results[i + 1]), int(results[i + 2]), int(results[i + 3]))
-            for i in range(0, len(results), step)
+        hash, atomically and at most once per `batch` id (a batch sent again after its answer
+        was lost is not counted twice); returns each window's totals. Raises RedisError or
+        OSError."""
+        keys = [f"gw:ub:{batch}", *(f"gw:u:{window}:{principal}" for principal, window, _ in items)]
+        args: list[int] = [BATCH_TTL, expire_at]
+        for _, _, counts in items:
+            args.extend(counts)
+        flat: list[Any] = await self._usage_script(keys=keys, args=args)
+        return [
+            (int(flat[i]), int(flat[i + 1]), int(flat[i + 2]), int(flat[i + 3]))
+            for i in range(0, len(flat), 4)
         ]
+
+    async def usage_publish(
+        self,
+        items: list[tuple[str, int, tuple[int, int, int, int]]],
+        totals: list[tuple[int, int, int, int]],
+    ) -> None:
+        """Tell the other instances the new totals (`gw:usage`). Raises RedisError or
+        OSError."""
         message = orjson.dumps([[p, w, *t] for (p, w, _), t in zip(items, totals, strict=True)])
         await self.redis.publish(USAGE_CHANNEL, message)
-        return totals
 
     async def usage_read(self, principal: str, window: int) -> tuple[int, int, int, int]:
         """A principal's totals for one window (zeros when it used nothing there)."""

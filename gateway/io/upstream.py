@@ -470,7 +470,13 @@ class Upstream:
         )
 
     async def _first_response(
-        self, route: Route, url: yarl.URL, headers: Mapping[str, str], body: bytes, retry: bool
+        self,
+        route: Route,
+        url: yarl.URL,
+        headers: Mapping[str, str],
+        body: bytes,
+        retry: bool,
+        meter: Meter,
     ) -> tuple[aiohttp.ClientResponse, bytes]:
         """POST and read the first body bytes, retrying what is safe to retry when `retry` (the
         last upstream a stream may try; before that, a failure moves it on at once).
@@ -497,6 +503,7 @@ class Upstream:
                     responses.inc()
                     try:
                         if 200 <= resp.status < 300:
+                            meter.answered = True  # it took the request: it may bill it
                             return resp, await resp.content.readany()
                         failure = await _status_failure(resp, spec.api_key)
                     except BaseException:
@@ -652,12 +659,15 @@ class Upstream:
         dialect = route.dialect
         translator = dialect.new_translator(stream.wants, stream, self.part_limits)
         # What the upstream reports besides text (usage...), for a cancelled or failed end.
-        # What the stream will be charged, from this attempt (a fallback's replaces it).
+        # What the stream will be charged, from this attempt; an earlier attempt that the
+        # upstream took and then failed (before any token: a fallback) is carried over.
+        earlier = stream.meter
         meter = stream.meter = Meter(
             translator,
             prompt_estimate(prompt_chars(request.messages), len(request.messages)),
             (model, request.model) if request.model and request.model != model else (model,),
             self.prices,
+            earlier.carry() if earlier is not None else None,
         )
         spec = route.spec
         req = dialect.request(
@@ -666,8 +676,9 @@ class Upstream:
         url = route.url if req.url == spec.url else yarl.URL(req.url)
         headers = {**spec.headers, **req.headers} if spec.headers else req.headers
         attempt_started = self.clock.now()
-        resp, data = await self._first_response(route, url, headers, orjson.dumps(req.body), retry)
-        meter.answered = True
+        resp, data = await self._first_response(
+            route, url, headers, orjson.dumps(req.body), retry, meter
+        )
         self.open_responses += 1
         finished_cleanly = False
         feed: _BodyFeed | None = None

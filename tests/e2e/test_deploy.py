@@ -1174,8 +1174,9 @@ def redis_setups(tmp: Path) -> list[tuple[str, list[str], dict[str, str], str, l
 
 async def test_redis_admits_only_the_gateway_user_with_its_password(tmp_path: Path) -> None:
     """redis-server run with the manifests' own arguments refuses anonymous clients and wrong
-    passwords, admits the gateway's URL, holds that user to the gw:* keys and gw:ctl:* channels
-    without @dangerous commands; the health check passes only with the password."""
+    passwords, admits the gateway's URL, holds that user to the gw:* keys and the gw:ctl:* and
+    gw:usage channels without @dangerous commands, lets it run the usage script; the health
+    check passes only with the password."""
     sh = require_binary("sh", "dash")
     require_binary("redis-cli", "redis-tools")
     for index, (where, args, env, url, check) in enumerate(redis_setups(tmp_path)):
@@ -1201,6 +1202,14 @@ async def test_redis_admits_only_the_gateway_user_with_its_password(tmp_path: Pa
                 with pytest.raises(NoPermissionError):
                     await redis_answer(url, *command)
             assert await redis_answer(url, "PUBLISH", "gw:ctl:probe", "x") == 0
+            assert await redis_answer(url, "PUBLISH", "gw:usage", "[]") == 0
+            # The usage batches run as a script on the gw:* keys (gateway/io/redis_store.py).
+            assert (
+                await redis_answer(
+                    url, "EVAL", "return redis.call('SET', KEYS[1], '1')", "1", "gw:ub:probe"
+                )
+                == b"OK"
+            )
             # The health check, pointed at this port: it passes with the password only.
             argv = [sh if check[0] == "sh" else check[0], *check[1:]]
             argv[-1] = argv[-1].replace("redis-cli", f"redis-cli -p {port}")

@@ -159,6 +159,21 @@ async def test_a_failure_before_the_first_token_moves_the_stream_on(
     assert stack.requests("c") == []
     assert stack.metric("gateway_upstream_fallbacks_total", upstream="a", reason="error") == 1
     assert stack.metric("gateway_upstream_requests_total", upstream="b") == 1
+    # b's usage (5 prompt words, 4 chunks); an upstream that took the request and then failed
+    # (the overloaded event after its message_start, which counted the prompt and 1 output
+    # token) is charged too: the usage is then the sum, an estimate (docs/usage.md).
+    usage = frames[-1]["usage"]
+    if kind == "overloaded event":
+        assert usage == {
+            "prompt_tokens": 10,
+            "cached_tokens": 0,
+            "cache_write_tokens": 0,
+            "completion_tokens": 5,
+            "total_tokens": 15,
+            "estimated": True,
+        }
+    else:
+        assert usage == {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}
 
 
 async def test_an_unreachable_upstream_moves_the_stream_on(routed: Factory) -> None:

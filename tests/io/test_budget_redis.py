@@ -24,6 +24,7 @@ from websockets.asyncio.client import connect
 
 from gateway.config import Config
 from gateway.core.budget import window_start
+from gateway.io.redis_store import RedisStore
 from gateway.io.server import Gateway
 from gateway.mock import MockUpstream
 from tests.conftest import TIMEOUT, Client, is_terminal, require_redis
@@ -299,3 +300,58 @@ async def test_two_gateway_processes_share_one_budget(tmp_path: Path) -> None:
         async for key in direct.scan_iter(match=f"gw:u:*:{tokens['@carol']}"):
             await direct.delete(key)
         await direct.aclose()
+
+
+async def test_a_batch_sent_again_is_counted_once() -> None:
+    """A batch of charges whose answer was lost is sent again with the same id: Redis counts it
+    once and answers the same totals; another batch counts."""
+    redis_url = await require_redis()
+    store = RedisStore(redis_url, 30)
+    principal = f"dave-{secrets.token_hex(4)}"
+    rows = [(principal, 3600, (2, 3, 5, 7))]
+    try:
+        first = await store.usage_add("batch-" + principal, rows, 2**31)
+        again = await store.usage_add("batch-" + principal, rows, 2**31)
+        other = await store.usage_add("other-" + principal, rows, 2**31)
+        assert first == again == [(2, 3, 5, 7)]
+        assert other == [(4, 6, 10, 14)]
+    finally:
+        await store.redis.delete(
+            f"gw:u:3600:{principal}", f"gw:ub:batch-{principal}", f"gw:ub:other-{principal}"
+        )
+        await store.redis.aclose()
+
+
+async def test_charges_land_once_when_the_redis_user_may_not_publish(
+    mock: str, tmp_path: Path
+) -> None:
+    """A Redis whose ACL user lacks the gw:usage channel (a deployment from before it): the
+    increments are taken and acknowledged, the failed publish is a warning, and nothing is sent
+    (and counted) again."""
+    from tests.e2e.test_deploy import running_redis
+
+    password = secrets.token_hex(8)
+    args = ["--save", "", "--appendonly", "no", "--user", "default", "off"]
+    args += ["--user", "gateway", "on", f">{password}", "~gw:*", "&gw:ctl:*", "+@all"]
+    tokens_file, tokens = await principals_file(tmp_path, "erin")
+    async with running_redis(args, tmp_path / "redis") as port:
+        url = f"redis://gateway:{password}@127.0.0.1:{port}/0"
+        config = Config(port=0, redis_url=url, auth_tokens_file=str(tokens_file))
+        gateway = Gateway(config, mock)
+        await gateway.start()
+        accounting = gateway.accounting
+        try:
+            client = await client_of(gateway, tokens["erin"])
+            for sid in ("1", "2"):
+                assert (await run(client, sid))["type"] == "done"
+                await gateway.idle.wait()
+                await wait_until(accounting.synced, lambda: accounting.ledger.unacknowledged() == 0)
+            key = f"gw:u:{window_start(gateway.clock.wall(), config.budget_window)}:"
+            direct = aioredis.Redis.from_url(url)
+            assert int(await direct.hget(key + tokens["@erin"], "t") or 0) == 10
+            await direct.aclose()
+            assert accounting._batch is None  # nothing left to send again
+            assert accounting.shared is True
+            await client.ws.close()
+        finally:
+            await gateway.stop()
