@@ -63,6 +63,7 @@ COLUMNS = (
     "retained_bytes",
     "retained_streams",
     "redis_keys",
+    "usage_keys",
     "streams_done",
     "gc_gen2_collections",
     "heap_blocks",
@@ -442,7 +443,10 @@ async def sample(
         "upstream_pool_idle": m.get("gateway_upstream_pool_idle"),
         "retained_bytes": m.get("gateway_resume_retained_bytes"),
         "retained_streams": m.get("gateway_resume_retained_streams"),
-        "redis_keys": await redis.dbsize(),
+        # The usage hashes (gw:u:{window}:{principal}) are one per principal and budget window
+        # by design, kept an hour past their window: judged apart (`usage_keys`).
+        "redis_keys": await redis.dbsize() - (usage_keys := await count_usage_keys(redis)),
+        "usage_keys": usage_keys,
         "streams_done": m.get("gateway_streams_ended_total"),
         "gc_gen2_collections": m.get("python_gc_collections_total", generation="2"),
         "heap_blocks": m.get("gateway_python_heap_blocks"),
@@ -450,6 +454,10 @@ async def sample(
         "tombstones": m.get("gateway_resume_tombstones"),
     }
     return row
+
+
+async def count_usage_keys(redis: Any) -> int:
+    return sum([1 async for _ in redis.scan_iter(match="gw:u:*", count=1000)])
 
 
 REDIS_PORT = int(REDIS_URL.rsplit(":", 1)[1].split("/")[0])
@@ -603,6 +611,10 @@ def judge(
         lines.append(
             f"FAIL: idle Python heap {idle['heap_blocks']:.0f} blocks, over the load's mean +10%"
         )
+    # Every soak socket is one principal (ip:127.0.0.1): one usage hash per window it spans.
+    if idle["usage_keys"] > 2:
+        ok = False
+        lines.append(f"FAIL: {idle['usage_keys']} usage hashes for one principal")
     if idle["redis_keys"] > baseline["redis_keys"]:
         ok = False
         lines.append(
@@ -645,6 +657,10 @@ async def soak(args: argparse.Namespace) -> int:
     flags = [
         "--redis-url", REDIS_URL,
         "--resume-grace", "3",
+        # The fault mix fails a fifth of the streams on purpose, far above what the circuit
+        # breaker is for (tests/e2e/test_routing.py tests it): five failures in a row would take
+        # the only upstream out of rotation for 30 s and fail the healthy streams meanwhile.
+        "--breaker-failures", "1000",
         "--resume-retention", str(args.retention),
         "--resume-tombstones", str(args.tombstones),
         "--slow-client-timeout", "20",

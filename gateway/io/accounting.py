@@ -17,7 +17,6 @@ The bookkeeping is `gateway.core.budget.Ledger` (pure); this shell feeds it:
 from __future__ import annotations
 
 import asyncio
-import secrets
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
@@ -88,8 +87,10 @@ class Accounting:
         self._loads: dict[str, asyncio.Task[None]] = {}
         #: The subscription to the other instances' totals (a redis PubSub), while open.
         self._pubsub: Any = None
-        #: The batch of charges sent and not acknowledged yet: (id, its charges).
-        self._batch: tuple[str, list[tuple[str, int, Totals]]] | None = None
+        #: The batch of charges sent and not acknowledged yet: (its number, its charges). This
+        #: instance's batches are numbered upwards, one sent at a time (redis_store.py).
+        self._batch: tuple[int, list[tuple[str, int, Totals]]] | None = None
+        self._sequence = 0
         self._publish_failed = False
         #: Whether Redis took our last exchange (False without Redis: per-process accounting).
         self.shared = store is not None
@@ -273,12 +274,13 @@ class Accounting:
                 taken = self.ledger.take_unflushed(self.clock.wall())
                 if not taken:
                     return True
-                self._batch = (secrets.token_hex(8), taken)
+                self._sequence += 1
+                self._batch = (self._sequence, taken)
             if not await self._send(*self._batch):
                 return False
             self._batch = None
 
-    async def _send(self, batch: str, items: list[tuple[str, int, Totals]]) -> bool:
+    async def _send(self, batch: int, items: list[tuple[str, int, Totals]]) -> bool:
         assert self.store is not None
         rows = [
             (p, w, (t.prompt_tokens, t.completion_tokens, t.total_tokens, t.cost_nanos))

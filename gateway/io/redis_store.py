@@ -14,8 +14,8 @@ The only module that imports redis. Keys (docs/deploy.md, "Redis"):
 - `gw:u:{window}:{principal}` a hash: what a principal used in one budget window (`p` prompt and
   `c` completion tokens, `t` their total, `n` nano-USD), incremented atomically by every
   instance, expiring an hour after the window ends (gateway/io/accounting.py);
-- `gw:ub:{batch}` a batch of usage increments already applied (EX 25 h), so that a batch sent
-  again after its answer was lost is not counted twice;
+  each hash also holds, per instance, the number of its last batch applied there (`b:{id}`), so
+  that a batch sent again after its answer was lost is not counted twice;
 - `gw:usage` a pub/sub channel: after each batch of increments, the new totals, so that every
   instance's view of a principal's spend follows the others' within milliseconds.
 
@@ -53,23 +53,24 @@ CONNECT_TIMEOUT: Final = 3.0
 #: The usage hash's fields: prompt, completion and total tokens, nano-USD.
 USAGE_FIELDS: Final = ("p", "c", "t", "n")
 USAGE_CHANNEL: Final = "gw:usage"
-#: How long a usage batch's id is remembered (a batch retried later than that, after an outage
-#: longer than a day, could count twice), seconds.
-BATCH_TTL: Final = 90_000
-#: Adds a batch of usage once: KEYS[1] is the batch's marker, then one hash per principal and
-#: window; ARGV is the marker's TTL, the hashes' expiry, then four counts per hash. Returns every
-#: hash's four totals.
+#: Adds a batch of usage at most once: KEYS are one hash per principal and window; ARGV is this
+#: instance's batch field (`b:{instance}`), the batch's number (each instance numbers its
+#: batches upwards and sends one at a time), the hashes' expiry, then four counts per hash. A
+#: hash that already has this batch (or a later one) of this instance is left alone, so a
+#: batch sent again after its answer was lost counts once. Returns every hash's four totals.
 USAGE_SCRIPT: Final = """
-local fresh = redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1])
 local out = {}
-for i = 2, #KEYS do
-  local at = 3 + (i - 2) * 4
-  if fresh then
+local batch = tonumber(ARGV[2])
+for i = 1, #KEYS do
+  local at = 4 + (i - 1) * 4
+  local last = tonumber(redis.call('HGET', KEYS[i], ARGV[1])) or 0
+  if batch > last then
     redis.call('HINCRBY', KEYS[i], 'p', ARGV[at])
     redis.call('HINCRBY', KEYS[i], 'c', ARGV[at + 1])
     redis.call('HINCRBY', KEYS[i], 't', ARGV[at + 2])
     redis.call('HINCRBY', KEYS[i], 'n', ARGV[at + 3])
-    redis.call('EXPIREAT', KEYS[i], ARGV[2])
+    redis.call('HSET', KEYS[i], ARGV[1], batch)
+    redis.call('EXPIREAT', KEYS[i], ARGV[3])
   end
   local totals = redis.call('HMGET', KEYS[i], 'p', 'c', 't', 'n')
   for j = 1, 4 do
@@ -144,16 +145,16 @@ class RedisStore:
 
     async def usage_add(
         self,
-        batch: str,
+        batch: int,
         items: list[tuple[str, int, tuple[int, int, int, int]]],
         expire_at: int,
     ) -> list[tuple[int, int, int, int]]:
         """Add each (principal, window, (prompt, completion, total, nanos)) to its window's
-        hash, atomically and at most once per `batch` id (a batch sent again after its answer
-        was lost is not counted twice); returns each window's totals. Raises RedisError or
-        OSError."""
-        keys = [f"gw:ub:{batch}", *(f"gw:u:{window}:{principal}" for principal, window, _ in items)]
-        args: list[int] = [BATCH_TTL, expire_at]
+        hash, atomically and at most once per `batch` (this instance's batches are numbered
+        upwards and sent one at a time: one sent again after its answer was lost is not counted
+        twice); returns each window's totals. Raises RedisError or OSError."""
+        keys = [f"gw:u:{window}:{principal}" for principal, window, _ in items]
+        args: list[int | str] = [f"b:{self.instance}", batch, expire_at]
         for _, _, counts in items:
             args.extend(counts)
         flat: list[Any] = await self._usage_script(keys=keys, args=args)

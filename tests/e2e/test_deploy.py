@@ -1206,7 +1206,7 @@ async def test_redis_admits_only_the_gateway_user_with_its_password(tmp_path: Pa
             # The usage batches run as a script on the gw:* keys (gateway/io/redis_store.py).
             assert (
                 await redis_answer(
-                    url, "EVAL", "return redis.call('SET', KEYS[1], '1')", "1", "gw:ub:probe"
+                    url, "EVAL", "return redis.call('SET', KEYS[1], '1')", "1", "gw:u:probe"
                 )
                 == b"OK"
             )

@@ -303,23 +303,26 @@ async def test_two_gateway_processes_share_one_budget(tmp_path: Path) -> None:
 
 
 async def test_a_batch_sent_again_is_counted_once() -> None:
-    """A batch of charges whose answer was lost is sent again with the same id: Redis counts it
-    once and answers the same totals; another batch counts."""
+    """A batch of charges whose answer was lost is sent again with the same number: Redis counts
+    it once and answers the same totals; the instance's next batch counts; another instance's
+    batch of the same number counts too (the numbers are per instance)."""
     redis_url = await require_redis()
-    store = RedisStore(redis_url, 30)
+    store, elsewhere = RedisStore(redis_url, 30), RedisStore(redis_url, 30)
     principal = f"dave-{secrets.token_hex(4)}"
     rows = [(principal, 3600, (2, 3, 5, 7))]
     try:
-        first = await store.usage_add("batch-" + principal, rows, 2**31)
-        again = await store.usage_add("batch-" + principal, rows, 2**31)
-        other = await store.usage_add("other-" + principal, rows, 2**31)
+        first = await store.usage_add(1, rows, 2**31)
+        again = await store.usage_add(1, rows, 2**31)
+        following = await store.usage_add(2, rows, 2**31)
         assert first == again == [(2, 3, 5, 7)]
-        assert other == [(4, 6, 10, 14)]
+        assert following == [(4, 6, 10, 14)]
+        elsewhere.instance = "another"
+        assert await elsewhere.usage_add(1, rows, 2**31) == [(6, 9, 15, 21)]
+        assert await store.redis.ttl(f"gw:u:3600:{principal}") > 0
     finally:
-        await store.redis.delete(
-            f"gw:u:3600:{principal}", f"gw:ub:batch-{principal}", f"gw:ub:other-{principal}"
-        )
+        await store.redis.delete(f"gw:u:3600:{principal}")
         await store.redis.aclose()
+        await elsewhere.redis.aclose()
 
 
 async def test_charges_land_once_when_the_redis_user_may_not_publish(
