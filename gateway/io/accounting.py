@@ -163,6 +163,8 @@ class Accounting:
         upstream = stream.route or "none"
         meter = stream.meter
         model = self._label(meter.models[0] if meter is not None else "")
+        # Its usage is settled: a stream kept for resumes holds that, not its meter.
+        stream.meter = None
         m = self.metrics
         for kind, value in (
             ("prompt", usage.prompt_tokens),

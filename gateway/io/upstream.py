@@ -658,7 +658,6 @@ class Upstream:
         request = stream.request
         dialect = route.dialect
         translator = dialect.new_translator(stream.wants, stream, self.part_limits)
-        # What the upstream reports besides text (usage...), for a cancelled or failed end.
         # What the stream will be charged, from this attempt; an earlier attempt that the
         # upstream took and then failed (before any token: a fallback) is carried over.
         earlier = stream.meter
