@@ -100,9 +100,8 @@ def move(stream: Stream, to: State, outcome: str) -> None:
     # (None when it never reached an upstream request: it cost nothing.)
     meter = stream.meter
     if meter is not None:
-        stream.usage = meter.settle(
-            sum(map(len, stream.parts)), to is State.DONE, to is State.CANCELLED
-        )
+        # The answer is joined once here (`done` needs it joined anyway).
+        stream.usage = meter.settle(len(stream.text()), to is State.DONE, to is State.CANCELLED)
 
 
 class Sink(Protocol):
