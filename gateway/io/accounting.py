@@ -17,7 +17,7 @@ The bookkeeping is `gateway.core.budget.Ledger` (pure); this shell feeds it:
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import orjson
 import structlog
@@ -36,10 +36,8 @@ from gateway.core.budget import (
 from gateway.core.clock import Clock
 from gateway.core.protocol import ErrorCode
 from gateway.core.session import Refused, Stream
+from gateway.io.redis_store import RedisStore, honour_cancel
 from gateway.metrics import Metrics
-
-if TYPE_CHECKING:
-    from gateway.io.redis_store import RedisStore
 
 log = structlog.get_logger("gateway.usage")
 
@@ -59,14 +57,6 @@ KEY_SLACK: Final = 3600
 def _limit(value: float | None) -> float | None:
     """0 means no limit, in the flags and in the overrides alike."""
     return value if value else None
-
-
-def _honour_cancel() -> None:
-    """Raise the cancel redis-py may have swallowed: one that lands while it connects or reads
-    can come out as a connection error, or not at all, leaving a task that never ends."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 class Accounting:
@@ -262,7 +252,7 @@ class Accounting:
             await self._wake.wait()
             self._wake.clear()
             flushed = await self._flush()
-            _honour_cancel()
+            honour_cancel()
             if not flushed:
                 await asyncio.sleep(RETRY_EVERY)
                 self._wake.set()
@@ -322,14 +312,14 @@ class Accounting:
         while True:
             try:
                 self._pubsub = await self.store.usage_subscribe()
-                _honour_cancel()
+                honour_cancel()
                 self._subscribed()
                 async for message in self._pubsub.listen():
                     if message.get("type") == "message":
                         self._on_update(message["data"])
             except (RedisError, OSError) as exc:
                 self._failed(exc)
-            _honour_cancel()
+            honour_cancel()
             # Closed here only after its listen() is over (closing it under a listen() of
             # another task waits for that one's lock); `close()` does it after cancelling.
             pubsub, self._pubsub = self._pubsub, None

@@ -10,7 +10,8 @@ The only module that imports redis. Keys (docs/deploy.md, "Redis"):
 - `gw:l:{token}`  the owner's lease (PX 5000), renewed every 1.5 s while the stream runs: a
   follower that sees neither new entries nor the lease knows the owner died, and ends the
   stream with `stream_interrupted` after what was retained (never a hang);
-- `gw:ctl:{instance}` a pub/sub channel: `cancel <token>`, `moved <token>`, `dropped <token>`;
+- `gw:ctl:{instance}` a pub/sub channel: `cancel <token>`, `moved <token>`, `dropped <token>`,
+  subscribed again after Redis went away;
 - `gw:u:{window}:{principal}` a hash: what a principal used in one budget window (`p` prompt and
   `c` completion tokens, `t` their total, `n` nano-USD), incremented atomically by every
   instance, expiring an hour after the window ends (gateway/io/accounting.py);
@@ -46,6 +47,8 @@ log = structlog.get_logger("gateway.redis")
 
 LEASE_MS: Final = 5000
 RENEW_EVERY: Final = 1.5
+#: Pause before subscribing to the control channel again after Redis went away, seconds.
+RESUBSCRIBE_EVERY: Final = 1.0
 #: Entries kept per stream (chunk frames); older ones are trimmed (then resume_unavailable).
 MAX_ENTRIES: Final = 20_000
 #: How long start-up waits for Redis to answer (and each later connect attempt), seconds.
@@ -81,6 +84,14 @@ return out
 """
 
 
+def honour_cancel() -> None:
+    """Raise the cancel redis-py may have swallowed: one that lands while it connects or reads
+    can come out as a connection error, or not at all, leaving a task that never ends."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class RedisStore:
     """This process's view of the shared store."""
 
@@ -97,6 +108,10 @@ class RedisStore:
         #: Control handlers set by the server: cancel / moved / dropped, by token.
         self.on_control: Callable[[str, str], None] | None = None
         self.healthy = True
+        #: Whether the control channel is subscribed now, and whether it was lost since
+        #: (tests wait on them).
+        self.subscribed = asyncio.Event()
+        self.unsubscribed = asyncio.Event()
         self._usage_script: Any = self.redis.register_script(USAGE_SCRIPT)
 
     # ------------------------------------------------------------------ lifecycle
@@ -108,6 +123,7 @@ class RedisStore:
                 await self.redis.ping()
                 self._pubsub = self.redis.pubsub()
                 await self._pubsub.subscribe(self.channel(self.instance))
+                self.subscribed.set()
         except (RedisError, OSError, TimeoutError) as exc:
             reason = str(exc).rstrip(".") or type(exc).__name__
             if isinstance(exc, TimeoutError):
@@ -280,16 +296,39 @@ class RedisStore:
                 self._queue("set", f"gw:l:{token}", self.instance, px=LEASE_MS)
 
     async def _listen(self) -> None:
-        assert self._pubsub is not None
-        async for message in self._pubsub.listen():
-            if message.get("type") != "message":
-                continue
+        """This instance's control channel, subscribed again after Redis went away (past
+        redis-py's own retries its listen() ends with an error: without this, cancels and
+        moves sent from other instances would never reach this one again)."""
+        while True:
             try:
-                verb, token = message["data"].decode().split(" ", 1)
-            except (ValueError, UnicodeDecodeError):
-                continue
-            if self.on_control is not None:
-                self.on_control(verb, token)
+                if self._pubsub is None:
+                    pubsub = self.redis.pubsub()
+                    self._pubsub = pubsub
+                    await pubsub.subscribe(self.channel(self.instance))
+                    honour_cancel()
+                    log.info("redis.control_resubscribed")
+                self.unsubscribed.clear()
+                self.subscribed.set()
+                async for message in self._pubsub.listen():
+                    if message.get("type") != "message":
+                        continue
+                    try:
+                        verb, token = message["data"].decode().split(" ", 1)
+                    except (ValueError, UnicodeDecodeError):
+                        continue
+                    if self.on_control is not None:
+                        self.on_control(verb, token)
+            except (RedisError, OSError) as exc:
+                log.warning("redis.control_lost", error=str(exc) or type(exc).__name__)
+            honour_cancel()
+            self.subscribed.clear()
+            self.unsubscribed.set()
+            # Closed only once its listen() is over (see accounting.py's subscription).
+            pubsub, self._pubsub = self._pubsub, None
+            if pubsub is not None:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()
+            await asyncio.sleep(RESUBSCRIBE_EVERY)
 
     # ------------------------------------------------------------------ follower side
 

@@ -29,67 +29,9 @@ from gateway.io.server import Gateway
 from gateway.mock import MockUpstream
 from tests.conftest import TIMEOUT, Client, is_terminal, require_redis
 from tests.e2e.test_cli import spawn
-from tests.support import free_port
+from tests.support import RedisProxy, free_port
 
 PROMPT = "blue sky [[mock chunks=3]]"  # 2 prompt tokens + 3 completion tokens = 5
-
-
-class RedisProxy:
-    """A TCP relay in front of the test Redis that the test can cut and restore: Redis, as the
-    gateway sees it, goes away mid-run and comes back on the same address."""
-
-    def __init__(self, port: int) -> None:
-        self.port = free_port()
-        self.target = port
-        self.server: asyncio.Server | None = None
-        self.pipes: set[asyncio.Task[None]] = set()
-        self.writers: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
-        except OSError:
-            writer.close()
-            return
-        self.writers |= {writer, up_writer}
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except (OSError, asyncio.CancelledError):
-                pass
-            finally:
-                dst.close()
-
-        loop = asyncio.get_running_loop()
-        for task in (
-            loop.create_task(pipe(reader, up_writer), name="proxy up"),
-            loop.create_task(pipe(up_reader, writer), name="proxy down"),
-        ):
-            self.pipes.add(task)
-            task.add_done_callback(self.pipes.discard)
-
-    async def cut(self) -> None:
-        """Stop listening and close every relayed connection (Redis is gone)."""
-        assert self.server is not None
-        self.server.close()
-        for writer in self.writers:
-            writer.close()
-        self.writers.clear()
-        for task in list(self.pipes):
-            task.cancel()
-        await asyncio.gather(*self.pipes, return_exceptions=True)
-        await self.server.wait_closed()
-        self.server = None
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            await self.cut()
 
 
 async def principals_file(tmp_path: Path, *names: str) -> tuple[Path, dict[str, str]]:

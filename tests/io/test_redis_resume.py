@@ -10,10 +10,18 @@ from typing import Any
 import pytest
 
 from gateway.config import Config
+from gateway.io.redis_store import RedisStore
 from gateway.io.server import Gateway
 from gateway.mock import MockUpstream
-from tests.conftest import Client, check_stream, require_redis
-from tests.support import chunks_text, drop, expected_text, resume, resume_frame
+from tests.conftest import TIMEOUT, Client, check_stream, require_redis
+from tests.support import (
+    RedisProxy,
+    chunks_text,
+    drop,
+    expected_text,
+    resume,
+    resume_frame,
+)
 
 
 class Pair:
@@ -284,3 +292,38 @@ async def test_an_http_stream_cut_on_one_instance_resumes_over_http_on_another(
     record = pair.mock.record("hc")
     await asyncio.wait_for(record.ended.wait(), 5)
     assert record.outcome == "client_closed"
+
+
+async def test_control_messages_reach_an_instance_again_after_a_redis_outage() -> None:
+    """Redis goes away for longer than redis-py's own retries and comes back: the instance
+    subscribes to its control channel again, so a cancel sent from another instance reaches
+    it (it used to stop listening for good)."""
+    redis_url = await require_redis()
+    proxy = RedisProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    await proxy.start()
+    db = redis_url.rsplit("/", 1)[1]
+    owner = RedisStore(f"redis://127.0.0.1:{proxy.port}/{db}", 30)
+    other = RedisStore(redis_url, 30)
+    received: list[tuple[str, str]] = []
+    arrived = asyncio.Event()
+
+    def on_control(verb: str, token: str) -> None:
+        received.append((verb, token))
+        arrived.set()
+
+    await owner.start()
+    await other.start()
+    owner.on_control = on_control
+    try:
+        assert owner.subscribed.is_set()
+        await proxy.cut()
+        await asyncio.wait_for(owner.unsubscribed.wait(), TIMEOUT)
+        await proxy.start()
+        await asyncio.wait_for(owner.subscribed.wait(), TIMEOUT)
+        await other.send_control(owner.instance, "cancel", "after-the-outage")
+        await asyncio.wait_for(arrived.wait(), TIMEOUT)
+        assert received == [("cancel", "after-the-outage")]
+    finally:
+        await owner.close()
+        await other.close()
+        await proxy.stop()
