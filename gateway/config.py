@@ -789,12 +789,7 @@ def _routes(args: argparse.Namespace, env: Mapping[str, str], dialect: str) -> R
         raise StartupError(
             f"--routes {path}: the allowed models are its [[models]] names; drop --allowed-models"
         )
-    try:
-        with open(path, encoding="utf-8") as file:
-            text = file.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise StartupError(f"--routes {path}: cannot read it ({reason})") from None
+    text = _read_file("routes", path)
     defaults = UpstreamSpec(
         name="",
         url="",
@@ -812,14 +807,20 @@ def _routes(args: argparse.Namespace, env: Mapping[str, str], dialect: str) -> R
         raise StartupError(str(exc)) from None
 
 
-def _prices(path: str) -> PriceTable:
-    """The table of `--prices FILE`; a file that cannot be read or used is one line."""
+def _read_file(flag: str, path: str) -> str:
+    """The UTF-8 text of the file a flag names; one line (StartupError) when it cannot be
+    read."""
     try:
         with open(path, encoding="utf-8") as file:
-            text = file.read()
+            return file.read()
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise StartupError(f"--prices {path}: cannot read it ({reason})") from None
+        raise StartupError(f"--{flag} {path}: cannot read it ({reason})") from None
+
+
+def _prices(path: str) -> PriceTable:
+    """The table of `--prices FILE`; a file that cannot be read or used is one line."""
+    text = _read_file("prices", path)
     try:
         return parse_prices(text, path)
     except PricesError as exc:
